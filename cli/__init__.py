@@ -1,0 +1,1 @@
+"""Thin Click front-ends over the dataprep, formats and trainer libraries."""

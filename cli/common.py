@@ -1,0 +1,80 @@
+"""What every command shares: exit codes, error reporting and the end-of-run summary.
+
+Exit codes: 0 success, 1 the data or the run failed (bad record, corrupt shard, failed step),
+2 usage error (Click's own), 3 interrupted but state saved (trainer, so a pipeline can retry).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from dataprep.errors import DataError
+    from formats.errors import FormatError
+
+    return (DataError, FormatError, FileNotFoundError, FileExistsError)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one clear line on stderr and exit code 1, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _expected_errors() as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(verbose: int = 0) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def emit_summary(title: str, summary: Mapping[str, Any], as_json: bool) -> None:
+    """Print the end-of-command summary: JSON on stdout for pipelines, else a short table on stderr.
+
+    Nested mappings (e.g. skipped-by-reason counts) are shown indented under their key.
+    """
+    if as_json:
+        sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+        sys.stdout.write("\n")
+        return
+    lines = [title, "-" * len(title)]
+
+    def walk(mapping: Mapping[str, Any], indent: int) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, Mapping):
+                lines.append(f"{' ' * indent}{key}:" + ("" if value else " none"))
+                walk(value, indent + 2)
+            else:
+                lines.append(f"{' ' * indent}{key + ':':<24} {_fmt(value)}")
+
+    walk(summary, 0)
+    click.echo("\n".join(lines), err=True)

@@ -1,0 +1,21 @@
+"""`dataprep`: turn instruction data into packed, verified training shards."""
+
+from __future__ import annotations
+
+import click
+
+from cli.lazy import LazyGroup
+
+COMMANDS = {
+    "convert": ("cli.convert:convert", "Convert Alpaca / src-tgt / ShareGPT / messages data to conversation JSONL."),
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sftkit")
+def main() -> None:
+    """Prepare SFT data: convert -> pack (template, tokenize, mask, pack) -> inspect / verify."""
+
+
+if __name__ == "__main__":
+    main()
