@@ -1,0 +1,90 @@
+"""The trainer config: typed, documented, strict about unknown keys, overridable from the command line."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, describe, load_config, save_config
+from trainer.optim import build_optimizer, lr_factor
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_sections_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  path: /m\n  overrides: {num_hidden_layers: 4}\ntrain:\n  lr: 3e-4\n  max_steps: 10\n")
+    cfg = load_config(path, ["train.lr=1e-3", "data.train=[a, b]", "train.schedule=linear"])
+    assert cfg.model.path == "/m"
+    assert cfg.model.overrides == {"num_hidden_layers": 4}
+    assert cfg.train.lr == pytest.approx(1e-3)  # override wins over the file
+    assert cfg.data.train == ["a", "b"]
+    assert cfg.train.schedule == "linear"
+
+
+def test_unknown_key_is_rejected_with_suggestion(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown key 'train.learning_rate' \(did you mean 'lr'\?\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"did you mean 'micro_batch_size'"):
+        load_config(None, ["data.micro_batch=2"])
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_config(None, ["modle.path=x"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("train.grad_accum_steps=0", "grad_accum_steps must be >= 1"),
+        ("train.schedule=step", "train.schedule: 'step' is not one of"),
+        ("checkpoint.keep=1", "checkpoint.keep must be >= 2"),
+        ("model.compile=yes please", "model.compile: expected true or false"),
+        ("train", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=5e-5", "model.overrides={num_hidden_layers: 2}"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_every_key_is_documented():
+    text = describe()
+    keys = [line for line in text.splitlines() if line.startswith("  ") and not line.strip().startswith("#")]
+    comments = [line for line in text.splitlines() if line.strip().startswith("# ") and line.startswith("  ")]
+    assert len(keys) == len(comments) > 20
+    assert all(len(c.strip()) > 6 for c in comments)
+
+
+def test_schedules():
+    cfg = load_config(None, ["train.warmup_steps=10", "train.schedule=cosine", "train.min_lr_ratio=0.1"]).train
+    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    cfg.schedule = "linear"
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    cfg.schedule = "constant"
+    assert lr_factor(100, cfg, 110) == 1.0
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    model[2].weight.requires_grad_(False)  # frozen parameters never reach the optimizer
+    cfg = load_config(None, ["train.weight_decay=0.1"]).train
+    opt = build_optimizer(model, cfg)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+    assert plain == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}

@@ -1,0 +1,305 @@
+"""The trainer's one YAML config: typed sections, every key documented, unknown keys rejected.
+
+Sections follow what MindFormers and PaddleNLP users already know (model / data / train / parallel /
+checkpoint / logging). Every field carries its documentation in `metadata["doc"]`, which
+`trainer config-doc` prints, so the docs cannot drift from the code. A typo such as `train.lerning_rate`
+fails at load time with a "did you mean" instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config file or an override is invalid; the message names the key."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelSection:
+    path: str = doc("Hugging Face checkpoint directory (config.json + *.safetensors, tokenizer files).", "")
+    overrides: dict[str, Any] = doc(
+        "Keys replacing config.json values, e.g. {num_hidden_layers: 4} for a small run.", factory=dict
+    )
+    dtype: str = doc("Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
+    attn_backend: str = doc("Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
+    activation_checkpointing: bool = doc("Recompute each block's activations in backward to save memory.", False)
+    compile: bool = doc("torch.compile each transformer block.", False)
+
+
+@dataclass
+class DataSection:
+    train: list[str] = doc("Packed dataset directories made by `dataprep pack` (one or several).", factory=list)
+    weights: list[float] | None = doc("Mixing weights, one per train dataset (default: proportional to rows).", None)
+    eval: str | None = doc("Packed dataset directory for evaluation loss (optional).", None)
+    micro_batch_size: int = doc("Packed rows per rank per forward/backward.", 1)
+    num_workers: int = doc("DataLoader worker processes per rank.", 0)
+    shuffle: bool = doc("Shuffle rows each epoch (deterministic in seed and epoch).", True)
+    remainder: str = doc("Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
+
+
+@dataclass
+class TrainSection:
+    lr: float = doc("Peak learning rate.", 2e-5)
+    min_lr_ratio: float = doc("Final learning rate as a fraction of lr (cosine/linear).", 0.0)
+    schedule: str = doc("Learning-rate schedule after warmup: cosine | linear | constant.", "cosine")
+    warmup_steps: int = doc("Linear warmup steps from 0 to lr.", 0)
+    max_steps: int | None = doc("Optimizer steps to run; if unset, run `epochs` epochs.", None)
+    epochs: float = doc("Epochs to run when max_steps is unset.", 1.0)
+    grad_accum_steps: int = doc("Micro-batches per optimizer step on each rank.", 1)
+    weight_decay: float = doc("AdamW decoupled weight decay; never applied to norms, biases or embeddings' norms.", 0.0)
+    betas: list[float] = doc("AdamW betas.", factory=lambda: [0.9, 0.95])
+    eps: float = doc("AdamW epsilon.", 1e-8)
+    max_grad_norm: float | None = doc("Clip the global gradient norm to this value (null disables).", 1.0)
+    seed: int = doc("Seed for data order and any random init.", 1234)
+    eval_every: int = doc("Evaluate on data.eval every N steps (0 disables).", 0)
+    deterministic: bool = doc("Use deterministic algorithms (bitwise-reproducible runs on CPU).", False)
+
+
+@dataclass
+class ParallelSection:
+    backend: str = doc("Process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.", "auto")
+    reshard_after_forward: bool = doc("FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).", True)
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = doc("Save a resumable checkpoint every N steps (0 disables).", 0)
+    keep: int = doc("Keep the newest K complete checkpoints (K >= 2).", 2)
+    resume: str = doc("auto (newest complete checkpoint in output_dir) | none | PATH.", "auto")
+    export: bool = doc("Export final weights in Hugging Face format (safetensors) to output_dir/export.", True)
+    max_shard_size: str = doc("Largest safetensors shard in exports, e.g. 2GB or 500MB.", "2GB")
+
+
+@dataclass
+class LoggingSection:
+    output_dir: str = doc("Run directory: resolved config, metrics.jsonl, checkpoints, export.", "runs/default")
+    log_every: int = doc("Log metrics every N steps.", 1)
+    tensorboard: bool = doc("Also write TensorBoard events when tensorboard is installed.", False)
+    progress_bar: bool = doc("Show a progress bar on rank 0.", True)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Names users bring from Hugging Face TrainingArguments, MindFormers and PaddleNLP configs.
+KNOWN_ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "epoch": "epochs",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "max_grad_norm": "max_grad_norm",
+    "lr_scheduler_type": "schedule",
+    "warmup_ratio": "warmup_steps",
+    "save_steps": "every_steps",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "output_dir": "output_dir",
+}
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    alias = KNOWN_ALIASES.get(name)
+    if alias in choices:
+        return f" (did you mean '{alias}'?)"
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(choices))})"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against the field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if args and args[0] is str and isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; accept it as the number it is.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), list(fields))}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, path)
+        else:
+            kwargs[key] = _coerce(value, annotation, path)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{item}' must name a section and a key, e.g. train.lr=2e-5")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to the raw config mapping."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks a type annotation cannot express."""
+    choices = {
+        ("model", "dtype"): ("auto", "fp32", "bf16"),
+        ("model", "attn_backend"): ("auto", "sdpa", "flex", "varlen"),
+        ("data", "remainder"): ("drop", "pad"),
+        ("train", "schedule"): ("cosine", "linear", "constant"),
+        ("parallel", "backend"): ("auto", "nccl", "gloo"),
+    }
+    for (section, key), allowed in choices.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"{section}.{key}: '{value}' is not one of {shown}")
+    positive = [
+        ("data", "micro_batch_size"), ("train", "grad_accum_steps"), ("logging", "log_every"),
+    ]
+    for section, key in positive:
+        if getattr(getattr(config, section), key) < 1:
+            raise ConfigError(f"{section}.{key} must be >= 1")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1 (or null to run train.epochs)")
+    if config.train.max_steps is None and config.train.epochs <= 0:
+        raise ConfigError("train.epochs must be > 0 when train.max_steps is null")
+    if config.checkpoint.keep < 2:
+        raise ConfigError("checkpoint.keep must be >= 2 so a crash during a save never leaves no checkpoint")
+    if config.data.weights is not None and len(config.data.weights) != len(config.data.train):
+        raise ConfigError("data.weights needs one weight per data.train dataset")
+    if len(config.train.betas) != 2:
+        raise ConfigError("train.betas needs exactly two values")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read the YAML file (or start from defaults), apply `--set` overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = _build(TrainConfig, raw, "")
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (defaults filled in) so a run records exactly what it ran with."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe() -> str:
+    """Every key with its default and documentation, as a commented YAML file."""
+    lines = ["# sftkit trainer config: every key, its default and what it does."]
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        lines.append(f"{section.name}:")
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump(getattr(default, f.name), default_flow_style=True).strip()
+            if value.endswith("\n...") or value.endswith("..."):
+                value = value.replace("\n...", "").replace("...", "").strip()
+            lines.append(f"  # {f.metadata.get('doc', '')}")
+            lines.append(f"  {f.name}: {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""Process group, device mesh and FSDP2 sharding.
+
+One code path for every launch: `trainer run` alone is a world of one (no process group, no FSDP
+wrapping, nothing to pay for); under `torchrun` the env vars say the rank and world size, and every
+transformer block is `fully_shard`-ed on a 1-D data-parallel mesh, then the root module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Read torchrun's environment; start the process group and mesh only when there is more than one rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return DistInfo(0, 1, 0, device, None)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    log.info("rank %d/%d on %s (backend %s)", rank, world_size, device, backend)
+    return DistInfo(rank, world_size, local_rank, device, mesh)
+
+
+def shard_model(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    info: DistInfo,
+    *,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+) -> nn.Module:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head).
+
+    Gradients are summed, not averaged, across ranks (divide factor 1): the loss is already divided by the
+    trainable tokens of the whole global batch, so averaging again would make the result depend on world size.
+    """
+    if not info.distributed:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks:
+        fully_shard(block, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    for module in [*blocks, model]:
+        module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def all_reduce_sum(value: float | int | torch.Tensor, info: DistInfo) -> float:
+    """Sum a number over ranks (identity for a world of one)."""
+    if not info.distributed:
+        return float(value)
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
+    tensor = tensor.detach().clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
