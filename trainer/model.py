@@ -1,0 +1,234 @@
+"""A readable decoder-only transformer for the Llama / Mistral / Qwen2 / Qwen3 families.
+
+The module tree mirrors Hugging Face's `XxxForCausalLM` (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+..., `lm_head`), so `state_dict()` keys are exactly the checkpoint's keys and PEFT-style module names
+(`q_proj`, `down_proj`, ...) line up. Projections are plain `nn.Linear` attributes so LoRA can wrap them,
+and the blocks sit in one `nn.ModuleList` (`model.layers`) so FSDP2 can `fully_shard` each one.
+
+Packed rows: RoPE is computed from `position_ids` (which restart at each document), and attention is confined
+to the segments given by `cu_seqlens` (see `trainer.attention`). Labels are pre-shifted upstream, so the
+model returns logits for every position and never shifts anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import attention
+from trainer.model_config import ModelConfig
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as the reference implementation does,
+    so bf16 runs round the same way as transformers."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Per-pair rotation frequencies, including Llama 3.1's frequency-dependent `llama3` scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(in_band, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, D] from explicit positions, so each packed document restarts at 0."""
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(position_ids.device)  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B, T, D] (HF's half-split pairing, not interleaved)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, h, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.n_heads, self.n_kv_heads = d, h, kv
+        self.window = config.sliding_windows[layer_idx]
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention.attend(q, k, v, ctx, self.window)
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {config.hidden_act!r} not supported ({', '.join(_ACTIVATIONS)})")
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; the unit FSDP2 shards and activation checkpointing / torch.compile wrap."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The body (HF's `model.` prefix): embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with lm_head when the checkpoint ties them.
+
+        Call again after anything that replaces parameters (e.g. `to_empty`), which unties them silently.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V]. With `cu_seqlens` (over the flattened B*T tokens) no token attends across
+        segments; `position_ids` default to restarting at every segment (or 0..T-1 without segments)."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = (
+                positions_from_cu_seqlens(cu_seqlens, b, t)
+                if cu_seqlens is not None
+                else torch.arange(t, device=input_ids.device).expand(b, t)
+            )
+        h = self.model.embed_tokens(input_ids)
+        inv_freq = rope_inv_freq(self.config, device=h.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype)
+        ctx = attention.prepare(
+            self.config.attn_backend,
+            b,
+            t,
+            h.device,
+            h.dtype,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            windows=self.config.sliding_windows,
+        )
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.lm_head(self.model.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as transformers does (normal(0, initializer_range), zero biases, unit norms), for models
+        trained from scratch and for materialising a meta-device model before loading."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """position_ids [B, T] restarting at 0 at every segment start."""
+    seg = attention.segment_ids_from_cu_seqlens(cu_seqlens.to(torch.int64), batch, seqlen).flatten()
+    idx = torch.arange(batch * seqlen, device=cu_seqlens.device)
+    return (idx - cu_seqlens.to(torch.int64)[seg]).view(batch, seqlen)
