@@ -1,0 +1,114 @@
+"""`dataprep convert`: instruction data -> conversation records (a thin shell over dataprep.convert)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cli.common import emit_summary, handle_errors, setup_logging
+
+FORMAT_CHOICES = ["auto", "alpaca", "self-instruct", "src-tgt", "sharegpt", "mindformers", "messages", "openai"]
+
+log = logging.getLogger("dataprep.convert")
+
+
+@click.command(
+    "convert",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  dataprep convert alpaca.json -o conv.jsonl
+  dataprep convert 'raw/*.jsonl.zst' more.json.gz -o conv.jsonl --on-error skip --rejects bad.jsonl
+  dataprep convert train.json -o mf.json --output-style mindformers
+  dataprep convert hf:./my_saved_dataset -o conv.jsonl --system "You are a helpful assistant."
+""",
+)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
+@click.option(
+    "--input-format",
+    type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="Input record format; auto detects it per file from the first record. "
+    "mindformers = sharegpt, openai = messages.",
+)
+@click.option(
+    "--output-style",
+    type=click.Choice(["messages", "mindformers"], case_sensitive=False),
+    default="messages",
+    show_default=True,
+    help="messages: canonical JSONL {id, messages}. mindformers: the JSON array MindSpore Transformers' "
+    "alpaca converter writes (Stanford Alpaca prompt as the human turn).",
+)
+@click.option("--system", "system", metavar="TEXT", help="System prompt added to records that have none.")
+@click.option("--take", type=click.IntRange(min=1), metavar="N", help="Stop after the first N converted records.")
+@click.option("--shuffle", is_flag=True, help="Shuffle the output (after --take). Spills to a temp file next to OUTPUT.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shuffle.")
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
+)
+@click.option("--rejects", type=click.Path(dir_okay=False), metavar="FILE", help="With --on-error skip: write skipped records (JSONL with location and reason).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and --rejects) if they exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
+@click.option("-v", "--verbose", count=True, help="-v: info logs (detected formats); -vv: debug.")
+@handle_errors
+def convert(
+    inputs: tuple[str, ...],
+    output: str,
+    input_format: str,
+    output_style: str,
+    system: str | None,
+    take: int | None,
+    shuffle: bool,
+    seed: int,
+    on_error: str,
+    rejects: str | None,
+    overwrite: bool,
+    as_json: bool,
+    verbose: int,
+) -> None:
+    """Convert Alpaca / src-tgt / ShareGPT / messages data to conversation records.
+
+    INPUT is a JSON array or JSON Lines file (optionally .gz / .zst), a glob (quote it), a Hugging Face
+    save_to_disk directory, or hf:NAME[:SPLIT] for a locally cached hub dataset (no network is used).
+    The default output is JSON Lines, one {"id", "messages": [{"role", "content"}, ...]} per line.
+    Ids come from the input's "id" field, else FILE:LINE (JSON Lines) or FILE[INDEX] (arrays, datasets).
+
+    Exit codes: 0 ok, 1 bad data (the message names file and line/record), 2 usage error.
+    """
+    from dataprep.convert import ConvertOptions, ConvertStats, convert_files
+    from dataprep.sources import expand_inputs
+
+    setup_logging(verbose)
+    if rejects and on_error != "skip":
+        raise click.UsageError("--rejects needs --on-error skip (with fail, the first bad record stops the run)")
+    try:
+        expand_inputs(inputs)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="INPUT") from None
+    options = ConvertOptions(
+        input_format=input_format.lower(),
+        system=system,
+        on_error=on_error,
+        take=take,
+        shuffle=shuffle,
+        seed=seed,
+        output_style=output_style.lower(),
+        overwrite=overwrite,
+        rejects=rejects,
+        progress=None,
+    )
+    stats = ConvertStats()
+    convert_files(list(inputs), output, options, stats)
+    summary = {"output": output, "output_style": options.output_style, **stats.as_dict()}
+    if rejects:
+        summary["rejects"] = rejects
+    if shuffle:
+        summary["shuffle_seed"] = seed
+    emit_summary("dataprep convert", summary, as_json)
