@@ -1,0 +1,421 @@
+"""Conversation records -> token ids + pre-shifted labels, with an explicit policy for overlong records.
+
+How it stays exact: a template renders pieces (special-token ids and text tagged trainable or not, see
+`dataprep.templates`). Each run of text between two ids is encoded as ONE string, so the ids equal what the
+tokenizer produces for the whole rendered conversation. When a run mixes untrained and trained text (an assistant
+header followed by its content), the boundary token index is found by encoding the text before the boundary and
+taking the longest common prefix of the two id lists. If a token straddles the boundary (a BPE merge across it,
+e.g. "\\n" + content that starts with "\\n"), it is counted as trainable: it carries content characters.
+
+How it stays fast: records are processed in chunks; all runs of a chunk go to the tokenizer in one batch call
+(Rust / C++ parallel), short constant runs ("assistant\\n", "\\n\\n", role names) come from a cache, and
+`num_proc` > 1 spreads chunks over worker processes (each with its own tokenizer). Memory is one chunk per worker.
+
+Labels are pre-shifted (CONTRACTS.md): labels[i] = input_ids[i+1] when token i+1 is a target, else -100, and
+labels[-1] = -100, so concatenated samples never predict across a document boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+
+from dataprep.errors import DataError
+from dataprep.templates import ChatTemplate, get_template
+from dataprep.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+OVERLONG_POLICIES = ("drop", "truncate", "split")
+_CACHE_MAX_CHARS = 32
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class TokenizeOptions:
+    """`overlong`: what to do with a record longer than max_length -- drop it; truncate (drop whole user+assistant
+    pairs oldest-first, never the system prompt; a single turn still too long is cut at the end); or split (several
+    samples, each system prompt + consecutive whole turns, ids "{id}#{k}").
+    `mask_history`: train only the last assistant turn. `train_on_prompt`: every token is a target."""
+
+    template: str = "auto"
+    max_length: int | None = None
+    overlong: str = "drop"
+    mask_history: bool = False
+    train_on_prompt: bool = False
+    num_proc: int = 1
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, not {self.overlong!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        if self.num_proc < 1 or self.chunk_size < 1:
+            raise ValueError("num_proc and chunk_size must be >= 1")
+
+
+@dataclass
+class TokenizeStats:
+    """Counts so nothing is lost silently: `dropped[reason]` records not emitted, `truncated[reason]` records
+    emitted shortened ("dropped_turns": whole oldest turns removed; "cut_tail": cut at max_length),
+    `split_records` records emitted as several samples."""
+
+    records: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    split_records: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+
+    def merge(self, other: TokenizeStats) -> None:
+        self.records += other.records
+        self.samples += other.samples
+        self.tokens += other.tokens
+        self.trainable_tokens += other.trainable_tokens
+        self.split_records += other.split_records
+        self.dropped.update(other.dropped)
+        self.truncated.update(other.truncated)
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "trainable_tokens": self.trainable_tokens,
+            "split_records": self.split_records,
+            "dropped": dict(self.dropped),
+            "truncated": dict(self.truncated),
+        }
+
+
+@dataclass
+class TokenizedSample:
+    id: str
+    input_ids: np.ndarray  # int32 [n]
+    labels: np.ndarray  # int32 [n], pre-shifted
+
+
+# ---- the encoder ------------------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Template + tokenizer + options for one process; turns message lists into (ids, trainable flags)."""
+
+    def __init__(self, tok: Tokenizer, template: ChatTemplate, options: TokenizeOptions) -> None:
+        self.tok = tok
+        self.template = template
+        self.options = options
+        self.cache: dict[tuple[str, bool], list[int]] = {}
+
+    def _cached(self, text: str, cont: bool) -> list[int]:
+        key = (text, cont)
+        ids = self.cache.get(key)
+        if ids is None:
+            ids = self.tok.encode_batch([text], continued=cont)[0]
+            self.cache[key] = ids
+        return ids
+
+    def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[bool]]]:
+        """Token ids and per-token trainable flags for each conversation (one batched tokenizer call per mode)."""
+        opts = self.options
+        texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
+        plans: list[list] = []
+        for messages in conversations:
+            pieces = self.template.render(messages)
+            if opts.mask_history:
+                pieces = _only_last_trained_group(pieces)
+            plan: list = []
+            run: list[tuple[str, bool]] = []
+            cont = False
+            for value, train in pieces + [(None, False)]:
+                if isinstance(value, str):
+                    if value:
+                        if run and run[-1][1] == train:
+                            run[-1] = (run[-1][0] + value, train)
+                        else:
+                            run.append((value, train))
+                    continue
+                if run:  # close the run of text before this id / FRESH / end
+                    plan.append(self._plan_run(run, cont, texts))
+                    run = []
+                if value is None:
+                    cont = False
+                else:
+                    plan.append((value, train))
+                    cont = True
+            plans.append(plan)
+
+        encoded = (
+            self.tok.encode_batch(texts[0], continued=False) if texts[0] else [],
+            self.tok.encode_batch(texts[1], continued=True) if texts[1] else [],
+        )
+        out: list[tuple[list[int], list[bool]]] = []
+        train_all = opts.train_on_prompt
+        for plan in plans:
+            ids: list[int] = []
+            flags: list[bool] = []
+            for item in plan:
+                kind = item[0] if isinstance(item[0], str) else None
+                if kind is None:  # special token id
+                    ids.append(item[0])
+                    flags.append(item[1] or train_all)
+                elif kind == "r":  # a uniform run: ("r", mode, index|ids, train)
+                    run_ids = item[2] if isinstance(item[2], list) else encoded[item[1]][item[2]]
+                    ids.extend(run_ids)
+                    flags.extend([item[3] or train_all] * len(run_ids))
+                else:  # a mixed run: ("m", mode, index, [(prefix ids|index, flag_before)...], last_flag)
+                    full = encoded[item[1]][item[2]]
+                    start = 0
+                    for prefix, flag in item[3]:
+                        pids = prefix if isinstance(prefix, list) else encoded[item[1]][prefix]
+                        cut = _common_prefix(pids, full)
+                        cut = max(cut, start)
+                        flags.extend([flag or train_all] * (cut - start))
+                        start = cut
+                    flags.extend([item[4] or train_all] * (len(full) - start))
+                    ids.extend(full)
+            out.append((ids, flags))
+        return out
+
+    def _plan_run(self, run: list[tuple[str, bool]], cont: bool, texts: tuple[list[str], list[str]]) -> tuple:
+        mode = 1 if cont else 0
+        if len(run) == 1:
+            text, train = run[0]
+            if len(text) <= _CACHE_MAX_CHARS:
+                return ("r", mode, self._cached(text, cont), train)
+            texts[mode].append(text)
+            return ("r", mode, len(texts[mode]) - 1, train)
+        full = "".join(t for t, _ in run)
+        texts[mode].append(full)
+        full_index = len(texts[mode]) - 1
+        boundaries = []
+        prefix = ""
+        for text, train in run[:-1]:
+            prefix += text
+            if len(prefix) <= _CACHE_MAX_CHARS:
+                boundaries.append((self._cached(prefix, cont), train))
+            else:
+                texts[mode].append(prefix)
+                boundaries.append((len(texts[mode]) - 1, train))
+        return ("m", mode, full_index, boundaries, run[-1][1])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _only_last_trained_group(pieces: list) -> list:
+    last_start = None
+    prev = False
+    for i, (_, train) in enumerate(pieces):
+        if train and not prev:
+            last_start = i
+        prev = train
+    if last_start is None:
+        return pieces
+    return [(v, t and i >= last_start) for i, (v, t) in enumerate(pieces)]
+
+
+def _sample(rid: str, ids: list[int], flags: list[bool]) -> TokenizedSample | None:
+    """Pre-shifted labels; None when no position has a target."""
+    input_ids = np.asarray(ids, dtype=np.int32)
+    target = np.asarray(flags, dtype=bool)
+    labels = np.full(len(ids), IGNORE, dtype=np.int32)
+    labels[:-1] = np.where(target[1:], input_ids[1:], IGNORE)
+    if not (labels != IGNORE).any():
+        return None
+    return TokenizedSample(rid, input_ids, labels)
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+
+
+def _messages_of(record: dict, index: int) -> tuple[str, list[dict]]:
+    if not isinstance(record, dict):
+        raise DataError("record is not an object", record=index, reason="bad_record")
+    rid = record.get("id")
+    rid = str(rid) if rid is not None else str(index)
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise DataError(f"record {rid!r} has no 'messages' list", record=index, reason="bad_record")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise DataError(
+                f"record {rid!r}: each message needs role system|user|assistant and string content",
+                record=index, reason="bad_record",
+            )
+    return rid, messages
+
+
+def _pairs(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(system messages, turns): a turn is a user message and the assistant reply that follows it."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    turns: list[list[dict]] = []
+    for m in rest:
+        if m["role"] == "user" or not turns or turns[-1][-1]["role"] == "assistant":
+            turns.append([m])
+        else:
+            turns[-1].append(m)
+    return system, turns
+
+
+class _Processor:
+    """One chunk of records -> samples + stats; lives in the main process or in each worker."""
+
+    def __init__(self, tok: Tokenizer, options: TokenizeOptions) -> None:
+        self.options = options
+        self.template = get_template(options.template, tok)
+        self.encoder = _Encoder(tok, self.template, options)
+
+    def process(self, chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample], TokenizeStats]:
+        stats = TokenizeStats()
+        stats.records = len(chunk)
+        max_len = self.options.max_length
+        todo: list[tuple[str, list[dict]]] = []
+        for index, record in chunk:
+            rid, messages = _messages_of(record, index)
+            if not messages:
+                stats.dropped["empty"] += 1
+            elif not any(m["role"] == "assistant" for m in messages) and not self.options.train_on_prompt:
+                stats.dropped["no_assistant"] += 1
+            else:
+                todo.append((rid, messages))
+        samples: list[TokenizedSample] = []
+        encoded = self.encoder.encode_many([m for _, m in todo]) if todo else []
+        for (rid, messages), (ids, flags) in zip(todo, encoded, strict=True):
+            if max_len is not None and len(ids) > max_len:
+                pieces = self._overlong(rid, messages, stats)
+            else:
+                pieces = [(rid, ids, flags)]
+            for pid, pids, pflags in pieces:
+                sample = _sample(pid, pids, pflags)
+                if sample is None:
+                    stats.dropped["no_target" if len(pieces) == 1 else "split_piece_no_target"] += 1
+                    continue
+                samples.append(sample)
+                stats.samples += 1
+                stats.tokens += len(sample.input_ids)
+                stats.trainable_tokens += int((sample.labels != IGNORE).sum())
+        return samples, stats
+
+    def _overlong(self, rid: str, messages: list[dict], stats: TokenizeStats) -> list:
+        opts = self.options
+        max_len = opts.max_length
+        assert max_len is not None
+        if opts.overlong == "drop":
+            stats.dropped["too_long"] += 1
+            return []
+        system, turns = _pairs(messages)
+        if opts.overlong == "truncate":
+            # drop whole turns oldest-first; candidates are tried in one batch
+            candidates = [system + [m for t in turns[k:] for m in t] for k in range(1, len(turns))]
+            for ids, flags in self.encoder.encode_many(candidates):
+                if len(ids) <= max_len:
+                    stats.truncated["dropped_turns"] += 1
+                    return [(rid, ids, flags)]
+            ids, flags = self.encoder.encode_many([system + turns[-1]])[0]
+            stats.truncated["cut_tail"] += 1
+            if len(turns) > 1:
+                stats.truncated["dropped_turns"] += 1
+            return [(rid, ids[:max_len], flags[:max_len])]
+        # split: greedy groups of consecutive whole turns, each with the system prompt
+        out = []
+        start = 0
+        while start < len(turns):
+            best = None
+            end = start + 1
+            while end <= len(turns):
+                ids, flags = self.encoder.encode_many([system + [m for t in turns[start:end] for m in t]])[0]
+                if len(ids) > max_len:
+                    break
+                best = (end, ids, flags)
+                end += 1
+            if best is None:  # one turn alone is too long: cut it at the end
+                ids, flags = ids[:max_len], flags[:max_len]
+                stats.truncated["cut_tail"] += 1
+                best = (start + 1, ids, flags)
+            end, ids, flags = best
+            out.append((f"{rid}#{len(out)}", ids, flags))
+            start = end
+        stats.split_records += 1
+        return out
+
+
+# ---- public entry point -------------------------------------------------------------------------------------------
+
+_worker: _Processor | None = None
+
+
+def _worker_init(tokenizer_source: str, options: TokenizeOptions) -> None:
+    global _worker
+    from dataprep.tokenizer import load_tokenizer
+
+    _worker = _Processor(load_tokenizer(tokenizer_source), options)
+
+
+def _worker_process(chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample], TokenizeStats]:
+    assert _worker is not None
+    return _worker.process(chunk)
+
+
+def _chunks(records: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
+    it = enumerate(records)
+    while True:
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def tokenize_conversations(
+    records: Iterable[dict],
+    tokenizer: Tokenizer,
+    options: TokenizeOptions | None = None,
+    stats: TokenizeStats | None = None,
+) -> Iterator[TokenizedSample]:
+    """Stream conversation records into TokenizedSamples (in input order), counting everything into `stats`.
+
+    Records are read lazily in chunks of `options.chunk_size`; with `num_proc` > 1 chunks go to worker processes
+    (spawned, each loading the tokenizer from its files), at most 2 chunks per worker in flight.
+    """
+    options = options or TokenizeOptions()
+    stats = stats if stats is not None else TokenizeStats()
+    if options.num_proc <= 1:
+        proc = _Processor(tokenizer, options)
+        log.info("tokenizing with template %s (%s)", proc.template.name, proc.template.description)
+        for chunk in _chunks(records, options.chunk_size):
+            samples, chunk_stats = proc.process(chunk)
+            stats.merge(chunk_stats)
+            yield from samples
+        return
+    # validate template/options here so a bad name fails before workers start
+    get_template(options.template, tokenizer)
+    ctx = mp.get_context("spawn")
+    pending: deque = deque()
+    with ctx.Pool(options.num_proc, initializer=_worker_init, initargs=(str(tokenizer.source), options)) as pool:
+        for chunk in _chunks(records, options.chunk_size):
+            pending.append(pool.apply_async(_worker_process, (chunk,)))
+            while len(pending) >= 2 * options.num_proc:
+                samples, chunk_stats = pending.popleft().get()
+                stats.merge(chunk_stats)
+                yield from samples
+        while pending:
+            samples, chunk_stats = pending.popleft().get()
+            stats.merge(chunk_stats)
+            yield from samples
