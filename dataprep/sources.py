@@ -16,6 +16,7 @@ the record in a JSON array or dataset (None for JSONL, where the line says it al
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import itertools
@@ -204,9 +205,10 @@ def decode_error(text: bytes | memoryview, exc: orjson.JSONDecodeError, source: 
         at = line + data.count(b"\n", 0, bad.start)
         err = DataError(f"invalid UTF-8 (byte 0x{data[bad.start]:02x} at offset {bad.start} of the record)", reason=cv.INVALID_UTF8)
         return cv.located(err, source, at, record)
-    pos = min(exc.pos, len(data))
-    at = line + data.count(b"\n", 0, pos)
-    column = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
+    text = data.decode("utf-8")
+    pos = min(exc.pos, len(text))  # orjson reports a character offset, not a byte offset
+    at = line + text.count("\n", 0, pos)
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
     err = DataError(f"invalid JSON: {exc.msg} (column {column})", reason=cv.INVALID_JSON)
     return cv.located(err, source, at, record)
 
@@ -289,7 +291,7 @@ def _array_records(name: str, buf: bytes, first: int, chunks: Iterator[bytes]) -
             try:
                 obj = loads(memoryview(buf)[start:cut])
             except decode_failed as exc:
-                if exc.pos >= cut - start and "end of data" in exc.msg:
+                if exc.msg.startswith("unexpected end of data"):
                     search = cut  # the cut fell inside a string or a nested value
                     continue
                 raise decode_error(buf[start:cut], exc, name, line, index) from None
@@ -309,7 +311,7 @@ def _unfinished_record(name: str, text: bytes, line: int, index: int, at_eof: bo
     try:
         orjson.loads(text.rstrip())
     except orjson.JSONDecodeError as exc:
-        if "end of data" not in exc.msg:
+        if not exc.msg.startswith("unexpected end of data"):
             return decode_error(text.rstrip(), exc, name, line, index)
     if at_eof:
         err = DataError("unexpected end of file inside this record (the JSON array is not closed)", reason=cv.INVALID_JSON)
@@ -346,17 +348,34 @@ def _read_dataset(source: InputSource) -> Iterator[tuple[Any, int | None, int | 
             index += 1
 
 
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Offline mode for this call only. The environment variables are read when the libraries are
+    imported, which may have happened already in the caller's process, so the flags are set directly."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [(mod, name) for mod in (datasets.config, huggingface_hub.constants) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(mod, name)]
+    saved = [getattr(mod, name) for mod, name in flags]
+    for mod, name in flags:
+        setattr(mod, name, True)
+    try:
+        yield
+    finally:
+        for (mod, name), value in zip(flags, saved, strict=True):
+            setattr(mod, name, value)
+
+
 def _open_dataset(source: InputSource) -> Any:
     """A `datasets.Dataset`; never touches the network (the tool runs in batch jobs without hub access)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
     if source.kind == HF_DISK:
         loaded = datasets.load_from_disk(source.path or source.name)
     else:
         try:
-            loaded = datasets.load_dataset(source.path or source.name, split=source.split)
+            with _hub_offline():
+                loaded = datasets.load_dataset(source.path or source.name, split=source.split)
         except Exception as exc:  # datasets raises many types here; the user needs one clear line
             raise DataError(
                 f"cannot open Hugging Face dataset offline (is it in the local cache?): {type(exc).__name__}: {exc}",
