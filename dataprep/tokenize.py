@@ -364,6 +364,10 @@ _worker: _Processor | None = None
 
 def _worker_init(tokenizer_source: str, options: TokenizeOptions) -> None:
     global _worker
+    import os
+
+    # parallelism comes from the processes; Rust threads in every worker would only oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from dataprep.tokenizer import load_tokenizer
 
     _worker = _Processor(load_tokenizer(tokenizer_source), options)
