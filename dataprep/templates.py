@@ -268,10 +268,46 @@ def detect_template(tok: Tokenizer) -> str:
     return "plain"
 
 
+_PROBES = (
+    [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+     {"role": "assistant", "content": "Hello."}],
+)
+
+
+def renders_like_chat_template(template: ChatTemplate, tok: Tokenizer) -> bool:
+    """Does a built-in render the same text as the tokenizer's own chat_template on probe conversations?
+    (Catches family variants such as Llama 3.1's date header, which the plain llama3 built-in does not add.)"""
+    from dataprep.jinja_template import render_chat_template
+
+    by_id = {i: c for c, i in tok.special_tokens.items()}
+    for probe in _PROBES:
+        try:
+            want = render_chat_template(tok, probe)
+        except Exception as e:  # a template that needs variables we do not pass: trust the family match
+            log.warning("could not render the tokenizer's chat_template to check %s: %s", template.name, e)
+            return True
+        got = "".join(v if isinstance(v, str) else by_id.get(v, "") for v, _ in template.render(probe) if v is not None)
+        if got != want:
+            return False
+    return True
+
+
 def get_template(name: str, tok: Tokenizer) -> ChatTemplate:
-    """Resolve a template name for a tokenizer (`auto` and `hf` included)."""
+    """Resolve a template name for a tokenizer (`auto` and `hf` included).
+
+    `auto` uses the built-in of the tokenizer's family when it renders exactly like the tokenizer's own
+    chat_template (checked on probe conversations), otherwise the chat_template itself (`hf`)."""
     if name == "auto":
         name = detect_template(tok)
+        if name in BUILTIN_TEMPLATES and tok.chat_template:
+            candidate = get_template(name, tok)
+            if renders_like_chat_template(candidate, tok):
+                log.info("template auto -> %s for tokenizer %s", name, tok.name)
+                return candidate
+            log.info("template auto: built-in %s differs from %s's chat_template; using hf", name, tok.name)
+            name = "hf"
         log.info("template auto -> %s for tokenizer %s", name, tok.name)
     if name == "hf":
         from dataprep.jinja_template import hf_template

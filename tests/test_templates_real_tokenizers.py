@@ -282,3 +282,30 @@ def test_template_needing_missing_tokens_is_a_clear_error(tok_dirs):
         get_template("chatml", load_tokenizer(tok_dirs["llama2"]))
     with pytest.raises(DataError, match="unknown template"):
         get_template("nope", load_tokenizer(tok_dirs["llama2"]))
+
+
+def test_auto_falls_back_to_hf_when_builtin_differs(shared_data, tmp_path):
+    """A Llama-3.1-style template (date header in an always-present system turn) is not the plain llama3
+    built-in; auto notices on probe conversations and renders the tokenizer's own template."""
+    src = shared_data / "tokenizers" / "llama3_instruct"
+    (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n\\n' + sys"
+        " + '<|eot_id|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+        " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    assert get_template("auto", tok).name == "hf"
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>")
+    ref.chat_template = cfg["chat_template"]
+    sample = tokenize_one(tok, TURNS, template="auto")
+    assert sample.input_ids.tolist() == ref_ids(ref, TURNS)
+    assert trained_spans(tok, sample) == [m["content"] + "<|eot_id|>" for m in TURNS if m["role"] == "assistant"]
