@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 OVERLONG_POLICIES = ("drop", "truncate", "split")
 _CACHE_MAX_CHARS = 32
+_CACHE_MAX_ENTRIES = 50_000
 _ROLES = ("system", "user", "assistant")
 
 
@@ -121,6 +122,8 @@ class _Encoder:
         ids = self.cache.get(key)
         if ids is None:
             ids = self.tok.encode_batch([text], continued=cont)[0]
+            if len(self.cache) >= _CACHE_MAX_ENTRIES:  # many distinct short texts: keep memory flat
+                self.cache.clear()
             self.cache[key] = ids
         return ids
 
