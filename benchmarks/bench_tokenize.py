@@ -68,16 +68,21 @@ def bench_ceiling(texts, hf_tok, fast: bool, batch: int = 1024) -> tuple[float, 
     return time.perf_counter() - t0, total
 
 
-def bench_trl(records, tok_dir: Path) -> tuple[float, int]:
-    import datasets
+def transformers_tokenizer(tok_dir: Path):
     from transformers import PreTrainedTokenizerFast
 
-    datasets.disable_caching()
-    datasets.disable_progress_bars()
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token=cfg["eos_token"],
                                  pad_token=cfg.get("pad_token"))
     hf.chat_template = cfg["chat_template"]
+    return hf
+
+
+def bench_trl(records, hf) -> tuple[float, int]:
+    import datasets
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
     t0 = time.perf_counter()
     ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in records])
     ds = ds.map(lambda ex: dict(hf.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)),
@@ -95,6 +100,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "qwen2_5")
     ap.add_argument("--data", type=Path, default=SHARED / "alpaca" / "alpaca_gpt4_en_demo_1k.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="time each method this many times, keep the best")
     args = ap.parse_args()
     n = 5_000 if args.quick else args.records
     warnings.filterwarnings("ignore")
@@ -110,21 +116,26 @@ def main() -> None:
     records = load_records(args.data, n, args.seed)
     texts = [render_chat_template(tok, r["messages"]) for r in records]  # not timed
 
+    def best(fn, *a):
+        """Best of --repeats runs (the first also warms each tokenizer's BPE word cache)."""
+        runs = [fn(*a) for _ in range(args.repeats)]
+        return min(runs, key=lambda r: r[0])
+
     rows = []
-    dt, tokens, trainable = bench_ours(records, tok, 1)
+    dt, tokens, trainable = best(bench_ours, records, tok, 1)
     rows.append(("ours (template+tokenize+mask, num_proc=1)", n, tokens, dt))
     ours_tps = tokens / dt
     if args.num_proc_2:
-        dt2, tokens2, _ = bench_ours(records, tok, 2)
+        dt2, tokens2, _ = best(bench_ours, records, tok, 2)
         rows.append(("ours (num_proc=2)", n, tokens2, dt2))
     hf_tok = tok._backend.tok
-    dtc, tokc = bench_ceiling(texts, hf_tok, fast=False)
+    dtc, tokc = best(bench_ceiling, texts, hf_tok, False)
     rows.append(("ceiling: tokenizers encode_batch on rendered texts", n, tokc, dtc))
-    dtf, tokf = bench_ceiling(texts, hf_tok, fast=True)
+    dtf, tokf = best(bench_ceiling, texts, hf_tok, True)
     rows.append(("ceiling: tokenizers encode_batch_fast", n, tokf, dtf))
     assert tokc == tokens == tokf, (tokc, tokens, tokf)
     n_trl = min(n, args.trl_records)
-    dtt, tokt = bench_trl(records[:n_trl], args.tokenizer)
+    dtt, tokt = best(bench_trl, records[:n_trl], transformers_tokenizer(args.tokenizer))
     rows.append(("TRL-style: datasets.map(apply_chat_template), no mask", n_trl, tokt, dtt))
 
     print(f"\n### Tokenization throughput ({'--quick, ' if args.quick else ''}{n} resampled Alpaca-GPT4 records, "
@@ -147,6 +158,7 @@ def main() -> None:
         "ceiling_encode_batch_fast_tokens_per_s": round(tokf / dtf),
         "trl_style_tokens_per_s": round(trl_tps),
         "trl_records": n_trl,
+        "repeats": args.repeats,
         "ceiling_over_ours": round(ceiling_tps / ours_tps, 3),
         "ours_over_trl": round(ours_tps / trl_tps, 2),
         "target_within_1_5x_of_ceiling": ceiling_tps / ours_tps <= 1.5,
