@@ -1,0 +1,194 @@
+"""Full integrity check of a packed dataset: every byte hashed, every row's invariants checked.
+
+`open_dataset` checks cheap things (manifest, sizes, footers) so training starts fast; this module is the
+thorough pass a pipeline runs once after packing or after copying data between machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from formats.errors import FormatError
+from formats.manifest import hash_file, read_manifest
+from formats.schema import IGNORE_INDEX, row_schema
+
+_MAX_PER_KIND = 5
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    path: str
+    problems: list[str] = dataclasses.field(default_factory=list)
+    shards: int = 0
+    rows: int = 0
+    docs: int = 0
+    tokens: int = 0
+    trainable: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _Problems:
+    """Collects problems, keeping a few examples per kind so one systematic fault does not flood the output."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str, message: str) -> None:
+        n = self.counts.get(kind, 0)
+        self.counts[kind] = n + 1
+        if n < _MAX_PER_KIND:
+            self.items.append(message)
+
+    def finish(self) -> list[str]:
+        out = list(self.items)
+        for kind, n in self.counts.items():
+            if n > _MAX_PER_KIND:
+                out.append(f"... and {n - _MAX_PER_KIND} more problems of kind '{kind}'")
+        return out
+
+
+def _check_batch(
+    rb: pa.RecordBatch, seq_length: int, pad_id: int, where: str, first_row: int, problems: _Problems
+) -> tuple[int, int, int]:
+    """Check one record batch's rows; returns (tokens, docs, trainable)."""
+    S = seq_length
+    for col in rb.columns:
+        if col.null_count:
+            problems.add("nulls", f"{where}: rows {first_row}..{first_row + rb.num_rows - 1} contain nulls")
+            return 0, 0, 0
+    n = rb.num_rows
+    ids = rb.column(0).flatten().to_numpy(zero_copy_only=False).reshape(n, S)
+    labels = rb.column(1).flatten().to_numpy(zero_copy_only=False).reshape(n, S)
+    dl = rb.column(2)
+    di = rb.column(3)
+    offsets = dl.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    lengths = dl.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    counts = np.diff(offsets)
+    id_counts = np.diff(di.offsets.to_numpy().astype(np.int64))
+    bad = np.nonzero(counts != id_counts)[0]
+    for r in bad:
+        problems.add(
+            "doc_ids", f"{where} row {first_row + r}: {counts[r]} doc lengths but {id_counts[r]} doc ids"
+        )
+    if np.any(lengths <= 0):
+        r = int(np.searchsorted(offsets, int(np.nonzero(lengths <= 0)[0][0]), side="right") - 1)
+        problems.add("doc_length", f"{where} row {first_row + r}: a document length is <= 0")
+        return 0, 0, 0
+    cum = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cum[1:])
+    sums = cum[offsets[1:]] - cum[offsets[:-1]]
+    for r in np.nonzero(sums > S)[0]:
+        problems.add("overflow", f"{where} row {first_row + r}: documents sum to {sums[r]} > seq_length {S}")
+    if np.any(sums > S):
+        return int(sums.sum()), len(lengths), int(np.count_nonzero(labels != IGNORE_INDEX))
+    if np.any(counts == 0):
+        for r in np.nonzero(counts == 0)[0]:
+            problems.add("empty_row", f"{where} row {first_row + r}: row holds no documents")
+    # Each document's last position predicts nothing inside its own document, so its label must be -100.
+    row_of_doc = np.repeat(np.arange(n), counts)
+    doc_end = cum[1:] - cum[offsets[:-1]][row_of_doc] - 1
+    end_labels = labels[row_of_doc, doc_end]
+    for d in np.nonzero(end_labels != IGNORE_INDEX)[0][: _MAX_PER_KIND + 1]:
+        problems.add(
+            "label_at_doc_end",
+            f"{where} row {first_row + row_of_doc[d]}: label at document end (position {doc_end[d]}) is "
+            f"{end_labels[d]}, expected {IGNORE_INDEX} (a label would cross into the next document)",
+        )
+    pad = np.arange(S)[None, :] >= sums[:, None]
+    for r in np.nonzero(np.any(pad & (labels != IGNORE_INDEX), axis=1))[0]:
+        problems.add(
+            "label_in_padding", f"{where} row {first_row + r}: padding has labels other than {IGNORE_INDEX}"
+        )
+    for r in np.nonzero(np.any(pad & (ids != pad_id), axis=1))[0]:
+        problems.add(
+            "pad_id", f"{where} row {first_row + r}: padding holds tokens other than pad_id {pad_id}"
+        )
+    return int(sums.sum()), len(lengths), int(np.count_nonzero(labels != IGNORE_INDEX))
+
+
+def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
+    """Check everything; never raises for a bad dataset, the problems are listed in the report instead."""
+    report = VerifyReport(path=str(path))
+    problems = _Problems()
+    try:
+        manifest = read_manifest(path)
+    except FormatError as exc:
+        report.problems = [str(exc)]
+        return report
+    S = manifest["seq_length"]
+    pad_id = manifest["tokenizer"]["pad_id"]
+    batch_rows = manifest["batch_rows"]
+    schema = row_schema(S)
+    id_chunks: list[pa.Array] = []
+    shards = manifest["shards"]
+    for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+        file = Path(path) / shard["file"]
+        if not file.is_file():
+            problems.add("missing_shard", f"{file}: shard listed in the manifest is missing")
+            continue
+        size = file.stat().st_size
+        if size != shard["bytes"]:
+            problems.add("size", f"{file}: size {size} bytes, manifest says {shard['bytes']}")
+        digest = hash_file(file)
+        if digest != shard["checksum"]:
+            problems.add("checksum", f"{file}: checksum {digest} does not match manifest {shard['checksum']}")
+            continue  # contents are untrustworthy; row checks would only add noise
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
+            if not reader.schema.equals(schema):
+                problems.add(
+                    "schema", f"{file}: schema {reader.schema} is not the row schema for seq_length {S}"
+                )
+                continue
+            rows = tokens = docs = trainable = 0
+            for b in range(reader.num_record_batches):
+                rb = reader.get_batch(b)
+                if rb.num_rows != batch_rows and b != reader.num_record_batches - 1:
+                    problems.add(
+                        "batch", f"{file}: record batch {b} has {rb.num_rows} rows, expected {batch_rows}"
+                    )
+                t, d, tr = _check_batch(rb, S, pad_id, str(file), rows, problems)
+                rows += rb.num_rows
+                tokens += t
+                docs += d
+                trainable += tr
+                id_chunks.append(rb.column(3).flatten())
+        except (pa.ArrowInvalid, OSError) as exc:
+            problems.add("unreadable", f"{file}: cannot read as Arrow IPC ({exc})")
+            continue
+        report.shards += 1
+        for key, value in (("rows", rows), ("tokens", tokens), ("docs", docs), ("trainable", trainable)):
+            if value != shard[key]:
+                problems.add("counts", f"{file}: {key}={value} but manifest says {shard[key]}")
+        report.rows += rows
+        report.tokens += tokens
+        report.docs += docs
+        report.trainable += trainable
+    if id_chunks:
+        all_ids = pa.chunked_array(id_chunks, type=pa.string())
+        if pc.count_distinct(all_ids).as_py() != len(all_ids):
+            vc = pc.value_counts(all_ids)
+            dup = vc.filter(pc.greater(vc.field("counts"), 1))
+            for item in dup.to_pylist()[:_MAX_PER_KIND]:
+                problems.add("duplicate_id", f"source id {item['values']!r} appears {item['counts']} times")
+            if len(dup) > _MAX_PER_KIND:
+                problems.add("duplicate_id", f"{len(dup)} source ids appear more than once in total")
+    expected_docs = manifest.get("packing", {}).get("stats", {}).get("samples_out")
+    if expected_docs is not None and expected_docs != report.docs and not problems.items:
+        problems.add(
+            "incomplete",
+            f"{path}: {report.docs} documents in shards but packing reported {expected_docs} samples",
+        )
+    report.problems = problems.finish()
+    return report
