@@ -218,3 +218,23 @@ def test_gpu_backends_match_sdpa_on_packed_rows(pair, backend):
         model.config.attn_backend = backend
         out = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len).float()
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_backend_trains_like_sdpa(pair):
+    _, _, d = pair("qwen3_qknorm")
+    docs = [[_ids((n,), seed=n) for n in row] for row in [[100, 80, 60], [200, 56]]]
+    ids, pos, cu, max_len = _pack(docs, 256)
+    ids, pos, cu = ids.cuda(), pos.cuda(), cu.cuda()
+    labels = torch.roll(ids, -1, dims=1)
+    assert attention.resolve_backend("auto", ids.device, torch.bfloat16) == "varlen"
+    grads = {}
+    for backend in ("sdpa", "auto"):
+        model = load_pretrained(d, device="cuda", dtype=torch.bfloat16, attn_backend=backend)
+        logits = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len)
+        F.cross_entropy(logits.float().view(-1, V), labels.view(-1), reduction="sum").backward()
+        grads[backend] = {n: p.grad.float() for n, p in model.named_parameters()}
+    for name, g in grads["auto"].items():
+        ref = grads["sdpa"][name]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-3, name

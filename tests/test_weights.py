@@ -192,3 +192,25 @@ def test_fsdp2_two_ranks_load_shards_and_export(tmp_path):
     exported = load_pretrained(out).state_dict()
     for key, value in ref.state_dict().items():
         assert torch.equal(exported[key], value), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp2_nccl_single_gpu_load_and_export(tmp_path):
+    import dist_weights_worker
+
+    src, out, res = tmp_path / "src", tmp_path / "out", tmp_path / "res"
+    res.mkdir()
+    save_hf_checkpoint("llama3_rope_tied", src)
+    torch.multiprocessing.spawn(
+        dist_weights_worker.run, args=(1, _free_port(), str(src), str(out), str(res), "cuda"), nprocs=1
+    )
+    ref = load_pretrained(src).eval()
+    with torch.no_grad():
+        expected = ref(torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0)))
+    got = torch.load(res / "rank0.pt")
+    assert got["tied"] and got["local_rows"] == 256
+    torch.testing.assert_close(got["logits"], expected, atol=1e-4, rtol=1e-4)
+    exported = load_pretrained(out).state_dict()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(exported[key], value), key
