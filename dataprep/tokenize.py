@@ -109,7 +109,7 @@ class TokenizedSample:
 
 
 class _Encoder:
-    """Template + tokenizer + options for one process; turns message lists into (ids, trainable flags)."""
+    """Template + tokenizer + options for one process; turns message lists into (ids, trained token ranges)."""
 
     def __init__(self, tok: Tokenizer, template: ChatTemplate, options: TokenizeOptions) -> None:
         self.tok = tok
@@ -127,8 +127,8 @@ class _Encoder:
             self.cache[key] = ids
         return ids
 
-    def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[bool]]]:
-        """Token ids and per-token trainable flags for each conversation (one batched tokenizer call per mode)."""
+    def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids and trained [start, end) ranges per conversation (one batched tokenizer call per mode)."""
         opts = self.options
         texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
         plans: list[list] = []
@@ -161,32 +161,37 @@ class _Encoder:
             self.tok.encode_batch(texts[0], continued=False) if texts[0] else [],
             self.tok.encode_batch(texts[1], continued=True) if texts[1] else [],
         )
-        out: list[tuple[list[int], list[bool]]] = []
-        train_all = opts.train_on_prompt
+        out: list[tuple[list[int], list[tuple[int, int]]]] = []
         for plan in plans:
             ids: list[int] = []
-            flags: list[bool] = []
+            spans: list[tuple[int, int]] = []  # trained token ranges [start, end)
             for item in plan:
                 kind = item[0] if isinstance(item[0], str) else None
                 if kind is None:  # special token id
+                    if item[1]:
+                        _add_span(spans, len(ids), len(ids) + 1)
                     ids.append(item[0])
-                    flags.append(item[1] or train_all)
                 elif kind == "r":  # a uniform run: ("r", mode, index|ids, train)
                     run_ids = item[2] if isinstance(item[2], list) else encoded[item[1]][item[2]]
+                    if item[3]:
+                        _add_span(spans, len(ids), len(ids) + len(run_ids))
                     ids.extend(run_ids)
-                    flags.extend([item[3] or train_all] * len(run_ids))
                 else:  # a mixed run: ("m", mode, index, [(prefix ids|index, flag_before)...], last_flag)
                     full = encoded[item[1]][item[2]]
+                    base = len(ids)
                     start = 0
                     for prefix, flag in item[3]:
                         pids = prefix if isinstance(prefix, list) else encoded[item[1]][prefix]
-                        cut = _common_prefix(pids, full)
-                        cut = max(cut, start)
-                        flags.extend([flag or train_all] * (cut - start))
+                        cut = max(_common_prefix(pids, full), start)
+                        if flag:
+                            _add_span(spans, base + start, base + cut)
                         start = cut
-                    flags.extend([item[4] or train_all] * (len(full) - start))
+                    if item[4]:
+                        _add_span(spans, base + start, base + len(full))
                     ids.extend(full)
-            out.append((ids, flags))
+            if opts.train_on_prompt:
+                spans = [(0, len(ids))]
+            out.append((ids, spans))
         return out
 
     def _plan_run(self, run: list[tuple[str, bool]], cont: bool, texts: tuple[list[str], list[str]]) -> tuple:
@@ -234,13 +239,30 @@ def _only_last_trained_group(pieces: list) -> list:
     return [(v, t and i >= last_start) for i, (v, t) in enumerate(pieces)]
 
 
-def _sample(rid: str, ids: list[int], flags: list[bool]) -> TokenizedSample | None:
-    """Pre-shifted labels; None when no position has a target."""
-    input_ids = np.asarray(ids, dtype=np.int32)
-    target = np.asarray(flags, dtype=bool)
+def _add_span(spans: list[tuple[int, int]], start: int, end: int) -> None:
+    if end <= start:
+        return
+    if spans and spans[-1][1] == start:
+        spans[-1] = (spans[-1][0], end)
+    else:
+        spans.append((start, end))
+
+
+def _clip(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    return [(s, min(e, n)) for s, e in spans if s < n]
+
+
+def _sample(rid: str, ids: list[int], spans: list[tuple[int, int]]) -> TokenizedSample | None:
+    """Pre-shifted labels from trained token ranges; None when no position has a target."""
+    input_ids = np.array(ids, dtype=np.int32)
     labels = np.full(len(ids), IGNORE, dtype=np.int32)
-    labels[:-1] = np.where(target[1:], input_ids[1:], IGNORE)
-    if not (labels != IGNORE).any():
+    any_target = False
+    for s, e in spans:
+        s = max(s, 1)  # token 0 is never a target: nothing precedes it
+        if e > s:
+            labels[s - 1 : e - 1] = input_ids[s:e]
+            any_target = True
+    if not any_target:
         return None
     return TokenizedSample(rid, input_ids, labels)
 
@@ -301,13 +323,13 @@ class _Processor:
                 todo.append((rid, messages))
         samples: list[TokenizedSample] = []
         encoded = self.encoder.encode_many([m for _, m in todo]) if todo else []
-        for (rid, messages), (ids, flags) in zip(todo, encoded, strict=True):
+        for (rid, messages), (ids, spans) in zip(todo, encoded, strict=True):
             if max_len is not None and len(ids) > max_len:
                 pieces = self._overlong(rid, messages, stats)
             else:
-                pieces = [(rid, ids, flags)]
-            for pid, pids, pflags in pieces:
-                sample = _sample(pid, pids, pflags)
+                pieces = [(rid, ids, spans)]
+            for pid, pids, pspans in pieces:
+                sample = _sample(pid, pids, pspans)
                 if sample is None:
                     stats.dropped["no_target" if len(pieces) == 1 else "split_piece_no_target"] += 1
                     continue
@@ -328,15 +350,15 @@ class _Processor:
         if opts.overlong == "truncate":
             # drop whole turns oldest-first; candidates are tried in one batch
             candidates = [system + [m for t in turns[k:] for m in t] for k in range(1, len(turns))]
-            for ids, flags in self.encoder.encode_many(candidates):
+            for ids, spans in self.encoder.encode_many(candidates):
                 if len(ids) <= max_len:
                     stats.truncated["dropped_turns"] += 1
-                    return [(rid, ids, flags)]
-            ids, flags = self.encoder.encode_many([system + turns[-1]])[0]
+                    return [(rid, ids, spans)]
+            ids, spans = self.encoder.encode_many([system + turns[-1]])[0]
             stats.truncated["cut_tail"] += 1
             if len(turns) > 1:
                 stats.truncated["dropped_turns"] += 1
-            return [(rid, ids[:max_len], flags[:max_len])]
+            return [(rid, ids[:max_len], _clip(spans, max_len))]
         # split: greedy groups of consecutive whole turns, each with the system prompt
         out = []
         start = 0
@@ -344,17 +366,17 @@ class _Processor:
             best = None
             end = start + 1
             while end <= len(turns):
-                ids, flags = self.encoder.encode_many([system + [m for t in turns[start:end] for m in t]])[0]
+                ids, spans = self.encoder.encode_many([system + [m for t in turns[start:end] for m in t]])[0]
                 if len(ids) > max_len:
                     break
-                best = (end, ids, flags)
+                best = (end, ids, spans)
                 end += 1
             if best is None:  # one turn alone is too long: cut it at the end
-                ids, flags = ids[:max_len], flags[:max_len]
+                ids, spans = ids[:max_len], _clip(spans, max_len)
                 stats.truncated["cut_tail"] += 1
-                best = (start + 1, ids, flags)
-            end, ids, flags = best
-            out.append((f"{rid}#{len(out)}", ids, flags))
+                best = (start + 1, ids, spans)
+            end, ids, spans = best
+            out.append((f"{rid}#{len(out)}", ids, spans))
             start = end
         stats.split_records += 1
         return out
