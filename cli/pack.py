@@ -1,0 +1,171 @@
+"""`dataprep pack`: conversations -> template, tokenize, mask, pack, write verified shards (thin shell)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.common import emit_summary, handle_errors, setup_logging
+
+TEMPLATE_CHOICES = ["auto", "hf", "chatml", "llama3", "llama2", "vicuna", "alpaca", "plain"]
+
+
+@click.command(
+    "pack",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  dataprep pack conv.jsonl -o data/ --tokenizer ./Qwen2.5-7B-Instruct --seq-length 4096
+  dataprep pack alpaca.json more.jsonl.zst -o data/ --tokenizer tok/ --seq-length 2048 --algorithm ffd \\
+      --overlong split --on-error skip --num-proc 4 --json
+""",
+)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Dataset directory to create."
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="Tokenizer directory or file (tokenizer.json / tokenizer.model / vocab.json+merges.txt).",
+)
+@click.option("--seq-length", required=True, type=click.IntRange(min=2), help="Tokens per packed row.")
+@click.option(
+    "--template",
+    type=click.Choice(TEMPLATE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Chat template; auto picks the tokenizer family's built-in when it matches its chat_template.",
+)
+@click.option(
+    "--algorithm",
+    type=click.Choice(["bfd", "ffd", "none"]),
+    default="bfd",
+    show_default=True,
+    help="Packing: best-/first-fit-decreasing, or none (one sample per row, padded).",
+)
+@click.option(
+    "--pack-window",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Pack within windows of N samples after the seeded shuffle (default: all at once).",
+)
+@click.option(
+    "--max-docs-per-row",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="At most K samples in one row.",
+)
+@click.option(
+    "--num-proc", type=click.IntRange(min=1), default=1, show_default=True, help="Tokenizer worker processes."
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=16384,
+    show_default=True,
+    metavar="ROWS",
+    help="Rows per shard file.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "zstd"]),
+    default="none",
+    show_default=True,
+    help="none keeps shards memory-mappable zero-copy; zstd is smaller but decodes on read.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for the shuffle before packing and of the rows.",
+)
+@click.option(
+    "--overlong",
+    type=click.Choice(["drop", "truncate", "split"]),
+    default="drop",
+    show_default=True,
+    help="Samples longer than --seq-length: drop, truncate (oldest turns first), or split into several.",
+)
+@click.option("--mask-history", is_flag=True, help="Train only on the last assistant turn.")
+@click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompts included.")
+@click.option(
+    "--input-format",
+    default="auto",
+    show_default=True,
+    help="Input record format (see `dataprep convert --help`).",
+)
+@click.option("--system", metavar="TEXT", help="System prompt added to records that have none.")
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUTPUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
+@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@handle_errors
+def pack(
+    inputs: tuple[str, ...],
+    output: str,
+    tokenizer_path: str,
+    seq_length: int,
+    template: str,
+    algorithm: str,
+    pack_window: int | None,
+    max_docs_per_row: int | None,
+    num_proc: int,
+    shard_size: int,
+    compression: str,
+    seed: int,
+    overlong: str,
+    mask_history: bool,
+    train_on_prompt: bool,
+    input_format: str,
+    system: str | None,
+    on_error: str,
+    overwrite: bool,
+    as_json: bool,
+    verbose: int,
+) -> None:
+    """Template, tokenize (with loss masks), pack and write INPUT... as a packed-shard dataset in OUTPUT.
+
+    INPUT is conversation JSONL from `dataprep convert`, or any input `convert` reads (Alpaca, src/tgt,
+    ShareGPT, messages; .gz/.zst; globs). The dataset is written to a temp directory and renamed into place
+    when complete, with an index.json manifest (tokenizer fingerprint, template, packing stats, checksums).
+
+    Exit codes: 0 ok, 1 bad data or existing OUTPUT (the message says which), 2 usage error.
+    """
+    from dataprep.pipeline import PackOptions, pack_dataset
+
+    setup_logging(verbose)
+    options = PackOptions(
+        seq_length=seq_length,
+        algorithm=algorithm,
+        pack_window=pack_window,
+        max_docs_per_row=max_docs_per_row,
+        seed=seed,
+        shard_rows=shard_size,
+        compression=compression,
+        overwrite=overwrite,
+        template=template,
+        overlong=overlong,
+        mask_history=mask_history,
+        train_on_prompt=train_on_prompt,
+        input_format=input_format,
+        system=system,
+        on_error=on_error,
+        num_proc=num_proc,
+        progress=sys.stderr.isatty() and not as_json,
+        command=list(sys.argv),
+    )
+    summary = pack_dataset(list(inputs), output, tokenizer_path, options)
+    emit_summary("dataprep pack", summary, as_json)

@@ -1,0 +1,357 @@
+"""`pack_dataset`: conversation records -> tokenized, masked, packed and verified-on-read shards.
+
+Stages: read (dataprep.convert) -> tokenize with masks (dataprep.tokenize) -> spill to disk -> pack lengths
+(dataprep.packing) -> gather rows and write shards (formats.writer). Tokenized samples are spilled to flat int32
+files next to the output instead of being kept as Python objects, so memory holds only the lengths and ids
+offsets (12 bytes per sample) whatever the dataset size; rows are then gathered from the memory-mapped spill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+from tqdm import tqdm
+
+from dataprep.errors import DataError
+from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
+from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS
+from formats.writer import DatasetWriter
+
+log = logging.getLogger(__name__)
+
+_WRITE_CHUNK_ROWS = 1024
+
+
+@dataclasses.dataclass
+class PackOptions:
+    """Everything `dataprep pack` can be told. Tokenization and reading options are passed through to
+    dataprep.tokenize / dataprep.convert; `max_length` for tokenization is always seq_length."""
+
+    seq_length: int
+    algorithm: str = "bfd"
+    pack_window: int | None = None
+    max_docs_per_row: int | None = None
+    seed: int = 0
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    compression: str = "none"
+    overwrite: bool = False
+    template: str = "auto"
+    overlong: str = "drop"
+    mask_history: bool = False
+    train_on_prompt: bool = False
+    input_format: str = "auto"
+    system: str | None = None
+    on_error: str = "fail"
+    num_proc: int = 1
+    progress: bool = False
+    command: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ValueError("seq_length must be at least 2")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+
+
+class _Spill:
+    """Append-only flat files of token ids, labels and ids, with the lengths kept in a growing array."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._ids = open(directory / "input_ids.i32", "wb")
+        self._labels = open(directory / "labels.i32", "wb")
+        self._names = open(directory / "ids.utf8", "wb")
+        self.lengths = np.empty(1 << 16, dtype=np.int64)
+        self.name_ends = np.empty(1 << 16, dtype=np.int64)
+        self.n = 0
+        self._name_pos = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_tokens = 0
+
+    def add(self, sample_id: str, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        if self.n == len(self.lengths):
+            self.lengths = np.resize(self.lengths, 2 * self.n)
+            self.name_ends = np.resize(self.name_ends, 2 * self.n)
+        name = sample_id.encode()
+        self._names.write(name)
+        self._name_pos += len(name)
+        self.lengths[self.n] = len(input_ids)
+        self.name_ends[self.n] = self._name_pos
+        self.n += 1
+        self._pending.append((input_ids, labels))
+        self._pending_tokens += len(input_ids)
+        if self._pending_tokens >= 1 << 20:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._pending:
+            self._ids.write(
+                np.concatenate([p[0] for p in self._pending]).astype(np.int32, copy=False).tobytes()
+            )
+            self._labels.write(
+                np.concatenate([p[1] for p in self._pending]).astype(np.int32, copy=False).tobytes()
+            )
+        self._pending = []
+        self._pending_tokens = 0
+
+    def close(self) -> None:
+        self._drain()
+        for f in (self._ids, self._labels, self._names):
+            f.close()
+        self.lengths = self.lengths[: self.n]
+        self.name_ends = self.name_ends[: self.n]
+
+    def open_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def mm(name: str, dtype: type) -> np.ndarray:
+            path = self.directory / name
+            if path.stat().st_size == 0:
+                return np.zeros(0, dtype=dtype)
+            return np.memmap(path, dtype=dtype, mode="r")
+
+        return mm("input_ids.i32", np.int32), mm("labels.i32", np.int32), mm("ids.utf8", np.uint8)
+
+
+@njit(cache=True)
+def _gather_rows(
+    tokens, labels, starts, lengths, items, bin_offsets, b0, b1, seq_length, pad_id, out_ids, out_labels
+):
+    """Fill rows b0..b1 by concatenating their documents from the spill; the tail is padding (labels -100)."""
+    for b in range(b0, b1):
+        r = b - b0
+        pos = 0
+        for k in range(bin_offsets[b], bin_offsets[b + 1]):
+            d = items[k]
+            s = starts[d]
+            n = lengths[d]
+            out_ids[r, pos : pos + n] = tokens[s : s + n]
+            out_labels[r, pos : pos + n] = labels[s : s + n]
+            pos += n
+        out_ids[r, pos:seq_length] = pad_id
+        out_labels[r, pos:seq_length] = -100
+
+
+def _tokenizer_info(tok: Any, path: str | Path) -> dict[str, Any]:
+    return {
+        "name": tok.name,
+        "fingerprint": tok.fingerprint,
+        "path": str(Path(path).absolute()),
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "special_ids": dict(tok.special_ids),
+    }
+
+
+def spill_samples(samples: Iterable[Any], directory: Path, seq_length: int, progress: bool = False) -> _Spill:
+    """Write TokenizedSample-like objects (id, input_ids, labels) to flat files in `directory`."""
+    spill = _Spill(directory)
+    try:
+        for sample in tqdm(samples, desc="tokenize", unit=" samples", disable=not progress):
+            n = len(sample.input_ids)
+            if n > seq_length or n == 0 or len(sample.labels) != n:
+                raise DataError(
+                    f"sample has {n} tokens and {len(sample.labels)} labels; needs 1..{seq_length} of each "
+                    "(the tokenizer's overlong policy should have handled it)",
+                    source=str(sample.id),
+                )
+            spill.add(sample.id, sample.input_ids, sample.labels)
+    finally:
+        spill.close()
+    return spill
+
+
+def write_packed(
+    spill: _Spill,
+    out_dir: str | Path,
+    options: PackOptions,
+    pad_id: int,
+    *,
+    tokenizer_info: dict[str, Any] | None = None,
+    template: str | None = None,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pack the spilled samples and write the dataset; returns the manifest."""
+    S = options.seq_length
+    lengths = spill.lengths
+    t0 = time.perf_counter()
+    packing = pack_lengths(
+        lengths,
+        S,
+        options.algorithm,
+        window=options.pack_window,
+        max_per_bin=options.max_docs_per_row,
+        seed=options.seed,
+    )
+    pack_seconds = time.perf_counter() - t0
+    stats = packing_stats(lengths, packing)
+    log.info(
+        "packed %d samples into %d rows (bound %d) in %.3fs",
+        len(lengths),
+        stats["rows"],
+        stats["lower_bound_rows"],
+        pack_seconds,
+    )
+    tokens, labels, names = spill.open_arrays()
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    name_starts = np.concatenate([[0], spill.name_ends[:-1]]).astype(np.int64)
+    names_bytes = names.tobytes() if len(names) < (1 << 28) else None
+    items, offsets = packing.items, packing.bin_offsets
+    chunk = max(_WRITE_CHUNK_ROWS, options.batch_rows)
+    out_ids = np.empty((chunk, S), dtype=np.int32)
+    out_labels = np.empty((chunk, S), dtype=np.int32)
+    with DatasetWriter(
+        out_dir,
+        S,
+        pad_id,
+        shard_rows=options.shard_rows,
+        batch_rows=options.batch_rows,
+        compression=options.compression,
+        overwrite=options.overwrite,
+    ) as writer:
+        bar = tqdm(total=packing.num_bins, desc="write", unit=" rows", disable=not options.progress)
+        for b0 in range(0, packing.num_bins, chunk):
+            b1 = min(b0 + chunk, packing.num_bins)
+            _gather_rows(
+                tokens, labels, starts, lengths, items, offsets, b0, b1, S, pad_id, out_ids, out_labels
+            )
+            docs = items[offsets[b0] : offsets[b1]]
+            if names_bytes is not None:
+                ids = [names_bytes[name_starts[d] : spill.name_ends[d]].decode() for d in docs]
+            else:
+                ids = [names[name_starts[d] : spill.name_ends[d]].tobytes().decode() for d in docs]
+            writer.write_rows(
+                out_ids[: b1 - b0],
+                out_labels[: b1 - b0],
+                lengths[docs],
+                offsets[b0 : b1 + 1] - offsets[b0],
+                ids,
+            )
+            bar.update(b1 - b0)
+        bar.close()
+        stats.update(extra_stats or {})
+        stats["samples_out"] = int(len(lengths))
+        stats["pack_seconds"] = round(pack_seconds, 4)
+        manifest = writer.finish(
+            tokenizer=tokenizer_info,
+            template=template,
+            packing={
+                "algorithm": options.algorithm,
+                "seed": options.seed,
+                "pack_window": options.pack_window,
+                "max_docs_per_row": options.max_docs_per_row,
+                "stats": stats,
+            },
+            command=list(options.command) if options.command is not None else None,
+        )
+    del tokens, labels, names
+    return manifest
+
+
+def pack_dataset(
+    inputs: Sequence[str], out_dir: str | Path, tokenizer_path: str | Path, options: PackOptions
+) -> dict[str, Any]:
+    """Read, tokenize, pack and write `inputs` into the dataset directory `out_dir`. Returns a summary dict.
+
+    Fails (DataError / FileExistsError) before writing anything when the inputs or options are bad; any failure
+    later leaves no `out_dir` (or the previous one untouched).
+    """
+    from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
+    from dataprep.templates import get_template
+    from dataprep.tokenize import TokenizeOptions, TokenizeStats, tokenize_conversations
+    from dataprep.tokenizer import load_tokenizer
+
+    started = time.perf_counter()
+    out = Path(out_dir).absolute()
+    if out.exists() and not options.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    tok = load_tokenizer(tokenizer_path)
+    template = get_template(options.template, tok)
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    if pad_id is None:
+        log.warning(
+            "tokenizer %s has no pad or eos token; padding with id 0 (labels there are -100)", tok.name
+        )
+        pad_id = 0
+    convert_stats = ConvertStats()
+    tokenize_stats = TokenizeStats()
+    records = iter_conversations(
+        list(inputs),
+        ConvertOptions(input_format=options.input_format, system=options.system, on_error=options.on_error),
+        convert_stats,
+    )
+    samples = tokenize_conversations(
+        records,
+        tok,
+        TokenizeOptions(
+            template=options.template,
+            max_length=options.seq_length,
+            overlong=options.overlong,
+            mask_history=options.mask_history,
+            train_on_prompt=options.train_on_prompt,
+            num_proc=options.num_proc,
+        ),
+        tokenize_stats,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spill_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent))
+    try:
+        spill = spill_samples(samples, spill_dir, options.seq_length, options.progress)
+        if spill.n == 0:
+            raise DataError(
+                f"no samples left to pack (read {convert_stats.records_in} records; skipped {dict(convert_stats.skipped)}; "
+                f"dropped {dict(tokenize_stats.dropped)})",
+                source=", ".join(map(str, inputs)),
+            )
+        manifest = write_packed(
+            spill,
+            out,
+            options,
+            int(pad_id),
+            tokenizer_info=_tokenizer_info(tok, tokenizer_path),
+            template=template.name,
+            extra_stats={
+                "records_in": convert_stats.records_in,
+                "skipped": dict(convert_stats.skipped),
+                "dropped": dict(tokenize_stats.dropped),
+                "truncated": dict(tokenize_stats.truncated),
+                "split_records": tokenize_stats.split_records,
+            },
+        )
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+    stats = manifest["packing"]["stats"]
+    total_seconds = time.perf_counter() - started
+    return {
+        "output": str(out),
+        "records_in": convert_stats.records_in,
+        "skipped": dict(convert_stats.skipped),
+        "dropped": dict(tokenize_stats.dropped),
+        "truncated": dict(tokenize_stats.truncated),
+        "split_records": tokenize_stats.split_records,
+        "samples_out": manifest["num_docs"],
+        "rows": manifest["num_rows"],
+        "lower_bound_rows": stats["lower_bound_rows"],
+        "rows_over_bound_pct": round(100 * stats["rows_over_bound"], 3),
+        "tokens": manifest["num_tokens"],
+        "trainable_tokens": manifest["num_trainable"],
+        "packing_efficiency": round(stats["efficiency"], 5),
+        "seq_length": options.seq_length,
+        "algorithm": options.algorithm,
+        "template": template.name,
+        "shards": len(manifest["shards"]),
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "pack_seconds": stats["pack_seconds"],
+        "seconds": round(total_seconds, 3),
+    }
