@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 def run(rank: int, world: int, port: int, src: str, out: str, result_dir: str, device: str = "cpu") -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from trainer.model import Transformer
     from trainer.model_config import ModelConfig
@@ -26,9 +26,12 @@ def run(rank: int, world: int, port: int, src: str, out: str, result_dir: str, d
         mesh = init_device_mesh(device, (world,))
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_pretrained(src))
+        # bf16 compute over fp32 masters, as on GPU: after a forward the root keeps bf16 unsharded copies,
+        # which export must not write.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         materialize(model, device)
         load_hf_weights(model, src, show_progress=False)
         # Each rank holds only its rows: the local shard of the embedding is a strict part of it.
@@ -37,7 +40,7 @@ def run(rank: int, world: int, port: int, src: str, out: str, result_dir: str, d
         tied = model.lm_head.weight is emb  # checked before forward: the root keeps unsharded params after it
         ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logits = model(ids.to(device)).cpu()
+            logits = model(ids.to(device)).float().cpu()
         torch.save({"logits": logits, "local_rows": local_rows, "tied": tied},
                    Path(result_dir) / f"rank{rank}.pt")
         export_hf(model, out, source_dir=src, max_shard_size="40KB")

@@ -187,8 +187,9 @@ def test_fsdp2_two_ranks_load_shards_and_export(tmp_path):
     for rank in range(2):
         got = torch.load(res / f"rank{rank}.pt")
         assert got["tied"] and got["local_rows"] == 128  # half the 256-row embedding per rank
-        torch.testing.assert_close(got["logits"], expected, atol=1e-5, rtol=0)
-    assert (out / INDEX_FILE).is_file()
+        torch.testing.assert_close(got["logits"], expected, atol=5e-2, rtol=0)  # bf16 compute
+    weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert "lm_head.weight" not in weight_map  # exported after a forward: FSDP resharded, tie seen again
     exported = load_pretrained(out).state_dict()
     for key, value in ref.state_dict().items():
         assert torch.equal(exported[key], value), key
@@ -210,7 +211,7 @@ def test_fsdp2_nccl_single_gpu_load_and_export(tmp_path):
         expected = ref(torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0)))
     got = torch.load(res / "rank0.pt")
     assert got["tied"] and got["local_rows"] == 256
-    torch.testing.assert_close(got["logits"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["logits"], expected, atol=5e-2, rtol=0)  # bf16 compute
     exported = load_pretrained(out).state_dict()
     for key, value in ref.state_dict().items():
         assert torch.equal(exported[key], value), key

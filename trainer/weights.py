@@ -125,7 +125,24 @@ def _fmt_names(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _reshard_fsdp(model: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state.
+
+    After a forward without backward, FSDP2 may leave modules (the root by default) unsharded: their registered
+    parameters are then temporary full copies, possibly in the mixed-precision dtype. Loading into or exporting
+    from those would touch the wrong tensors, so both start from the sharded fp32 master parameters.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _targets(model: nn.Module, name_map: NameMap | None) -> dict[str, torch.Tensor]:
+    _reshard_fsdp(model)
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():  # deduplicated: a tied lm_head is not listed
         key = hf_name(name)
