@@ -127,8 +127,11 @@ class _Encoder:
             self.cache[key] = ids
         return ids
 
-    def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Token ids and trained [start, end) ranges per conversation (one batched tokenizer call per mode)."""
+    def encode_many(
+        self, conversations: list[list[dict]], untrained: bool = False
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids and trained [start, end) ranges per conversation (one batched tokenizer call per mode).
+        `untrained`: no assistant turn is a target (a split piece before the last turn under mask_history)."""
         opts = self.options
         texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
         plans: list[list] = []
@@ -191,6 +194,8 @@ class _Encoder:
                     ids.extend(full)
             if opts.train_on_prompt:
                 spans = [(0, len(ids))]
+            elif untrained:
+                spans = []
             out.append((ids, spans))
         return out
 
@@ -331,7 +336,13 @@ class _Processor:
             for pid, pids, pspans in pieces:
                 sample = _sample(pid, pids, pspans)
                 if sample is None:
-                    stats.dropped["no_target" if len(pieces) == 1 else "split_piece_no_target"] += 1
+                    if len(pieces) > 1:
+                        reason = "split_piece_no_target"
+                    elif len(pids) < len(ids):
+                        reason = "no_target_after_truncation"
+                    else:
+                        reason = "no_target"
+                    stats.dropped[reason] += 1
                     continue
                 samples.append(sample)
                 stats.samples += 1
@@ -366,7 +377,10 @@ class _Processor:
             best = None
             end = start + 1
             while end <= len(turns):
-                ids, spans = self.encoder.encode_many([system + [m for t in turns[start:end] for m in t]])[0]
+                piece = system + [m for t in turns[start:end] for m in t]
+                # under mask_history only the record's last turn is a target, not each piece's last turn
+                untrained = opts.mask_history and end < len(turns)
+                ids, spans = self.encoder.encode_many([piece], untrained)[0]
                 if len(ids) > max_len:
                     break
                 best = (end, ids, spans)

@@ -141,7 +141,8 @@ def test_overlong_truncate_single_turn_cut_at_end(tok):
 def test_record_that_becomes_empty_is_dropped_and_counted(tok):
     long_system = [{"role": "system", "content": "You are helpful. " * 40}, *conv(1, system=False)]
     samples, stats = run(tok, [{"id": "a", "messages": long_system}], max_length=30, overlong="truncate")
-    assert samples == [] and stats.dropped == {"no_target": 1} and stats.truncated == {"cut_tail": 1}
+    assert samples == [] and stats.dropped == {"no_target_after_truncation": 1}
+    assert stats.truncated == {"cut_tail": 1}
 
 
 def test_overlong_split_makes_pieces_of_whole_turns(tok):
@@ -211,3 +212,20 @@ def test_options_are_validated():
         TokenizeOptions(overlong="cut")
     with pytest.raises(ValueError, match="max_length"):
         TokenizeOptions(max_length=1)
+
+
+def test_split_with_mask_history_trains_only_the_records_last_turn(tok):
+    msgs = conv(6, words=3)
+    (one_turn,), _ = run(tok, [{"id": "a", "messages": msgs[:3]}])
+    max_len = 2 * len(one_turn.input_ids)
+    samples, stats = run(tok, [{"id": "a", "messages": msgs}], max_length=max_len, overlong="split",
+                         mask_history=True)
+    assert len(samples) == 1 and samples[0].id.startswith("a#")
+    assert trained_text(tok, samples[0]) == answers(msgs)[-1:]
+    assert stats.dropped["split_piece_no_target"] >= 2 and stats.split_records == 1
+
+
+def test_empty_answer_still_trains_end_of_turn(tok):
+    (s,), _ = run(tok, [{"id": "a", "messages": [{"role": "user", "content": ""},
+                                                  {"role": "assistant", "content": ""}]}])
+    assert trained_text(tok, s) == ["<|im_end|>"]  # an empty answer still trains its end-of-turn token
