@@ -136,7 +136,11 @@ def llama3(tok: Tokenizer) -> ChatTemplate:
 
 def llama2(tok: Tokenizer) -> ChatTemplate:
     """Llama 2 chat as in the official HF chat_template: `<s>[INST] {<<SYS>>..<</SYS>>}user [/INST] answer </s>`
-    per turn, the system prompt folded into the first user turn, contents stripped. Trains " answer " + </s>."""
+    per turn, the system prompt folded into the first user turn, contents stripped. Trains " answer " + </s>.
+
+    Text right after `<s>` gets no sentencepiece dummy prefix ("[INST]" -> "[", "INST", "]"), which is what
+    transformers' LlamaTokenizer (legacy=False, its default) produces for the chat template. Meta's original
+    llama code encoded each turn with the dummy prefix ("▁[INST]"); that differs by one token per turn."""
     if tok.bos_id is None or tok.eos_id is None:
         raise DataError("template 'llama2' needs bos and eos tokens", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id

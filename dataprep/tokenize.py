@@ -9,7 +9,10 @@ e.g. "\\n" + content that starts with "\\n"), it is counted as trainable: it car
 
 How it stays fast: records are processed in chunks; all runs of a chunk go to the tokenizer in one batch call
 (Rust / C++ parallel), short constant runs ("assistant\\n", "\\n\\n", role names) come from a cache, and
-`num_proc` > 1 spreads chunks over worker processes (each with its own tokenizer). Memory is one chunk per worker.
+`num_proc` > 1 spreads chunks over worker processes (each with its own tokenizer, reloaded from its files, and
+single-threaded). Memory is about two chunks per worker. On 2 cores num_proc does not pay (the Rust batch encode
+already uses both cores and Python is ~10% of the time; workers add spawn, tokenizer loading and pickling; see
+benchmarks/bench_tokenize.py --num-proc-2); it is for machines with many cores.
 
 Labels are pre-shifted (CONTRACTS.md): labels[i] = input_ids[i+1] when token i+1 is a target, else -100, and
 labels[-1] = -100, so concatenated samples never predict across a document boundary.
