@@ -238,3 +238,30 @@ def test_gpu_auto_backend_trains_like_sdpa(pair):
     for name, g in grads["auto"].items():
         ref = grads["sdpa"][name]
         assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-3, name
+
+
+def test_from_hf_reads_transformers4_style_configs():
+    """Real Hub configs written by transformers 4.x: top-level rope_theta, rope_scaling dicts, no layer_types."""
+    llama31 = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+               "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               "torch_dtype": "bfloat16"}
+    cfg = ModelConfig.from_hf(llama31, num_hidden_layers=4)
+    assert (cfg.rope_theta, cfg.rope_scaling["rope_type"], cfg.head_dim) == (500000.0, "llama3", 128)
+    assert cfg.num_hidden_layers == 4 and cfg.hf_config["num_hidden_layers"] == 4
+    assert cfg.num_params() == 2 * 128256 * 4096 + 4 * 218112000 + 4096
+    qwen25 = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+              "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1e6,
+              "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
+              "rope_scaling": None}
+    cfg = ModelConfig.from_hf(qwen25)
+    assert cfg.qkv_bias and not cfg.o_proj_bias and cfg.rope_scaling is None
+    assert cfg.sliding_windows == [None] * 28
+    mistral01 = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "sliding_window": 4096, "rope_theta": 10000.0}
+    assert ModelConfig.from_hf(mistral01, num_hidden_layers=2).sliding_windows == [4096, 4096]
+    old_style = {**llama31, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert ModelConfig.from_hf(old_style).rope_scaling == {"rope_type": "linear", "factor": 2.0}

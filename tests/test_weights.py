@@ -215,3 +215,20 @@ def test_fsdp2_nccl_single_gpu_load_and_export(tmp_path):
     exported = load_pretrained(out).state_dict()
     for key, value in ref.state_dict().items():
         assert torch.equal(exported[key], value), key
+
+
+def test_wrapped_blocks_keep_hf_names_for_load_and_export(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    src = tmp_path / "src"
+    save_hf_checkpoint("llama", src)
+    model = Transformer(ModelConfig.from_pretrained(src))
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(block)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    load_hf_weights(model, src, show_progress=False)
+    out = export_hf(model, tmp_path / "out")
+    assert load_file(out / "model.safetensors").keys() == load_file(src / "model.safetensors").keys()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), _hf_logits(src, ids), atol=1e-4, rtol=0)
