@@ -101,9 +101,14 @@ def render_chat_template(tok: Tokenizer, messages: list[dict], add_generation_pr
             f"tokenizer {tok.name!r} has no chat_template (tokenizer_config.json); choose a built-in --template",
             source=str(tok.source), reason="no_chat_template",
         )
-    template = _compile(tok.chat_template)
-    return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                           **_special_vars(tok), **kwargs)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        template = _compile(tok.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **_special_vars(tok), **kwargs)
+    except TemplateError as e:  # includes raise_exception(...) from the template itself
+        raise DataError(f"chat_template of tokenizer {tok.name!r} failed: {e}", reason="template_error") from e
 
 
 def _split_specials(text: str, train: bool, tok: Tokenizer, pattern: re.Pattern | None) -> list[Piece]:

@@ -131,15 +131,20 @@ class _Encoder:
         return ids
 
     def encode_many(
-        self, conversations: list[list[dict]], untrained: bool = False
+        self, conversations: list[list[dict]], untrained: bool = False, names: list[str] | None = None
     ) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Token ids and trained [start, end) ranges per conversation (one batched tokenizer call per mode).
         `untrained`: no assistant turn is a target (a split piece before the last turn under mask_history)."""
         opts = self.options
         texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
         plans: list[list] = []
-        for messages in conversations:
-            pieces = self.template.render(messages)
+        for k, messages in enumerate(conversations):
+            try:
+                pieces = self.template.render(messages)
+            except DataError as e:
+                if names is None:
+                    raise
+                raise DataError(f"record {names[k]!r}: {e.message}", record=e.record, reason=e.reason) from e
             if opts.mask_history:
                 pieces = _only_last_trained_group(pieces)
             plan: list = []
@@ -330,7 +335,7 @@ class _Processor:
             else:
                 todo.append((rid, messages))
         samples: list[TokenizedSample] = []
-        encoded = self.encoder.encode_many([m for _, m in todo]) if todo else []
+        encoded = self.encoder.encode_many([m for _, m in todo], names=[r for r, _ in todo]) if todo else []
         for (rid, messages), (ids, spans) in zip(todo, encoded, strict=True):
             if max_len is not None and len(ids) > max_len:
                 pieces = self._overlong(rid, messages, stats)
