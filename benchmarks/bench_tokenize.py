@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "qwen2_5")
     ap.add_argument("--data", type=Path, default=SHARED / "alpaca" / "alpaca_gpt4_en_demo_1k.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="time each method this many times (interleaved), keep the best")
+    ap.add_argument("--repeats", type=int, default=2, help="time each method this many times (interleaved), keep the best")
     args = ap.parse_args()
     n = 5_000 if args.quick else args.records
     warnings.filterwarnings("ignore")
