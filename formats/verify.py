@@ -105,6 +105,13 @@ def _check_batch(
             f"{where} row {first_row + row_of_doc[d]}: label at document end (position {doc_end[d]}) is "
             f"{end_labels[d]}, expected {IGNORE_INDEX} (a label would cross into the next document)",
         )
+    # Labels are pre-shifted: a trained position i must predict exactly the next token.
+    trained = labels[:, :-1] != IGNORE_INDEX
+    for r in np.nonzero(np.any(trained & (labels[:, :-1] != ids[:, 1:]), axis=1))[0]:
+        problems.add(
+            "label_not_next_token",
+            f"{where} row {first_row + r}: a label differs from the next input token (labels must be pre-shifted)",
+        )
     pad = np.arange(S)[None, :] >= sums[:, None]
     for r in np.nonzero(np.any(pad & (labels != IGNORE_INDEX), axis=1))[0]:
         problems.add(

@@ -222,6 +222,17 @@ def test_verify_catches_label_crossing_a_document_end(tmp_path: Path):
     assert any("document end" in p and "row 0" in p for p in problems), problems
 
 
+def test_verify_catches_labels_that_are_not_the_next_token(tmp_path: Path):
+    out = tmp_path / "unshifted"
+    with DatasetWriter(out, 8, PAD) as w:
+        ids = np.array([1, 2, 3, 4, PAD, PAD, PAD, PAD])
+        w.write_row(ids, np.array([2, 3, 4, IGNORE_INDEX] + [IGNORE_INDEX] * 4), [4], ["ok"])
+        w.write_row(ids, np.array([1, 2, 3, IGNORE_INDEX] + [IGNORE_INDEX] * 4), [4], ["unshifted"])
+        w.finish(tokenizer={"fingerprint": "x"})
+    problems = verify_dataset(out).problems
+    assert len(problems) == 1 and "row 1" in problems[0] and "next input token" in problems[0], problems
+
+
 def test_verify_catches_duplicate_ids_and_padding_labels(tmp_path: Path):
     out = tmp_path / "dup"
     with DatasetWriter(out, 8, PAD) as w:
