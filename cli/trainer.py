@@ -6,7 +6,10 @@ import click
 
 from cli.lazy import LazyGroup
 
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("cli.train:run", "Fine-tune on packed shards as a YAML config says (alone or under torchrun)."),
+    "config": ("cli.train:describe_config", "Print every config key with its default and documentation."),
+}
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

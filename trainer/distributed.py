@@ -69,8 +69,9 @@ def shard_model(
 ) -> nn.Module:
     """FSDP2: shard each block, then the root (embeddings, final norm, head).
 
-    Gradients are summed, not averaged, across ranks (divide factor 1): the loss is already divided by the
-    trainable tokens of the whole global batch, so averaging again would make the result depend on world size.
+    FSDP2 averages gradients over the data-parallel ranks; the loop multiplies its loss by the world size to
+    undo that (see `loop._train`). Setting FSDP's divide factor to 1 instead would need PREMUL_SUM, which
+    gloo does not have.
     """
     if not info.distributed:
         return model
@@ -80,8 +81,6 @@ def shard_model(
     for block in blocks:
         fully_shard(block, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    for module in [*blocks, model]:
-        module.set_gradient_divide_factor(1.0)
     return model
 
 

@@ -1,0 +1,71 @@
+"""`trainer run`: train as the YAML config says; the same command runs alone or under torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+
+
+@click.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value (YAML syntax), e.g. --set train.lr=2e-5. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@handle_errors
+def run(config_path: str | None, overrides: tuple[str, ...], as_json: bool, verbose: int) -> None:
+    """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter).
+
+    \b
+    Single process:  trainer run --config finetune.yaml
+    Several:         torchrun --nproc-per-node 8 -m cli.trainer run --config finetune.yaml
+    Every key is documented by `trainer config`.
+    """
+    setup_logging(verbose)
+    from trainer.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path, list(overrides))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not config.model.path:
+        raise click.UsageError("model.path is not set (in the config or with --set model.path=DIR)")
+    if not config.data.train:
+        raise click.UsageError("data.train is not set (in the config or with --set data.train=[DIR])")
+    from trainer.loop import train
+
+    try:
+        result = train(config)
+    except (ValueError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    first = result.losses[0] if result.losses else None
+    summary = {
+        "steps": result.steps,
+        "first_loss": first,
+        "final_loss": result.final_loss,
+        "eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
+        "trained_tokens": result.trained_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "elapsed_s": result.elapsed_s,
+        "params_total": result.total_params,
+        "params_trainable": result.trainable_params,
+        "output_dir": result.output_dir,
+        "export_dir": result.export_dir,
+    }
+    emit_summary("trainer run", summary, as_json)
+
+
+@click.command("config")
+def describe_config() -> None:
+    """Print every config key with its default and documentation (a commented YAML template)."""
+    from trainer.config import describe
+
+    click.echo(describe(), nl=False)

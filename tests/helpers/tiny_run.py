@@ -1,0 +1,66 @@
+"""Build a tiny end-to-end setup for trainer tests: tokenizer, Qwen3-shaped model, packed dataset.
+
+Everything is made from records written here, so trainer tests need neither ../shared nor a download.
+Rows are packed first-fit in input order: the packing algorithm is not what these tests are about.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dataprep.tokenize import TokenizeOptions, tokenize_conversations
+from dataprep.tokenizer import load_tokenizer
+from dataprep.train_tokenizer import train_chatml_tokenizer
+from formats.writer import DatasetWriter
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "sun", "moon", "star"]
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), size=int(rng.integers(2, 9)))]
+        out.append({
+            "id": f"r{i}",
+            "messages": [
+                {"role": "user", "content": "Repeat: " + " ".join(words)},
+                {"role": "assistant", "content": " ".join(words)},
+            ],
+        })
+    return out
+
+
+def make_tokenizer_and_model(root: Path, layers: int = 2) -> Path:
+    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+
+    tok_dir = train_chatml_tokenizer(records(300, seed=1), root / "tokenizer", vocab_size=300)
+    shape = TinyShape(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)
+    return build_tiny_checkpoint(root / "model", tok_dir, shape, seed=0)
+
+
+def pack_rows(model_dir: Path, out_dir: Path, n_records: int, seq_length: int, seed: int = 0) -> Path:
+    tokenizer = load_tokenizer(model_dir)
+    samples = list(tokenize_conversations(records(n_records, seed), tokenizer,
+                                          TokenizeOptions(template="chatml", max_length=seq_length)))
+    rows: list[list] = []
+    for sample in samples:
+        if not rows or sum(len(s.input_ids) for s in rows[-1]) + len(sample.input_ids) > seq_length:
+            rows.append([])
+        rows[-1].append(sample)
+    pad = tokenizer.pad_id
+    with DatasetWriter(out_dir, seq_length, pad, overwrite=True) as writer:
+        for row in rows:
+            ids = np.full(seq_length, pad, dtype=np.int32)
+            labels = np.full(seq_length, -100, dtype=np.int32)
+            at = 0
+            for s in row:
+                ids[at:at + len(s.input_ids)] = s.input_ids
+                labels[at:at + len(s.labels)] = s.labels
+                at += len(s.input_ids)
+            writer.write_row(ids, labels, [len(s.input_ids) for s in row], [s.id for s in row])
+        writer.finish(tokenizer={"fingerprint": tokenizer.fingerprint}, template="chatml")
+    return out_dir

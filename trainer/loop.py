@@ -1,0 +1,329 @@
+"""The training loop: build, step, log, evaluate, export.
+
+One optimizer step on every rank:
+1. take this rank's `grad_accum_steps` micro-batches from the loader;
+2. all-reduce their trainable-token count, so every rank knows the global batch's denominator;
+3. forward/backward each micro-batch with loss = summed CE / global trainable tokens, times the world
+   size because FSDP2 averages gradients over ranks; so accumulation and world size do not change the update;
+4. clip, step, schedule, and tell the loader the step's rows are consumed (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig, save_config
+from trainer.dataset import PackedIterableDataset
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
+from trainer.loss import summed_cross_entropy
+from trainer.metrics import (
+    MetricsWriter,
+    Throughput,
+    matmul_params,
+    peak_flops,
+    peak_memory_gib,
+    training_flops,
+)
+from trainer.model import Transformer
+from trainer.model_config import ModelConfig
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.weights import export_hf, load_hf_weights, materialize
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+
+
+@dataclass
+class RunResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+    output_dir: str = ""
+    export_dir: str | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Transformer:
+    """Meta-device build -> FSDP2 shard -> materialize per shard -> stream HF weights into the shards.
+
+    On CUDA with bf16 the parameters stay fp32 (the optimizer's master copy) and FSDP2 casts them to bf16
+    for compute; without FSDP (one process) the model itself runs in `dtype`.
+    """
+    overrides = dict(config.model.overrides)
+    overrides["attn_backend"] = config.model.attn_backend
+    model_config = ModelConfig.from_pretrained(config.model.path, **overrides)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    blocks = list(model.model.layers)
+    if config.model.activation_checkpointing:
+        model.activation_checkpointing = True
+    if config.model.compile:
+        for block in blocks:
+            block.compile()
+    param_dtype = dtype if (info.distributed and dtype != torch.float32) else None
+    if not info.distributed:
+        model.to(dtype)
+    shard_model(
+        model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
+    )
+    materialize(model, info.device)
+    load_hf_weights(model, config.model.path, show_progress=info.is_main and config.logging.progress_bar)
+    return model
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+    out["max_seqlen"] = int(batch["max_seqlen"])
+    out["num_trainable"] = int(batch["num_trainable"])
+    return out
+
+
+def _doc_len_sq_sum(cu_seqlens: torch.Tensor) -> int:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return int((lengths * lengths).sum())
+
+
+def _forward_loss(model: Transformer, batch: dict[str, Any]) -> torch.Tensor:
+    logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+    return summed_cross_entropy(logits, batch["labels"])
+
+
+def _make_loader(dataset: PackedIterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, path: str, config: TrainConfig, info: DistInfo, seq_length: int) -> float:
+    """Mean token loss over the whole eval dataset (every row once, padded rows not counted)."""
+    global_batch = config.data.micro_batch_size * info.world_size
+    dataset = PackedIterableDataset(
+        path,
+        global_batch_size=global_batch,
+        micro_batch_size=config.data.micro_batch_size,
+        shuffle=False,
+        remainder="pad",
+        epochs=1,
+        rank=info.rank,
+        world_size=info.world_size,
+        expected_seq_length=seq_length,
+    )
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for raw in _make_loader(dataset, 0):
+        batch = _to_device(raw, info.device)
+        loss_sum += float(_forward_loss(model, batch))
+        tokens += batch["num_trainable"]
+    model.train()
+    loss_sum = all_reduce_sum(loss_sum, info)
+    tokens = int(all_reduce_sum(tokens, info))
+    return loss_sum / max(tokens, 1)
+
+
+def _steps_for(dataset: PackedIterableDataset, config: TrainConfig) -> int:
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    per_epoch = dataset.plan(0).steps
+    return max(1, math.ceil(config.train.epochs * per_epoch))
+
+
+def _step_batches(loader_iter: Iterator[dict[str, Any]], accum: int) -> list[dict[str, Any]]:
+    batches = [next(loader_iter) for _ in range(accum)]
+    if not batches[-1]["loader"]["last_in_step"]:
+        raise RuntimeError("loader and trainer disagree on grad_accum_steps: a step ended mid-way")
+    return batches
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    info: DistInfo | None = None,
+) -> RunResult:
+    """Run training as configured; returns what happened. Rank 0 writes the run directory."""
+    info = info or init_distributed(config.parallel.backend)
+    try:
+        return _train(config, info, on_step)
+    finally:
+        cleanup(info)
+
+
+def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
+    torch.manual_seed(config.train.seed)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out_dir = Path(config.logging.output_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.resolved.yaml")
+    barrier(info)
+
+    dtype = resolve_dtype(config.model.dtype, info.device)
+    model = build_model(config, info, dtype)
+    mcfg = model.config
+    expected_fp = _tokenizer_fingerprint(config.model.path)
+    accum = config.train.grad_accum_steps
+    micro = config.data.micro_batch_size
+    dataset = PackedIterableDataset(
+        config.data.train,
+        global_batch_size=micro * accum * info.world_size,
+        micro_batch_size=micro,
+        weights=config.data.weights,
+        seed=config.train.seed,
+        shuffle=config.data.shuffle,
+        remainder=config.data.remainder,
+        epochs=None,
+        rank=info.rank,
+        world_size=info.world_size,
+        expected_tokenizer_fingerprint=expected_fp,
+    )
+    total_steps = _steps_for(dataset, config)
+    optimizer = build_optimizer(model, config.train)
+    scheduler = build_scheduler(optimizer, config.train, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_matmul = matmul_params(model) * (info.world_size if info.distributed else 1)  # sharded counts are local
+    attn_dim = mcfg.num_attention_heads * mcfg.head_dim
+    peak = peak_flops(info.device)
+    result = RunResult(steps=0, output_dir=str(out_dir))
+    result.total_params = sum(p.numel() for p in model.parameters()) * (info.world_size if info.distributed else 1)
+    result.trainable_params = sum(p.numel() for p in trainable) * (info.world_size if info.distributed else 1)
+    writer = MetricsWriter(out_dir / "metrics.jsonl" if info.is_main else None,
+                           out_dir / "tensorboard" if (info.is_main and config.logging.tensorboard) else None)
+    progress = None
+    if info.is_main and config.logging.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    loader_iter = iter(_make_loader(dataset, config.data.num_workers))
+    timer = Throughput()
+    run_start = time.perf_counter()
+    window_tokens = window_flops = 0.0
+    model.train()
+    try:
+        for step in range(total_steps):
+            raw = _step_batches(loader_iter, accum)
+            batches = [_to_device(b, info.device) for b in raw]
+            local_tokens = sum(b["num_trainable"] for b in batches)
+            global_tokens = all_reduce_sum(local_tokens, info)
+            denom = max(global_tokens, 1.0)
+            grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                if info.distributed:
+                    model.set_requires_gradient_sync(i == len(batches) - 1)
+                loss = _forward_loss(model, batch)
+                (loss * grad_scale).backward()
+                loss_sum += loss.detach().double().cpu()
+                window_flops += training_flops(
+                    n_matmul, batch["input_ids"].numel(), _doc_len_sq_sum(batch["cu_seqlens"]), mcfg.num_hidden_layers,
+                    attn_dim,
+                )
+            grad_norm = _clip(trainable, config.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dataset.mark_consumed(raw[-1])
+            step_loss = all_reduce_sum(loss_sum, info) / denom
+            result.losses.append(step_loss)
+            result.trained_tokens += int(global_tokens)
+            window_tokens += global_tokens
+            result.steps = step + 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+            if (step + 1) % config.logging.log_every == 0 or step + 1 == total_steps:
+                elapsed = timer.lap()
+                record = {
+                    "step": step + 1,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "trainable_tokens": int(global_tokens),
+                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+                    "peak_memory_gib": peak_memory_gib(info.device),
+                    "epoch": dataset.state_dict()["epoch"],
+                }
+                if peak is not None and elapsed > 0:
+                    # window_flops counts this rank's micro-batches; every rank does the same amount of work.
+                    record["mfu"] = window_flops / elapsed / peak
+                window_tokens = window_flops = 0.0
+                writer.write(record)
+                if on_step is not None:
+                    on_step(record)
+            if config.data.eval and config.train.eval_every and (step + 1) % config.train.eval_every == 0:
+                eval_loss = evaluate(model, config.data.eval, config, info, dataset.seq_length)
+                result.eval_losses.append((step + 1, eval_loss))
+                writer.write({"step": step + 1, "eval_loss": eval_loss})
+                log.info("step %d: eval loss %.4f", step + 1, eval_loss)
+    finally:
+        if progress is not None:
+            progress.close()
+        writer.close()
+    result.elapsed_s = time.perf_counter() - run_start
+    result.tokens_per_s = result.trained_tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    if config.checkpoint.export:
+        export_dir = out_dir / "export"
+        export_hf(
+            model,
+            export_dir,
+            source_dir=config.model.path,
+            max_shard_size=config.checkpoint.max_shard_size,
+            overwrite=True,
+        )
+        result.export_dir = str(export_dir)
+    if info.is_main:
+        summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
+        summary["final_loss"] = result.final_loss
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Clip the global gradient norm (over all ranks' shards when FSDP2 DTensors are used); return it."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _tokenizer_fingerprint(model_dir: str) -> str | None:
+    """The fingerprint of the model directory's tokenizer, so data packed with another tokenizer is refused."""
+    try:
+        from dataprep.tokenizer import load_tokenizer
+    except ImportError:  # pragma: no cover - dataprep is part of this distribution
+        return None
+    try:
+        return load_tokenizer(model_dir).fingerprint
+    except Exception as exc:  # no tokenizer files in the checkpoint dir: nothing to compare against
+        log.warning("could not read a tokenizer from %s (%s); skipping the tokenizer fingerprint check", model_dir, exc)
+        return None
