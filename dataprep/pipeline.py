@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dataprep.errors import DataError
 from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
 from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS
-from formats.writer import DatasetWriter
+from formats.writer import DatasetWriter, check_target
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,21 @@ def write_packed(
     return manifest
 
 
+def _remove_dead_spills(out: Path) -> None:
+    """A killed run leaves its spill directory behind; remove those whose process is gone."""
+    prefix = f".{out.name}.spill-"
+    for entry in out.parent.glob(prefix + "*"):
+        pid = entry.name[len(prefix) :]
+        if pid.isdigit() and entry.is_dir():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("removing %s left by an interrupted run", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def pack_dataset(
     inputs: Sequence[str], out_dir: str | Path, tokenizer_path: str | Path, options: PackOptions
 ) -> dict[str, Any]:
@@ -274,8 +289,7 @@ def pack_dataset(
 
     started = time.perf_counter()
     out = Path(out_dir).absolute()
-    if out.exists() and not options.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_target(out, options.overwrite)
     tok = load_tokenizer(tokenizer_path)
     template = get_template(options.template, tok)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -305,7 +319,10 @@ def pack_dataset(
         tokenize_stats,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    spill_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent))
+    _remove_dead_spills(out)
+    spill_dir = out.with_name(f".{out.name}.spill-{os.getpid()}")
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    spill_dir.mkdir()
     try:
         spill = spill_samples(samples, spill_dir, options.seq_length, options.progress)
         if spill.n == 0:

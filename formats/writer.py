@@ -51,6 +51,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_target(out_dir: str | Path, overwrite: bool) -> None:
+    """Fail early if `out_dir` may not be (re)placed: it exists without overwrite, or it is not a dataset
+    (never replace a directory of someone's other files, even with overwrite)."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.is_dir():
+        raise FormatError(f"{out} exists and is not a directory; refusing to replace it")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise FormatError(f"{out} is a non-empty directory that is not a dataset; refusing to replace it")
+
+
 class DatasetWriter:
     """Streams rows into shards of `shard_rows` rows, cut into record batches of `batch_rows` rows.
 
@@ -98,15 +112,7 @@ class DatasetWriter:
 
     # -- target handling -------------------------------------------------------------------------------
     def _check_target(self) -> None:
-        out = self.out_dir
-        if not out.exists():
-            return
-        if not self.overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-        if not out.is_dir():
-            raise FormatError(f"{out} exists and is not a directory; refusing to replace it")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise FormatError(f"{out} is a non-empty directory that is not a dataset; refusing to replace it")
+        check_target(self.out_dir, self.overwrite)
 
     def _remove_stale_temp_dirs(self) -> None:
         pattern = re.compile(re.escape(self.out_dir.name) + r"\.(tmp|old)-(\d+)$")

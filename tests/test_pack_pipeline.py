@@ -150,6 +150,13 @@ def test_cli_pack_inspect_verify_and_exit_codes(tmp_path, shared_data, qwen):
     )
     assert open_dataset(out).seq_length == 512
 
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    refused = invoke("pack", tiny, "-o", str(precious), "--tokenizer", qwen, "--seq-length", "512", "--overwrite")
+    assert refused.exit_code == 1 and "not a dataset" in refused.output
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+
     usage = invoke("pack", tiny, "-o", out, "--tokenizer", str(tmp_path / "nope"), "--seq-length", "512")
     assert usage.exit_code == 2
 
