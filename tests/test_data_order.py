@@ -42,6 +42,8 @@ def test_order_is_pinned_across_versions_and_platforms() -> None:
     assert perm(np.arange(10)).tolist() == [9, 6, 3, 4, 7, 8, 1, 2, 5, 0]
     big = FeistelPermutation(10**9, round_keys("abc", 42, 7))
     assert big(np.array([0, 1, 123456789])).tolist() == [980301640, 496912051, 416437345]
+    odd_bits = FeistelPermutation(100_000, round_keys("abc", 1, 0))  # 17 bits: the unbalanced split
+    assert odd_bits(np.array([0, 5, 99_999])).tolist() == [35204, 67156, 76872]
 
 
 def test_permutations_differ_by_epoch_seed_and_fingerprint() -> None:

@@ -11,8 +11,8 @@ torch's generators differ between CPU and CUDA builds. Here the order depends on
 
 so it is portable by construction. ``tests/test_data_order.py`` pins a few values to catch any change.
 
-The permutation is a Feistel network over the smallest power-of-4 domain >= n with cycle-walking back into
-[0, n): a bijection on [0, n) that needs O(1) memory and gives O(1) random access to any position. Random
+The permutation is an (unbalanced) Feistel network over the smallest power-of-2 domain >= n with cycle-walking
+back into [0, n): a bijection on [0, n) that needs O(1) memory and gives O(1) random access to any position. Random
 access is what makes resume and any world size trivial: a worker computes exactly the positions it owns,
 starting anywhere, without materialising an n-sized array (RSS stays flat as the dataset grows).
 
@@ -43,18 +43,18 @@ ORDER_VERSION = 1  # bump when the order for the same inputs changes; stored in 
 FEISTEL_ROUNDS = 8
 MAX_EPOCH_LENGTH = 1 << 30  # keeps the interleave's integer arithmetic inside int64 (2 * L * L < 2**63)
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a well-studied 64-bit avalanche mix, used as the Feistel round function."""
-    z = z.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+    # Array (not scalar) uint64 arithmetic wraps modulo 2**64 silently, which is exactly what is wanted.
+    z = z ^ (z >> _S30)
+    z *= _C1
+    z ^= z >> _S27
+    z *= _C2
+    z ^= z >> _S31
     return z
 
 
@@ -77,19 +77,22 @@ class FeistelPermutation:
             raise ValueError(f"permutation size must be >= 0, got {self.n}")
 
     @property
-    def _half_bits(self) -> int:
-        bits = max(2, (self.n - 1).bit_length())
-        return (bits + 1) // 2
+    def _bits(self) -> int:
+        return max(2, (self.n - 1).bit_length())
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        half = np.uint64(self._half_bits)
-        mask = np.uint64((1 << self._half_bits) - 1)
-        left = x >> half
-        right = x & mask
+        # An unbalanced Feistel network on B = ceil(log2 n) bits (so fewer than half the values fall outside
+        # [0, n) and cycle-walking stays short): the halves have a and b bits and trade places every round.
+        # Each round (L, R) -> (R, L ^ F(R)) is invertible whatever F is, so the whole is a bijection.
+        lbits = self._bits // 2
+        rbits = self._bits - lbits
+        left = x >> np.uint64(rbits)
+        right = x & np.uint64((1 << rbits) - 1)
         for key in self.keys:
-            f = _mix64(right ^ np.uint64(key)) & mask
+            f = _mix64(right ^ np.uint64(key)) & np.uint64((1 << lbits) - 1)
             left, right = right, left ^ f
-        return (left << half) | right
+            lbits, rbits = rbits, lbits
+        return (left << np.uint64(rbits)) | right
 
     def __call__(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Map positions in [0, n) to their permuted rows (int64 array of the same shape)."""
@@ -101,7 +104,7 @@ class FeistelPermutation:
         x = pos.astype(np.uint64)
         out = self._encrypt(x)
         # Cycle-walking: re-encrypt values that fell outside [0, n). Because the cipher is a bijection on the
-        # power-of-4 domain, following the cycle to the first in-range value is a bijection on [0, n).
+        # power-of-2 domain, following the cycle to the first in-range value is a bijection on [0, n).
         todo = np.nonzero(out >= np.uint64(self.n))[0]
         while todo.size:
             out[todo] = self._encrypt(out[todo])

@@ -24,7 +24,9 @@ DataLoader after ``load_state_dict``) starts at the cursor.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +40,19 @@ from formats.errors import FormatError
 from formats.reader import PackedDataset, open_dataset
 from trainer.collate import collate_packed
 from trainer.data_order import ORDER_VERSION, GlobalOrder, Source
-from trainer.data_partition import BatchLayout, EpochPlan, Remainder, iter_micro_batches, plan_epoch
+from trainer.data_partition import (
+    BatchLayout,
+    EpochPlan,
+    MicroBatch,
+    Remainder,
+    iter_micro_batches,
+    plan_epoch,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+_LOOKUP_ROWS = 1024  # rows whose order is computed in one vectorised call
 
 
 class DatasetMismatchError(FormatError):
@@ -117,7 +127,11 @@ class PackedIterableDataset(IterableDataset):
             raise ValueError(f"epochs must be >= 0 or None, got {epochs}")
         self.epochs = epochs
         self._handles: list[PackedDataset] | None = None
+        self._handles_pid = 0
         handles = [open_dataset(p, verify=verify) for p in _as_paths(paths)]
+        # Reading one row here loads pyarrow's lazily imported modules (about a second) once in the parent,
+        # so forked dataloader workers inherit them instead of each paying it before their first batch.
+        handles[0].row(0)
         self.infos = tuple(
             DatasetInfo(
                 path=str(h.path),
@@ -210,14 +224,15 @@ class PackedIterableDataset(IterableDataset):
         return state
 
     def _open(self) -> list[PackedDataset]:
-        if self._handles is None:
+        # Re-open after a fork too: each process maps the shards itself (as a spawned worker would).
+        if self._handles is None or self._handles_pid != os.getpid():
             handles = [open_dataset(i.path) for i in self.infos]
             for h, info in zip(handles, self.infos, strict=True):
                 if h.fingerprint != info.fingerprint:
                     raise DatasetMismatchError(
                         f"{info.path}: the dataset changed on disk since the loader was built"
                     )
-            self._handles = handles
+            self._handles, self._handles_pid = handles, os.getpid()
         return self._handles
 
     def _read(self, src: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -248,23 +263,38 @@ class PackedIterableDataset(IterableDataset):
                 plan.padded,
             )
         length = self.epoch_length
-        for mb in iter_micro_batches(
+        micro_batches = iter_micro_batches(
             length, self.layout, self.rank, self._epoch, self._start, self.epochs, worker, num_workers
-        ):
-            src, rows = self.order.lookup(mb.epoch, mb.positions % length)
-            ids, labels, doc_lengths = self._read(src, rows)
-            batch = collate_packed(ids, labels, doc_lengths, mb.is_padding)
-            batch["sample_source"] = torch.from_numpy(src)
-            batch["sample_row"] = torch.from_numpy(rows)
-            batch["sample_is_padding"] = torch.from_numpy(mb.is_padding.copy())
-            batch["loader"] = {
-                "epoch": mb.epoch,
-                "step": mb.step,
-                "micro": mb.micro,
-                "last_in_step": mb.last_in_step,
-                "rows_after_step": mb.rows_after_step,
-            }
-            yield batch
+        )
+        # Look rows up for many micro-batches at once: the permutation is vectorised, so this amortises its
+        # fixed per-call cost (it is the same pure function either way).
+        chunk = max(1, _LOOKUP_ROWS // self.layout.micro_batch_size)
+        while block := list(itertools.islice(micro_batches, chunk)):
+            positions = np.concatenate([mb.positions for mb in block]) % length
+            epochs = np.repeat([mb.epoch for mb in block], self.layout.micro_batch_size)
+            src = np.empty_like(positions)
+            rows = np.empty_like(positions)
+            for e in np.unique(epochs):
+                sel = epochs == e
+                src[sel], rows[sel] = self.order.lookup(int(e), positions[sel])
+            b = self.layout.micro_batch_size
+            for k, mb in enumerate(block):
+                yield self._batch(mb, src[k * b : (k + 1) * b], rows[k * b : (k + 1) * b])
+
+    def _batch(self, mb: MicroBatch, src: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+        ids, labels, doc_lengths = self._read(src, rows)
+        batch = collate_packed(ids, labels, doc_lengths, mb.is_padding)
+        batch["sample_source"] = torch.from_numpy(src.copy())
+        batch["sample_row"] = torch.from_numpy(rows.copy())
+        batch["sample_is_padding"] = torch.from_numpy(mb.is_padding.copy())
+        batch["loader"] = {
+            "epoch": mb.epoch,
+            "step": mb.step,
+            "micro": mb.micro,
+            "last_in_step": mb.last_in_step,
+            "rows_after_step": mb.rows_after_step,
+        }
+        return batch
 
     # ---------------------------------------------------------------- state
     def mark_consumed(self, batch: Mapping[str, Any]) -> None:
