@@ -16,9 +16,7 @@ from trainer.collate import IGNORE_INDEX
 from trainer.dataset import DatasetMismatchError, LoaderStateError, PackedIterableDataset
 
 SEQ = 16
-# Several record batches per shard; TODO(formats): use several shards (7) once the writer resets its
-# per-shard row count on closing a shard (at this snapshot it loops forever when a shard fills up).
-SHARD_ROWS = 1000
+SHARD_ROWS = 7  # several shards of several record batches (batch_rows=3): rows cross both boundaries
 
 
 def write_dataset(path: Path, rows: int, tag: int = 0, seq: int = SEQ, tokenizer: str = "tok-a") -> Path:
