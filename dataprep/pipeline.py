@@ -324,7 +324,9 @@ def pack_dataset(
     shutil.rmtree(spill_dir, ignore_errors=True)
     spill_dir.mkdir()
     try:
+        t_read = time.perf_counter()
         spill = spill_samples(samples, spill_dir, options.seq_length, options.progress)
+        read_seconds = time.perf_counter() - t_read
         if spill.n == 0:
             raise DataError(
                 f"no samples left to pack (read {convert_stats.records_in} records; skipped {dict(convert_stats.skipped)}; "
@@ -369,6 +371,7 @@ def pack_dataset(
         "template": template.name,
         "shards": len(manifest["shards"]),
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "read_tokenize_seconds": round(read_seconds, 3),
         "pack_seconds": stats["pack_seconds"],
         "seconds": round(total_seconds, 3),
     }
