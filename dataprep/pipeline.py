@@ -2,8 +2,9 @@
 
 Stages: read (dataprep.convert) -> tokenize with masks (dataprep.tokenize) -> spill to disk -> pack lengths
 (dataprep.packing) -> gather rows and write shards (formats.writer). Tokenized samples are spilled to flat int32
-files next to the output instead of being kept as Python objects, so memory holds only the lengths and ids
-offsets (12 bytes per sample) whatever the dataset size; rows are then gathered from the memory-mapped spill.
+files next to the output instead of being kept as Python objects, so memory holds only per-sample integer
+arrays (lengths, offsets and the packing itself: under ~100 bytes per sample at peak), never the tokens; rows
+are then gathered from the memory-mapped spill.
 """
 
 from __future__ import annotations
