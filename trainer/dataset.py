@@ -48,6 +48,7 @@ from trainer.data_partition import (
     iter_micro_batches,
     plan_epoch,
 )
+from trainer.remote_cache import fetch_dataset, is_url
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class PackedIterableDataset(IterableDataset):
 
     `global_batch_size` is rows per optimizer step over the whole job (micro_batch_size * grad_accum_steps
     * world_size); keeping it fixed is what allows resuming on another world size. `epochs=None` iterates
-    forever (stop on max steps); otherwise iteration ends after epoch `epochs - 1`.
+    forever (stop on max steps); otherwise iteration ends after epoch `epochs - 1`. A path may be a URL
+    (s3://, gs://, file://...): it is fetched once into `cache_dir` with every shard checksum-verified.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class PackedIterableDataset(IterableDataset):
         expected_seq_length: int | None = None,
         expected_tokenizer_fingerprint: str | None = None,
         verify: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
@@ -128,7 +131,8 @@ class PackedIterableDataset(IterableDataset):
         self.epochs = epochs
         self._handles: list[PackedDataset] | None = None
         self._handles_pid = 0
-        handles = [open_dataset(p, verify=verify) for p in _as_paths(paths)]
+        local = [str(fetch_dataset(p, cache_dir)) if is_url(p) else p for p in _as_paths(paths)]
+        handles = [open_dataset(p, verify=verify) for p in local]
         # Reading one row here loads pyarrow's lazily imported modules (about a second) once in the parent,
         # so forked dataloader workers inherit them instead of each paying it before their first batch.
         handles[0].row(0)
