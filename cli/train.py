@@ -6,29 +6,35 @@ import sys
 
 import click
 
-from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_errors, setup_logging
 
 
 @click.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value (YAML syntax), e.g. --set train.lr=2e-5. Repeatable.")
+@click.option("--resume", default=None, metavar="auto|none|PATH",
+              help="auto: newest complete checkpoint in the output dir (default); none: start over; "
+                   "PATH: that checkpoint (fails if it is incomplete or corrupt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @handle_errors
-def run(config_path: str | None, overrides: tuple[str, ...], as_json: bool, verbose: int) -> None:
+def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, as_json: bool, verbose: int) -> None:
     """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter).
 
     \b
     Single process:  trainer run --config finetune.yaml
     Several:         torchrun --nproc-per-node 8 -m cli.trainer run --config finetune.yaml
     Every key is documented by `trainer config`.
+
+    Exit codes: 0 done; 1 the run failed (bad data, bad checkpoint, an error in a step); 2 usage error;
+    3 stopped by SIGTERM/SIGINT after saving a checkpoint (run the same command again to continue).
     """
     setup_logging(verbose)
     from trainer.config import ConfigError, load_config
 
     try:
-        config = load_config(config_path, list(overrides))
+        config = load_config(config_path, list(overrides) + ([f"checkpoint.resume={resume}"] if resume else []))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if not config.model.path:
@@ -36,9 +42,13 @@ def run(config_path: str | None, overrides: tuple[str, ...], as_json: bool, verb
     if not config.data.train:
         raise click.UsageError("data.train is not set (in the config or with --set data.train=[DIR])")
     from trainer.loop import train
+    from trainer.signals import StopRequested
 
     try:
         result = train(config)
+    except StopRequested as exc:
+        click.echo(f"interrupted: {exc}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (ValueError, RuntimeError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)

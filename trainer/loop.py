@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from typing import Any
 
 import torch
 
+from trainer.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
@@ -36,6 +44,7 @@ from trainer.metrics import (
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.signals import StopFlag, StopRequested
 from trainer.weights import export_hf, load_hf_weights, materialize
 
 log = logging.getLogger(__name__)
@@ -189,14 +198,12 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
 
     dtype = resolve_dtype(config.model.dtype, info.device)
     model = build_model(config, info, dtype)
-    mcfg = model.config
-    expected_fp = _tokenizer_fingerprint(config.model.path)
     accum = config.train.grad_accum_steps
-    micro = config.data.micro_batch_size
+    global_batch = config.data.micro_batch_size * accum * info.world_size
     dataset = PackedIterableDataset(
         config.data.train,
-        global_batch_size=micro * accum * info.world_size,
-        micro_batch_size=micro,
+        global_batch_size=global_batch,
+        micro_batch_size=config.data.micro_batch_size,
         weights=config.data.weights,
         seed=config.train.seed,
         shuffle=config.data.shuffle,
@@ -204,50 +211,117 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         epochs=None,
         rank=info.rank,
         world_size=info.world_size,
-        expected_tokenizer_fingerprint=expected_fp,
+        expected_tokenizer_fingerprint=_tokenizer_fingerprint(config.model.path),
     )
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
+
+    start_step = 0
+    resume_from = _agree_on_resume(config, out_dir, info)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, info)
+        if state.global_batch_size != global_batch:
+            raise CheckpointError(
+                f"{resume_from}: saved with a global batch of {state.global_batch_size} rows, this run has "
+                f"{global_batch} (micro_batch_size x grad_accum_steps x world size); the data position cannot "
+                "be carried over. Keep the global batch, or start over with --resume none."
+            )
+        scheduler.load_state_dict(state.scheduler)
+        dataset.load_state_dict(state.data)
+        start_step = state.step
+
+    def save(step: int) -> Path:
+        trainer_state = TrainerState(
+            step=step, scheduler=scheduler.state_dict(), data=dataset.state_dict(), config=config.to_dict(),
+            world_size=info.world_size, global_batch_size=global_batch,
+        )
+        return save_checkpoint(out_dir, step, model, optimizer, trainer_state, info, keep=config.checkpoint.keep)
+
+    result = RunResult(steps=start_step, output_dir=str(out_dir))
+    stop = StopFlag().install()
+    try:
+        _run_steps(config, info, model, dataset, optimizer, scheduler, range(start_step, total_steps),
+                   result, stop, save, on_step)
+    finally:
+        stop.restore()
+    if config.checkpoint.every_steps and result.steps > start_step and result.steps % config.checkpoint.every_steps:
+        save(result.steps)  # the final state, unless the interval just saved it
+    if config.checkpoint.export:
+        export_dir = out_dir / "export"
+        export_hf(model, export_dir, source_dir=config.model.path, max_shard_size=config.checkpoint.max_shard_size,
+                  overwrite=True)
+        result.export_dir = str(export_dir)
+    if info.is_main:
+        summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
+        summary["final_loss"] = result.final_loss
+        summary["resumed_from"] = str(resume_from) if resume_from else None
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _agree_on_resume(config: TrainConfig, out_dir: Path, info: DistInfo) -> Path | None:
+    """Rank 0 picks the checkpoint (validating it) and tells the others, so all ranks load the same one."""
+    choice = [None]
+    if info.is_main:
+        found = resolve_resume(config.checkpoint.resume, out_dir)
+        choice = [str(found) if found else None]
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _run_steps(config, info, model, dataset, optimizer, scheduler, steps, result, stop, save, on_step) -> None:
+    mcfg = model.config
+    accum = config.train.grad_accum_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_matmul = matmul_params(model) * (info.world_size if info.distributed else 1)  # sharded counts are local
+    shards = info.world_size if info.distributed else 1  # FSDP parameters hold 1/world of each tensor locally
+    n_matmul = matmul_params(model) * shards
     attn_dim = mcfg.num_attention_heads * mcfg.head_dim
     peak = peak_flops(info.device)
-    result = RunResult(steps=0, output_dir=str(out_dir))
-    result.total_params = sum(p.numel() for p in model.parameters()) * (info.world_size if info.distributed else 1)
-    result.trainable_params = sum(p.numel() for p in trainable) * (info.world_size if info.distributed else 1)
+    result.total_params = sum(p.numel() for p in model.parameters()) * shards
+    result.trainable_params = sum(p.numel() for p in trainable) * shards
+    out_dir = Path(config.logging.output_dir)
     writer = MetricsWriter(out_dir / "metrics.jsonl" if info.is_main else None,
                            out_dir / "tensorboard" if (info.is_main and config.logging.tensorboard) else None)
     progress = None
     if info.is_main and config.logging.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-
+        progress = tqdm(total=steps.stop, initial=steps.start, desc="train", unit="step", dynamic_ncols=True)
     loader_iter = iter(_make_loader(dataset, config.data.num_workers))
     timer = Throughput()
     run_start = time.perf_counter()
     window_tokens = window_flops = 0.0
+    every = config.checkpoint.every_steps
     model.train()
     try:
-        for step in range(total_steps):
+        for step in steps:
             raw = _step_batches(loader_iter, accum)
             batches = [_to_device(b, info.device) for b in raw]
-            local_tokens = sum(b["num_trainable"] for b in batches)
-            global_tokens = all_reduce_sum(local_tokens, info)
+            global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info)
             denom = max(global_tokens, 1.0)
             grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
             loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, batch in enumerate(batches):
-                if info.distributed:
-                    model.set_requires_gradient_sync(i == len(batches) - 1)
-                loss = _forward_loss(model, batch)
-                (loss * grad_scale).backward()
-                loss_sum += loss.detach().double().cpu()
-                window_flops += training_flops(
-                    n_matmul, batch["input_ids"].numel(), _doc_len_sq_sum(batch["cu_seqlens"]), mcfg.num_hidden_layers,
-                    attn_dim,
-                )
+            try:
+                for i, batch in enumerate(batches):
+                    if info.distributed:
+                        model.set_requires_gradient_sync(i == len(batches) - 1)
+                    loss = _forward_loss(model, batch)
+                    (loss * grad_scale).backward()
+                    loss_sum += loss.detach().double().cpu()
+                    window_flops += training_flops(n_matmul, batch["input_ids"].numel(),
+                                                   _doc_len_sq_sum(batch["cu_seqlens"]), mcfg.num_hidden_layers,
+                                                   attn_dim)
+            except Exception:
+                log.exception("rank %d: step %d failed in forward/backward", info.rank, step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                if not info.distributed and every and step > 0:
+                    # Parameters are still those after step `step`: keep them (other ranks cannot join a save).
+                    save(step)
+                raise
             grad_norm = _clip(trainable, config.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -261,7 +335,7 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}")
-            if (step + 1) % config.logging.log_every == 0 or step + 1 == total_steps:
+            if (step + 1) % config.logging.log_every == 0 or step + 1 == steps.stop:
                 elapsed = timer.lap()
                 record = {
                     "step": step + 1,
@@ -285,27 +359,17 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
                 result.eval_losses.append((step + 1, eval_loss))
                 writer.write({"step": step + 1, "eval_loss": eval_loss})
                 log.info("step %d: eval loss %.4f", step + 1, eval_loss)
+            saved = save(step + 1) if every and (step + 1) % every == 0 else None
+            # Every rank learns whether any rank was signalled, so all stop at the same step boundary.
+            if all_reduce_sum(1.0 if stop.signum is not None else 0.0, info) > 0:
+                saved = saved or save(step + 1)
+                raise StopRequested(stop.signum or signal.SIGTERM, str(saved))
     finally:
         if progress is not None:
             progress.close()
         writer.close()
-    result.elapsed_s = time.perf_counter() - run_start
-    result.tokens_per_s = result.trained_tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
-    if config.checkpoint.export:
-        export_dir = out_dir / "export"
-        export_hf(
-            model,
-            export_dir,
-            source_dir=config.model.path,
-            max_shard_size=config.checkpoint.max_shard_size,
-            overwrite=True,
-        )
-        result.export_dir = str(export_dir)
-    if info.is_main:
-        summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
-        summary["final_loss"] = result.final_loss
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return result
+        result.elapsed_s = time.perf_counter() - run_start
+        result.tokens_per_s = result.trained_tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:

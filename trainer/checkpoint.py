@@ -1,0 +1,244 @@
+"""Resumable checkpoints: sharded model + optimizer (DCP), schedule, data position, RNG, config.
+
+Layout of `<output_dir>/checkpoints/`:
+
+    step-00000010/            a complete checkpoint
+        .metadata, __*.distcp DCP files (every rank writes its own shards; resharding on load is DCP's job)
+        trainer_state.json    step, scheduler, data-loader state, config
+        rng-rank00000.pt      per-rank RNG states
+        COMPLETE.json         written last by rank 0: every file's size and xxh3 checksum
+    step-00000020.tmp-XXXX/   a save in progress (or one that died): never resumed from
+    latest                    name of the newest complete checkpoint, replaced atomically
+
+A checkpoint is written into a temporary directory and renamed into place only after every rank has
+finished and rank 0 has recorded the checksums, so a crash at any moment leaves either the previous
+checkpoints or a new complete one. Loading re-hashes every file against COMPLETE.json, so a flipped
+byte or a truncated shard is found before any of it reaches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from trainer.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MARKER = "COMPLETE.json"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt, or does not fit this run; the message says which and why."""
+
+
+@dataclass
+class TrainerState:
+    step: int
+    scheduler: dict[str, Any]
+    data: dict[str, Any]
+    config: dict[str, Any]
+    world_size: int
+    global_batch_size: int
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _hash_file(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    info: DistInfo,
+    keep: int = 2,
+) -> Path:
+    """Save on every rank (a collective); returns the final directory. Older ones beyond `keep` are removed."""
+    import torch.distributed.checkpoint as dcp
+
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{step:08d}"
+    # Every rank must write into the same temporary directory: rank 0 names it and broadcasts the name.
+    name = [f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"]
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
+    if info.is_main:
+        tmp.mkdir(parents=True, exist_ok=False)
+    barrier(info)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not info.distributed)
+    torch.save(_rng_state(), tmp / f"rng-rank{info.rank:05d}.pt")
+    if info.is_main:
+        _write_json_atomic(tmp / STATE_FILE, {"version": CHECKPOINT_VERSION, **state.__dict__})
+    barrier(info)
+    if info.is_main:
+        files = {
+            p.name: {"bytes": p.stat().st_size, "xxh3_128": _hash_file(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != MARKER
+        }
+        _write_json_atomic(tmp / MARKER, {"version": CHECKPOINT_VERSION, "step": step,
+                                          "world_size": info.world_size, "files": files})
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
+        _fsync_dir(root)
+        _prune(root, keep)
+        log.info("saved checkpoint %s", final)
+    barrier(info)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).exists())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def validate_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the COMPLETE.json record, or raise CheckpointError naming what is missing or corrupt."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    marker = path / MARKER
+    if not marker.exists():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}; the save did not finish)")
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{marker}: unreadable ({exc})") from None
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{marker}: checkpoint version {record.get('version')!r} is not {CHECKPOINT_VERSION}")
+    for name, expected in record["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{path}: file {name} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointError(
+                f"{path}: file {name} has {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
+            )
+        if _hash_file(file) != expected["xxh3_128"]:
+            raise CheckpointError(f"{path}: file {name} fails its checksum (corrupted)")
+    return record
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that validates; incomplete or corrupt ones are reported and skipped."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True)
+    for stale in root.glob("step-*.tmp-*"):
+        log.warning("ignoring unfinished checkpoint save %s", stale)
+    for path in candidates:
+        try:
+            validate_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+            continue
+        return path
+    return None
+
+
+def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
+    """`auto` -> newest valid checkpoint (or None); `none` -> None; anything else is a path that must be valid."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return find_resume_checkpoint(output_dir)
+    path = Path(setting)
+    validate_checkpoint(path)
+    return path
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> TrainerState:
+    """Restore model and optimizer (resharded to this world size by DCP), RNG; return the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    validate_checkpoint(path)
+    raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    raw.pop("version", None)
+    state = TrainerState(**raw)
+    sd = _dcp_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not info.distributed)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng_file = path / f"rng-rank{info.rank:05d}.pt"
+    if rng_file.exists() and state.world_size == info.world_size:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    log.info("resumed from %s at step %d", path, state.step)
+    return state
