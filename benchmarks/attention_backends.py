@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -99,6 +100,9 @@ def main() -> None:
         model = Transformer(cfg)
     model.init_weights()
     model.to(dtype)
+    if args.compile:
+        for i, block in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(block)
     n_params = sum(p.numel() for p in model.parameters())
     n_matmul = n_params - (0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
     batch = packed_batch(args.batch, seqlen, cfg.vocab_size, device)
@@ -117,14 +121,15 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
     base = rows[0]["tokens_per_s"]
     print(f"\nmodel {hf['model_type']} {cfg.num_hidden_layers}L h{cfg.hidden_size}, {n_params / 1e9:.2f}B params, "
-          f"{dtype}, batch {args.batch} x seq {seqlen}, {len(batch[4])} segments, device {device}\n")
+          f"{dtype}, batch {args.batch} x seq {seqlen}, {len(batch[4])} segments, device {device}, "
+          f"compile={args.compile}\n")
     print("| backend | step s | tokens/s | vs sdpa | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['backend']} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / base:.2f}x | {mfu} | {r['peak_mem_gib']:.1f} |")
-    print("BENCH_JSON " + json.dumps({"bench": "attention_backends", "quick": args.quick, "rows": rows}))
+    print("BENCH_JSON " + json.dumps({"bench": "attention_backends", "quick": args.quick, "compile": args.compile, "rows": rows}))
 
 
 def _usable(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -265,3 +265,20 @@ def test_from_hf_reads_transformers4_style_configs():
     assert ModelConfig.from_hf(mistral01, num_hidden_layers=2).sliding_windows == [4096, 4096]
     old_style = {**llama31, "rope_scaling": {"type": "linear", "factor": 2.0}}
     assert ModelConfig.from_hf(old_style).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["varlen", "flex"])
+def test_gpu_compiled_blocks_match_eager(pair, backend):
+    _, _, d = pair("qwen2_bias_tied")
+    docs = [[_ids((n,), seed=n) for n in row] for row in [[100, 80, 60], [200, 56]]]
+    ids, pos, cu, max_len = _pack(docs, 256)
+    ids, pos, cu = ids.cuda(), pos.cuda(), cu.cuda()
+    model = load_pretrained(d, device="cuda", dtype=torch.bfloat16, attn_backend=backend).eval()
+    with torch.no_grad():
+        eager = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len)
+        for i, block in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(block)
+        compiled = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len)
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=5e-2, rtol=5e-2)

@@ -15,7 +15,6 @@ segment ids) is done once in `prepare()` and shared by all layers.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Iterable
@@ -45,15 +44,22 @@ def flex_available() -> bool:
     return flex_attention is not None and torch.cuda.is_available()
 
 
-@functools.lru_cache(maxsize=1)
-def _varlen_signature() -> frozenset[str]:
-    return frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
+# Keyword names differ across torch versions (2.9/2.10: is_causal; 2.11+: window_size; newer: enable_gqa).
+_VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    # flex_attention is only fast when compiled; uncompiled it falls back to a slow reference loop.
-    return torch.compile(flex_attention, dynamic=False)
+_COMPILED_FLEX = None
+
+
+def _flex():
+    """flex_attention is only fast when compiled: inside a compiled block call it directly (dynamo traces it),
+    in eager mode use one compiled copy."""
+    global _COMPILED_FLEX
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -178,7 +184,7 @@ def attend(
     if ctx.backend == "varlen":
         flat = [x.reshape(b * t, x.shape[2], d) for x in (q, k, v)]
         kwargs: dict = {}
-        params = _varlen_signature()
+        params = _VARLEN_PARAMS
         if "window_size" in params:
             kwargs["window_size"] = (window - 1 if window is not None else -1, 0)
         else:  # torch 2.9/2.10 spelling
@@ -197,7 +203,7 @@ def attend(
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     if ctx.backend == "flex":
-        out = _compiled_flex()(qt, kt, vt, block_mask=ctx.masks[window], enable_gqa=gqa)
+        out = _flex()(qt, kt, vt, block_mask=ctx.masks[window], enable_gqa=gqa)
     else:
         mask = ctx.masks[window]
         if mask is None:
