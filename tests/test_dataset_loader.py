@@ -249,3 +249,21 @@ def test_len_counts_micro_batches_from_the_cursor(data) -> None:
         data["a"], global_batch_size=4, micro_batch_size=2, remainder="drop", epochs=2, rank=0, world_size=1
     )
     assert len(ds) == 2 * 9 * 2 == len(list(ds))
+
+
+def test_rank_and_world_size_come_from_torch_distributed(data, monkeypatch) -> None:
+    """Without explicit rank/world_size the loader asks torch.distributed (as under torchrun)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    ds = PackedIterableDataset(data["a"], global_batch_size=8, micro_batch_size=2)
+    assert (ds.rank, ds.world_size) == (3, 4)
+    first = next(iter(ds))
+    explicit = PackedIterableDataset(data["a"], global_batch_size=8, micro_batch_size=2, rank=3, world_size=4)
+    assert (
+        first["sample_row"].tolist() == next(iter(explicit))["sample_row"].tolist()
+    )  # rank 3's slice of step 0
+    with pytest.raises(ValueError, match="give both rank and world_size"):
+        PackedIterableDataset(data["a"], global_batch_size=4, micro_batch_size=4, rank=0)
