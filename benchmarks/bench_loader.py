@@ -150,7 +150,8 @@ def streaming_env() -> tuple[dict[str, str] | None, str]:
         ]
         proc = subprocess.run(cmd + STREAMING_REQS, capture_output=True, text=True)
         if proc.returncode:
-            return None, "pip could not install mosaicml-streaming: " + proc.stderr.strip().splitlines()[-1]
+            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            return None, f"pip could not install mosaicml-streaming: {last}"
     stub = STREAMING_STUBS / "torchvision"
     (stub / "transforms").mkdir(parents=True, exist_ok=True)
     (stub / "__init__.py").write_text("")
@@ -165,7 +166,8 @@ def streaming_env() -> tuple[dict[str, str] | None, str]:
         [sys.executable, "-c", "import streaming"], env=env, capture_output=True, text=True
     )
     if probe.returncode:
-        return None, "streaming does not import: " + probe.stderr.strip().splitlines()[-1]
+        last = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+        return None, f"streaming does not import: {last}"
     return env, ""
 
 
