@@ -179,8 +179,8 @@ def test_config_errors_name_the_problem():
             "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(ValueError, match="gpt2"):
         ModelConfig.from_hf({**base, "model_type": "gpt2"})
-    with pytest.raises(ValueError, match="yarn"):
-        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="dynamic"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     with pytest.raises(ValueError, match="attn_backend"):
         ModelConfig.from_hf(base, attn_backend="flash9")
     with pytest.raises(ValueError, match="varlen"):

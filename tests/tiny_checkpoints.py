@@ -37,6 +37,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen2_bias_tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
     "mistral_window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+    "qwen3_yarn": ("Qwen3Config", "Qwen3ForCausalLM", {"rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}}),
 }
 
 

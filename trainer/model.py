@@ -68,16 +68,61 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> to
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(in_band, blended, scaled)
+    elif rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, config, scaling)
     return inv_freq
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, config: ModelConfig, scaling: dict) -> torch.Tensor:
+    """YaRN: dimensions that rotate many times within the original context keep their frequency, those that
+    rotate less than once are interpolated by `factor`, with a linear ramp between (Qwen's long-context recipe)."""
+    dim, base = config.head_dim, config.rope_theta
+    factor = float(scaling["factor"])
+    old_len = float(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def dim_for(rotations: float) -> float:  # the pair index that makes `rotations` turns over old_len tokens
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (keep the frequency), 0 = interpolate (divide by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """YaRN scales cos/sin (and so attention logits) to keep their entropy at long context; 1.0 otherwise."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = float(scaling["factor"])
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, float(scaling["mscale"])) / mscale(factor, float(scaling["mscale_all_dim"]))
+    return mscale(factor)
+
+
 def rope_cos_sin(
-    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, T, D] from explicit positions, so each packed document restarts at 0."""
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(position_ids.device)  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +241,7 @@ class Transformer(nn.Module):
             )
         h = self.model.embed_tokens(input_ids)
         inv_freq = rope_inv_freq(self.config, device=h.device)
-        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
         ctx = attention.prepare(
             self.config.attn_backend,
             b,
