@@ -265,6 +265,9 @@ def test_from_hf_reads_transformers4_style_configs():
     assert ModelConfig.from_hf(mistral01, num_hidden_layers=2).sliding_windows == [4096, 4096]
     old_style = {**llama31, "rope_scaling": {"type": "linear", "factor": 2.0}}
     assert ModelConfig.from_hf(old_style).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    v5 = {**mistral01, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    cfg = ModelConfig.from_hf(v5, rope_theta=1e6)
+    assert cfg.rope_theta == 1e6 and cfg.hf_config["rope_parameters"]["rope_theta"] == 1e6
 
 
 @pytest.mark.gpu

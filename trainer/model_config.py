@@ -82,6 +82,8 @@ class ModelConfig:
                 ours[key] = value
             else:
                 raw[key] = value
+                if key == "rope_theta" and isinstance(raw.get("rope_parameters"), dict):
+                    raw["rope_parameters"]["rope_theta"] = value  # transformers 5 reads it from there
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
