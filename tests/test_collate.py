@@ -119,3 +119,10 @@ def test_shape_mismatch_is_refused() -> None:
         collate_packed(np.zeros((2, 3)), np.zeros((2, 4)), [np.array([3])] * 2)
     with pytest.raises(ValueError, match="doc_lengths"):
         collate_packed(np.zeros((2, 3)), np.zeros((2, 3)), [np.array([3])])
+
+
+def test_empty_rows_and_zero_length_documents_make_no_empty_segments() -> None:
+    ids = np.zeros((3, 4), dtype=np.int32)
+    out = collate_packed(ids, ids, [np.array([0, 3]), np.array([], dtype=np.int32), np.array([2, 0, 2])])
+    assert out["cu_seqlens"].tolist() == [0, 3, 4, 8, 10, 12]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]

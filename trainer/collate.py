@@ -29,20 +29,37 @@ class RowLike(Protocol):
 
 
 def segment_lengths(doc_lengths: Sequence[np.ndarray], seq_length: int) -> np.ndarray:
-    """Lengths of all segments of the batch in order: each row's documents, then its padding tail if any."""
-    parts: list[np.ndarray] = []
-    for r, lengths in enumerate(doc_lengths):
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if lengths.size and lengths.min() < 0:
-            raise ValueError(f"row {r}: negative document length in {lengths.tolist()}")
-        lengths = lengths[lengths > 0]
-        used = int(lengths.sum())
-        if used > seq_length:
-            raise ValueError(f"row {r}: document lengths sum to {used} > seq_length {seq_length}")
-        parts.append(lengths)
-        if used < seq_length:
-            parts.append(np.array([seq_length - used], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    """Lengths of all segments of the batch in order: each row's documents, then its padding tail if any.
+
+    Vectorised over the batch (no per-row numpy calls): this runs once per micro-batch in every worker.
+    """
+    b = len(doc_lengths)
+    counts = np.fromiter((len(x) for x in doc_lengths), dtype=np.int64, count=b)
+    lens = (
+        np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in doc_lengths])
+        if b
+        else np.zeros(0, np.int64)
+    )
+    row_of = np.repeat(np.arange(b), counts)
+    if lens.size and lens.min() < 0:
+        r = int(row_of[np.argmax(lens < 0)])
+        raise ValueError(f"row {r}: negative document length in {np.asarray(doc_lengths[r]).tolist()}")
+    used = np.bincount(row_of, weights=lens, minlength=b).astype(np.int64)
+    if b and used.max() > seq_length:
+        r = int(np.argmax(used > seq_length))
+        raise ValueError(f"row {r}: document lengths sum to {used[r]} > seq_length {seq_length}")
+    keep = lens > 0  # a zero-length document is no segment
+    lens, row_of = lens[keep], row_of[keep]
+    tails = seq_length - used
+    has_tail = tails > 0
+    # Row r's segments start at starts[r]: its documents in order, then the tail (if any).
+    per_row = np.bincount(row_of, minlength=b) + has_tail
+    starts = np.concatenate([[0], np.cumsum(per_row)[:-1]]) if b else np.zeros(0, np.int64)
+    out = np.empty(int(per_row.sum()), dtype=np.int64)
+    first_doc = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=b))[:-1]]) if b else starts
+    out[starts[row_of] + np.arange(lens.size) - first_doc[row_of]] = lens
+    out[(starts + per_row - 1)[has_tail]] = tails[has_tail]
+    return out
 
 
 def collate_packed(
