@@ -65,3 +65,20 @@ def test_export_reproduces_logits_in_transformers(tiny):
     before = load_pretrained(model_dir)
     with torch.no_grad():
         assert not torch.allclose(before(ids), ours(ids))  # training changed the weights
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    from trainer.weights import load_pretrained
+
+    _, model_dir, _ = tiny
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 10, 24, 40, 48], dtype=torch.int32)
+    grads = []
+    for flag in (False, True):
+        model = load_pretrained(model_dir)
+        model.activation_checkpointing = flag
+        model.train()
+        model(ids, cu_seqlens=cu, max_seqlen=16).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)

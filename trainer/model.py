@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer import attention
 from trainer.model_config import ModelConfig
@@ -210,6 +211,7 @@ class DecoderModel(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -253,7 +255,11 @@ class Transformer(nn.Module):
             windows=self.config.sliding_windows,
         )
         for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in backward (memory for ~1/3 more compute).
+                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
         return self.lm_head(self.model.norm(h))
 
     @torch.no_grad()
