@@ -93,9 +93,10 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     if config.model.compile:
         for block in blocks:
             block.compile()
+    # Parameters stay fp32 (the optimizer's master copy). Several ranks: FSDP2 casts them to `dtype` for
+    # compute. One process: the forward runs under autocast (see `_forward_loss`), to the same effect.
     param_dtype = dtype if (info.distributed and dtype != torch.float32) else None
-    if not info.distributed:
-        model.to(dtype)
+    model.autocast_dtype = dtype if (not info.distributed and dtype != torch.float32) else None
     shard_model(
         model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
     )
@@ -117,7 +118,10 @@ def _doc_len_sq_sum(cu_seqlens: torch.Tensor) -> int:
 
 
 def _forward_loss(model: Transformer, batch: dict[str, Any]) -> torch.Tensor:
-    logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+    dtype = getattr(model, "autocast_dtype", None)
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
     return summed_cross_entropy(logits, batch["labels"])
 
 

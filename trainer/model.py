@@ -242,6 +242,10 @@ class Transformer(nn.Module):
                 else torch.arange(t, device=input_ids.device).expand(b, t)
             )
         h = self.model.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(h.device.type):
+            # Embedding lookups are not autocast; run the residual stream in the compute dtype, as FSDP2 mixed
+            # precision would, so the attention backend (e.g. varlen, which needs bf16) is chosen for it.
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         inv_freq = rope_inv_freq(self.config, device=h.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
         ctx = attention.prepare(
