@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
+from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
 from trainer.loss import summed_cross_entropy
 from trainer.metrics import (
     MetricsWriter,
@@ -88,6 +89,9 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     with torch.device("meta"):
         model = Transformer(model_config)
     blocks = list(model.model.layers)
+    # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
+    lora = config.peft.pet_type == "lora"
+    wrapped = setup_peft(model, config.peft)
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
     if config.model.compile:
@@ -101,7 +105,15 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
         model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
     )
     materialize(model, info.device)
-    load_hf_weights(model, config.model.path, show_progress=info.is_main and config.logging.progress_bar)
+    load_hf_weights(model, config.model.path, show_progress=info.is_main and config.logging.progress_bar,
+                    name_map=checkpoint_name_map if lora else None)
+    if lora:
+        init_adapters(model, config.peft, config.train.seed)
+    if config.peft.neftune_noise_alpha is not None:
+        install_neftune(model, config.peft.neftune_noise_alpha)
+    counts = count_parameters(model, info.world_size if info.distributed else 1)
+    log.info("trainable parameters: %d of %d (%.3f%%)%s", counts.trainable_params, counts.total_params,
+             counts.trainable_pct, f"; LoRA on {len(wrapped)} modules" if lora else "")
     return model
 
 
@@ -218,7 +230,7 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         expected_tokenizer_fingerprint=_tokenizer_fingerprint(config.model.path),
     )
     total_steps = _steps_for(dataset, config)
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
 
     start_step = 0
@@ -252,16 +264,32 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
     if config.checkpoint.every_steps and result.steps > start_step and result.steps % config.checkpoint.every_steps:
         save(result.steps)  # the final state, unless the interval just saved it
     if config.checkpoint.export:
-        export_dir = out_dir / "export"
-        export_hf(model, export_dir, source_dir=config.model.path, max_shard_size=config.checkpoint.max_shard_size,
-                  overwrite=True)
-        result.export_dir = str(export_dir)
+        result.export_dir = str(_export(model, config, out_dir, info))
     if info.is_main:
         summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
         summary["final_loss"] = result.final_loss
         summary["resumed_from"] = str(resume_from) if resume_from else None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _export(model: Transformer, config: TrainConfig, out_dir: Path, info: DistInfo) -> Path:
+    """Full runs export HF weights; LoRA runs export the PEFT adapter (and, if asked, merged weights)."""
+    export_dir = out_dir / "export"
+    if config.peft.pet_type != "lora":
+        return export_hf(model, export_dir, source_dir=config.model.path,
+                         max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
+    from trainer.adapters import save_adapter
+
+    save_adapter(model, export_dir, config.peft, base_model=config.model.path)
+    if config.peft.export_merged:
+        if info.is_main:
+            from trainer.merge_lora import merge_lora
+
+            merge_lora(config.model.path, export_dir, out_dir / "export-merged", overwrite=True,
+                       show_progress=config.logging.progress_bar)
+        barrier(info)
+    return export_dir
 
 
 def _agree_on_resume(config: TrainConfig, out_dir: Path, info: DistInfo) -> Path | None:
@@ -308,14 +336,14 @@ def _run_steps(config, info, model, dataset, optimizer, scheduler, steps, result
             global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info)
             denom = max(global_tokens, 1.0)
             grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # synced once per step
             try:
                 for i, batch in enumerate(batches):
                     if info.distributed:
                         model.set_requires_gradient_sync(i == len(batches) - 1)
                     loss = _forward_loss(model, batch)
                     (loss * grad_scale).backward()
-                    loss_sum += loss.detach().double().cpu()
+                    loss_sum += loss.detach().double()
                     window_flops += training_flops(n_matmul, batch["input_ids"].numel(),
                                                    _doc_len_sq_sum(batch["cu_seqlens"]), mcfg.num_hidden_layers,
                                                    attn_dim)
@@ -331,7 +359,7 @@ def _run_steps(config, info, model, dataset, optimizer, scheduler, steps, result
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dataset.mark_consumed(raw[-1])
-            step_loss = all_reduce_sum(loss_sum, info) / denom
+            step_loss = all_reduce_sum(loss_sum.cpu(), info) / denom
             result.losses.append(step_loss)
             result.trained_tokens += int(global_tokens)
             window_tokens += global_tokens
