@@ -102,10 +102,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen parameters (LoRA's base weights) come from model.path on every start: a checkpoint holds only what
+    # trains, so a LoRA checkpoint is adapters + their optimizer state.
+    return StateDictOptions(ignore_frozen_params=True)
+
+
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -236,7 +244,8 @@ def load_checkpoint(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
         dcp.load(sd, checkpoint_id=str(path), no_dist=not info.distributed)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=_state_options())
     rng_file = path / f"rng-rank{info.rank:05d}.pt"
     if rng_file.exists() and state.world_size == info.world_size:
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -86,6 +86,54 @@ class CheckpointSection:
 
 
 @dataclass
+class PeftSection:
+    pet_type: str | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
+    lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
+    lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
+    lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
+    lora_a_init: str = doc(
+        "Init of A: kaiming (uniform, as nn.Linear and PEFT's default) | normal (std 1/r, PEFT's 'gaussian') | zeros.",
+        "kaiming",
+    )
+    lora_b_init: str = doc(
+        "Init of B: zeros (the adapted model starts equal to the base) | normal (std 1/r) | kaiming. "
+        "Embedding adapters always start as PEFT's: A zeros, B normal(0, 1).",
+        "zeros",
+    )
+    target_modules: str = doc(
+        "Regex fully matching module names to adapt, e.g. '.*q_proj|.*v_proj' or 'model\\.layers\\.[0-3]\\..*'. "
+        "MindFormers names are accepted (wq wk wv wo -> q_proj k_proj v_proj o_proj; w1 w2 w3 -> gate_proj "
+        "down_proj up_proj; tok_embeddings -> embed_tokens). Linear layers and embed_tokens can be targeted.",
+        ".*q_proj|.*k_proj|.*v_proj|.*o_proj",
+    )
+    freeze_include: list[str] = doc(
+        "Globs over parameter names to freeze, on top of the base weights LoRA freezes anyway "
+        "(e.g. 'model.embed_tokens.*' in a full fine-tuning run).", factory=list,
+    )
+    freeze_exclude: list[str] = doc(
+        "Globs over parameter names never frozen; exclude wins over include. With LoRA, base parameters matched "
+        "here train in full next to the adapters (e.g. '*norm.weight').", factory=list,
+    )
+    use_rslora: bool = doc("rsLoRA: scale by alpha / sqrt(r) so large ranks keep learning.", False)
+    loraplus_lr_ratio: float | None = doc(
+        "LoRA+: B matrices learn at lr x this ratio (e.g. 16); null = same lr as A.", None
+    )
+    pissa: bool = doc(
+        "PiSSA init: A, B from the top-r singular vectors of the base weight, which keeps the residual. "
+        "Exports convert it to a plain LoRA (rank 2r) on the original weights.", False,
+    )
+    use_dora: bool = doc("DoRA: learn a per-output-row magnitude on top of the LoRA direction (Linear targets).", False)
+    neftune_noise_alpha: float | None = doc(
+        "NEFTune: add uniform noise of scale alpha / sqrt(T * hidden) to input embeddings in training "
+        "(T = packed row length); null disables. Also works with pet_type null.", None,
+    )
+    export_merged: bool = doc(
+        "Besides the adapter export, also write merged full weights (base + adapter) to output_dir/export-merged.",
+        False,
+    )
+
+
+@dataclass
 class LoggingSection:
     output_dir: str = doc("Run directory: resolved config, metrics.jsonl, checkpoints, export.", "runs/default")
     log_every: int = doc("Log metrics every N steps.", 1)
@@ -100,6 +148,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    peft: PeftSection = field(default_factory=PeftSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +170,14 @@ KNOWN_ALIASES = {
     "logging_steps": "log_every",
     "eval_steps": "eval_every",
     "output_dir": "output_dir",
+    "r": "lora_rank",
+    "lora_r": "lora_rank",
+    "rank": "lora_rank",
+    "rslora": "use_rslora",
+    "dora": "use_dora",
+    "lora_plus_scale": "loraplus_lr_ratio",
+    "neftune_noise": "neftune_noise_alpha",
+    "init_lora_weights": "lora_a_init",
 }
 
 
@@ -234,7 +291,14 @@ def validate(config: TrainConfig) -> None:
         ("data", "remainder"): ("drop", "pad"),
         ("train", "schedule"): ("cosine", "linear", "constant"),
         ("parallel", "backend"): ("auto", "nccl", "gloo"),
+        ("peft", "pet_type"): (None, "lora"),
+        ("peft", "lora_a_init"): ("kaiming", "normal", "zeros"),
+        ("peft", "lora_b_init"): ("zeros", "normal", "kaiming"),
     }
+    # MindFormers spells the zero initialiser 'zero'.
+    for key in ("lora_a_init", "lora_b_init"):
+        if getattr(config.peft, key) == "zero":
+            setattr(config.peft, key, "zeros")
     for (section, key), allowed in choices.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
@@ -256,6 +320,37 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("data.weights needs one weight per data.train dataset")
     if len(config.train.betas) != 2:
         raise ConfigError("train.betas needs exactly two values")
+    _validate_peft(config.peft)
+
+
+def _validate_peft(p: PeftSection) -> None:
+    import re
+
+    if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
+        raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
+    if p.pet_type is None:
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged") if getattr(p, k)]
+        if p.loraplus_lr_ratio is not None:
+            lora_only.append("loraplus_lr_ratio")
+        if lora_only:
+            raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora")
+        return
+    if p.lora_rank < 1:
+        raise ConfigError("peft.lora_rank must be >= 1")
+    if p.lora_alpha <= 0:
+        raise ConfigError("peft.lora_alpha must be > 0")
+    if not 0.0 <= p.lora_dropout < 1.0:
+        raise ConfigError("peft.lora_dropout must be in [0, 1)")
+    if p.loraplus_lr_ratio is not None and p.loraplus_lr_ratio <= 0:
+        raise ConfigError("peft.loraplus_lr_ratio must be > 0 (or null)")
+    if p.pissa and p.use_dora:
+        raise ConfigError("peft.pissa and peft.use_dora cannot be combined (a PiSSA export is converted to plain LoRA)")
+    if p.lora_a_init == "zeros" and p.lora_b_init == "zeros" and not p.pissa:
+        raise ConfigError("peft.lora_a_init and peft.lora_b_init are both zeros: the adapters would get no gradient")
+    try:
+        re.compile(p.target_modules)
+    except re.error as exc:
+        raise ConfigError(f"peft.target_modules: not a valid regex ({exc})") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

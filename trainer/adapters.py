@@ -1,0 +1,151 @@
+"""LoRA adapters on disk in the PEFT format, so `peft.PeftModel.from_pretrained(hf_model, dir)` loads them.
+
+A directory holds `adapter_config.json` (a `LoraConfig`) and `adapter_model.safetensors` whose keys are PEFT's:
+`base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` (DoRA),
+`.lora_embedding_A` / `.lora_embedding_B` (embeddings), and `base_model.model.<module>.<param>` for base
+parameters trained in full (listed in `modules_to_save`).
+
+PiSSA trains A, B on the residual W - s B0 A0, which the base checkpoint does not contain. Like PEFT's
+`path_initial_model_for_weight_conversion`, the export folds the init into a plain LoRA on the original
+weights: A' = [A; A0], B' = [B, -B0], rank 2r, alpha doubled (x sqrt(2) with rsLoRA) so the scaling is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from trainer.config import PeftSection
+from trainer.lora import ADAPTER_MARK, LoraEmbedding, base_name, lora_modules
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather(param: torch.Tensor) -> torch.Tensor:
+    full = param.full_tensor() if hasattr(param, "full_tensor") else param  # collective on every rank
+    return full.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
+    """Leaf names (`q_proj`) when they select exactly the adapted modules, else the full module names."""
+    from trainer.lora import LORA_MODULES
+    from trainer.weights import hf_name
+
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    adaptable = {
+        hf_name(n) for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding, *LORA_MODULES))
+        and not any(hf_name(n).startswith(t + ".") for t in targets)  # skip the wrappers' base_layer children
+    }
+    same = {a for a in adaptable if a.rsplit(".", 1)[-1] in leaves}
+    return leaves if same == set(targets) else sorted(targets)
+
+
+def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Gather the adapters (and fully trained base parameters) under PEFT's key names.
+
+    Every rank must call this under FSDP2 (parameters are gathered collectively); rank 0 gets the tensors.
+    Returns (tensors, adapted module names, modules_to_save).
+    """
+    from trainer.weights import _reshard_fsdp, hf_name
+
+    _reshard_fsdp(model)
+    out: dict[str, torch.Tensor] = {}
+    targets = []
+    for name, module in lora_modules(model):
+        targets.append(name)
+        key = PREFIX + name
+        if isinstance(module, LoraEmbedding):
+            out[f"{key}.lora_embedding_A"] = _gather(module.lora_embedding_A)
+            out[f"{key}.lora_embedding_B"] = _gather(module.lora_embedding_B)
+            continue
+        a, b = _gather(module.lora_A), _gather(module.lora_B)
+        init = getattr(module, "pissa_init", None)
+        if init is not None:
+            a, b = torch.cat([a, init[0]], dim=0), torch.cat([b, -init[1]], dim=1)
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a, b
+        if module.lora_magnitude_vector is not None:
+            out[f"{key}.lora_magnitude_vector"] = _gather(module.lora_magnitude_vector)
+    # Base parameters trained in full (freeze_exclude): PEFT saves their whole module as modules_to_save.
+    params = dict(model.named_parameters())
+    trained_modules = sorted({
+        base_name(hf_name(n)).rsplit(".", 1)[0] for n, p in params.items() if p.requires_grad and ADAPTER_MARK not in n
+    })
+    for n, p in params.items():
+        key = base_name(hf_name(n))
+        if ADAPTER_MARK not in n and key.rsplit(".", 1)[0] in trained_modules:
+            out[PREFIX + key] = _gather(p)
+    return out, targets, trained_modules
+
+
+def adapter_config(cfg: PeftSection, target_modules: list[str], modules_to_save: list[str],
+                   base_model: str | None, pissa_converted: bool) -> dict[str, Any]:
+    rank, alpha = cfg.lora_rank, cfg.lora_alpha
+    if pissa_converted:
+        rank, alpha = 2 * rank, alpha * (2**0.5 if cfg.use_rslora else 2)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save or None,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "init_lora_weights": "gaussian" if cfg.lora_a_init == "normal" and not cfg.pissa else True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, base_model: str | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write a PEFT adapter directory atomically (temp sibling renamed into place). Collective under FSDP2."""
+    out_dir = Path(out_dir)
+    tensors, targets, to_save = adapter_state(model, cfg)
+    if _rank() == 0:
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} already exists")
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            if out_dir.exists():
+                old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("saved LoRA adapter (%d tensors, %d modules) to %s", len(tensors), len(targets), out_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out_dir

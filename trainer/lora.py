@@ -1,0 +1,321 @@
+"""LoRA by module surgery: wrap the targeted `nn.Linear` / `nn.Embedding` children, freeze the base, init adapters.
+
+The model code never learns about LoRA: `apply_lora` swaps children for wrappers that hold the original module
+as `base_layer` next to the adapters, on the meta-device model before FSDP2 shards it, so FSDP sees the adapters
+as ordinary (trainable) parameters of the block and the frozen base weights cost no gradient or optimizer state.
+Parameter names follow PEFT's (`q_proj.base_layer.weight`, `q_proj.lora_A`, ...) so the mapping to a PEFT adapter
+file (`...q_proj.lora_A.weight`) and back to the HF checkpoint (`...q_proj.weight`) is a string rewrite.
+
+Precision: every parameter, base and adapter, is stored in fp32 (the trainer keeps fp32 master weights). With
+bf16 compute the adapter matmuls run in bf16 like the base ones: under FSDP2 the MixedPrecisionPolicy casts a
+block's parameters, adapters included, to bf16 for compute and reduces gradients in fp32; in one process the
+forward runs under autocast, to the same effect. The optimizer always updates the fp32 adapters. DoRA's weight
+norm is computed in fp32 with autocast off, since a bf16 row norm of W + sBA would swamp the small update.
+
+Init is deterministic in `train.seed` and the module name (not in the world size): every adapter is generated
+whole on the CPU and each rank keeps its own rows, so 1 and N processes start from identical adapters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import PeftSection
+
+log = logging.getLogger(__name__)
+
+# MindFormers / Meta-Llama module names -> the Hugging Face names our model uses.
+MINDFORMERS_ALIASES = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w2": "down_proj",
+    "w3": "up_proj",
+    "attention": "self_attn",
+    "feed_forward": "mlp",
+    "tok_embeddings": "embed_tokens",
+}
+_ALIAS_RE = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(MINDFORMERS_ALIASES) + r")(?![A-Za-z0-9_])")
+ADAPTER_MARK = ".lora_"
+
+
+def translate_targets(pattern: str) -> str:
+    """Rewrite MindFormers module names in a target regex to the HF names (`.*wq|.*wv` -> `.*q_proj|.*v_proj`)."""
+    return _ALIAS_RE.sub(lambda m: MINDFORMERS_ALIASES[m.group(1)], pattern)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + B A dropout(x) * scaling; with DoRA the result is rescaled per output row by m / ||W + s B A||."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, use_dora: bool) -> None:
+        super().__init__()
+        self.base_layer = base
+        kw = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **kw))
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, **kw)) if use_dora else None
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.scaling = rank, scaling
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        a, b = self.lora_A, self.lora_B
+        xd = self.lora_dropout(x).to(a.dtype)
+        lora = F.linear(F.linear(xd, a), b) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + lora.to(result.dtype)
+        weight = self.base_layer.weight
+        # DoRA paper, section 4.3: the norm is treated as a constant (no gradient through it).
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            norm = torch.linalg.norm(weight.float() + self.scaling * (b.float() @ a.float()), dim=1)
+        scale = (self.lora_magnitude_vector.float() / norm).to(lora.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_out = (result - bias if bias is not None else result).to(lora.dtype)
+        else:  # PEFT applies the dropped-out input to the base branch of the DoRA term as well
+            base_out = F.linear(xd, weight.to(a.dtype))
+        return result + ((scale - 1) * base_out + scale * lora).to(result.dtype)
+
+
+class LoraEmbedding(nn.Module):
+    """y = base(x) + (A^T[x] B^T) * scaling, PEFT's embedding LoRA (A: [r, vocab], B: [dim, r], no dropout)."""
+
+    def __init__(self, base: nn.Embedding, rank: int, scaling: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        kw = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_embedding_A = nn.Parameter(torch.empty(rank, base.num_embeddings, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, rank, **kw))
+        self.lora_magnitude_vector = None
+        self.rank, self.scaling = rank, scaling
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        after_a = F.embedding(x, self.lora_embedding_A.t())
+        return result + ((after_a @ self.lora_embedding_B.t()) * self.scaling).to(result.dtype)
+
+
+LORA_MODULES = (LoraLinear, LoraEmbedding)
+
+
+@dataclass
+class LoraReport:
+    targets: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+def base_name(name: str) -> str:
+    """A wrapped parameter's name as the HF checkpoint spells it (`q_proj.base_layer.weight` -> `q_proj.weight`)."""
+    return name.replace(".base_layer.", ".")
+
+
+def checkpoint_name_map(name: str) -> str | None:
+    """`load_hf_weights` name_map: adapters do not come from the checkpoint, wrapped bases do under their HF key."""
+    return None if ADAPTER_MARK in name else base_name(name)
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from trainer.weights import hf_name
+
+    return [(hf_name(n), m) for n, m in model.named_modules() if isinstance(m, LORA_MODULES)]
+
+
+def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
+    """Replace every targeted Linear/Embedding with its LoRA wrapper; returns the wrapped module names."""
+    from trainer.weights import hf_name
+
+    pattern = translate_targets(cfg.target_modules)
+    regex = re.compile(pattern)
+    scaling = lora_scaling(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    wrapped = []
+    for name, module in candidates:
+        key = hf_name(name)
+        if not regex.fullmatch(key):
+            continue
+        if isinstance(module, nn.Embedding):
+            if cfg.use_dora:
+                raise ValueError(f"peft.use_dora: DoRA on embeddings is not supported ({key}); narrow target_modules")
+            if cfg.pissa:
+                raise ValueError(f"peft.pissa: PiSSA on embeddings is not supported ({key}); narrow target_modules")
+            wrapper: nn.Module = LoraEmbedding(module, cfg.lora_rank, scaling)
+        else:
+            if key == "lm_head" and tied:
+                raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
+                                 "checkpoint; target embed_tokens instead")
+            wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+        wrapped.append(key)
+    if not wrapped:
+        examples = ", ".join(hf_name(n) for n, _ in candidates[:6])
+        shown = pattern if pattern == cfg.target_modules else f"{cfg.target_modules} (read as {pattern})"
+        raise ValueError(f"peft.target_modules '{shown}' matches no Linear or Embedding module (names look like: "
+                         f"{examples}, ...)")
+    return wrapped
+
+
+def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
+    """Set requires_grad: LoRA freezes every base parameter; freeze_include adds, freeze_exclude (wins) removes."""
+    lora = cfg.pet_type == "lora"
+    matched_include: set[str] = set()
+    matched_exclude: set[str] = set()
+    for name, param in model.named_parameters():
+        key = base_name(name)
+        frozen = lora and ADAPTER_MARK not in name
+        for glob in cfg.freeze_include:
+            if fnmatch.fnmatchcase(key, glob):
+                frozen = True
+                matched_include.add(glob)
+        for glob in cfg.freeze_exclude:
+            if fnmatch.fnmatchcase(key, glob):
+                frozen = False
+                matched_exclude.add(glob)
+        param.requires_grad_(not frozen)
+    for kind, globs, matched in (("include", cfg.freeze_include, matched_include),
+                                 ("exclude", cfg.freeze_exclude, matched_exclude)):
+        unused = [g for g in globs if g not in matched]
+        if unused:
+            raise ValueError(f"peft.freeze_{kind}: {', '.join(unused)} match(es) no parameter")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("peft.freeze_include froze every parameter: nothing left to train")
+
+
+def count_parameters(model: nn.Module, shards: int = 1) -> LoraReport:
+    """Trainable and total parameter counts (local numel x shards under FSDP2, tied weights counted once)."""
+    report = LoraReport()
+    for param in model.parameters():
+        n = param.numel() * shards
+        report.total_params += n
+        if param.requires_grad:
+            report.trainable_params += n
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- init
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU in fp32 (a collective for FSDP2 DTensors: every rank must call it)."""
+    full = param.full_tensor() if hasattr(param, "full_tensor") else param
+    return full.detach().to("cpu", torch.float32)
+
+
+@torch.no_grad()
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
+    if hasattr(param, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = param.to_local()
+        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+        if local.numel() == 0:
+            return
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        local.copy_(full[index])
+    else:
+        param.copy_(full)
+
+
+def _fill(kind: str, shape: tuple[int, ...], rank: int, gen: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32)
+    if kind == "zeros":
+        return t.zero_()
+    if kind == "normal":
+        return t.normal_(0.0, 1.0 / rank, generator=gen)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)  # nn.Linear's and PEFT's default for A
+    return t
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
+    """Initialise every adapter after the base weights are loaded (PiSSA and DoRA read them).
+
+    PiSSA replaces the base weight by its residual W - s B0 A0 and keeps (A0, B0) on the module (CPU, fp32)
+    so the export can convert the result to a plain LoRA on the original weights.
+    """
+    from trainer.weights import _reshard_fsdp
+
+    _reshard_fsdp(model)  # work on the sharded fp32 parameters, never on a left-over unsharded copy
+    for name, module in lora_modules(model):
+        gen = _generator(seed, name)
+        r = module.rank
+        if isinstance(module, LoraEmbedding):
+            _assign(module.lora_embedding_A, torch.zeros(module.lora_embedding_A.shape))
+            _assign(module.lora_embedding_B, torch.empty(module.lora_embedding_B.shape).normal_(generator=gen))
+            continue
+        if cfg.pissa:
+            weight = _full(module.base_layer.weight)
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            sr = s[:r] / module.scaling
+            a = torch.diag(sr.sqrt()) @ vh[:r]
+            b = u[:, :r] @ torch.diag(sr.sqrt())
+            _assign(module.base_layer.weight, (weight - module.scaling * b @ a).to(module.base_layer.weight.dtype))
+            module.pissa_init = (a.clone(), b.clone())
+        else:
+            a = _fill(cfg.lora_a_init, tuple(module.lora_A.shape), r, gen)
+            b = _fill(cfg.lora_b_init, tuple(module.lora_B.shape), r, gen)
+        _assign(module.lora_A, a)
+        _assign(module.lora_B, b)
+        if module.lora_magnitude_vector is not None:
+            weight = _full(module.base_layer.weight)
+            _assign(module.lora_magnitude_vector, torch.linalg.norm(weight + module.scaling * b @ a, dim=1))
+
+
+def install_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune: uniform noise of magnitude alpha / sqrt(T * hidden) on the input embeddings, training only.
+
+    T is the packed row length (as transformers' NEFTune uses the padded sequence length). The noise draws from
+    torch's global RNG, which checkpoints save and restore, so a resumed run draws the same noise.
+    """
+    embed = model.get_submodule("model.embed_tokens")
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        mag = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.empty_like(output).uniform_(-mag, mag)
+
+    return embed.register_forward_hook(hook)
+
+
+def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
+    """Surgery + freezing on the (meta) model, before sharding; returns the wrapped module names."""
+    wrapped = apply_lora(model, cfg) if cfg.pet_type == "lora" else []
+    if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude:
+        apply_freeze(model, cfg)
+    return wrapped

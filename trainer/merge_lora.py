@@ -1,0 +1,223 @@
+"""Fold a PEFT LoRA adapter into its base checkpoint: HF safetensors out, one tensor at a time.
+
+Streaming keeps memory at one base tensor plus the adapter: each base shard file is read, the adapted weights
+are replaced by W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)), and the shard is written under the same
+file name, so the index and shard layout of the base are kept. The math runs in fp32 and is cast back to each
+tensor's stored dtype. Modules PEFT trained in full (`modules_to_save`) replace the base tensors.
+
+Tied embeddings: when only one of `embed_tokens` / `lm_head` changes, the merged checkpoint unties them
+(writes `lm_head.weight` and `tie_word_embeddings: false`), because PEFT applies an embedding adapter to the
+input lookup only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from trainer.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from trainer.weights import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, WeightsError, checkpoint_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    output_dir: str = ""
+    merged_modules: int = 0
+    replaced_tensors: int = 0  # modules_to_save
+    files: list[str] = field(default_factory=list)
+    untied_embeddings: bool = False
+    dtype: str = ""
+
+
+@dataclass
+class _Adapter:
+    kind: str  # "linear" | "embedding"
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None = None
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], dict[str, torch.Tensor]]:
+    """(config, module name -> adapter, full replacement tensors by checkpoint key) from a PEFT directory."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found (a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise WeightsError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":
+        raise WeightsError(f"{cfg_path}: fan_in_fan_out / LoRA biases are not supported by merge-lora")
+    tensors = load_file(w_path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise WeightsError(f"{w_path}: key {key} does not start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        for suffix in suffixes:
+            if name.endswith("." + suffix):
+                parts.setdefault(name[: -len(suffix) - 1], {})[suffix] = t.float()
+                break
+        else:
+            full[name] = t
+    adapters = {}
+    for module, p in parts.items():
+        if "lora_A.weight" in p and "lora_B.weight" in p:
+            a, b = p["lora_A.weight"], p["lora_B.weight"]
+            adapters[module] = _Adapter("linear", a, b, _scaling(config, module, a.shape[0]),
+                                        p.get("lora_magnitude_vector"))
+        elif "lora_embedding_A" in p and "lora_embedding_B" in p:
+            if "lora_magnitude_vector" in p:
+                raise WeightsError(f"{w_path}: DoRA on the embedding {module} is not supported by merge-lora")
+            a, b = p["lora_embedding_A"], p["lora_embedding_B"]
+            adapters[module] = _Adapter("embedding", a, b, _scaling(config, module, a.shape[0]))
+        else:
+            raise WeightsError(f"{w_path}: module {module} has an incomplete adapter ({', '.join(sorted(p))})")
+    return config, adapters, full
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, adapter: _Adapter) -> torch.Tensor:
+    """The base weight with the adapter folded in, computed in fp32, returned in the weight's dtype."""
+    w = weight.float()
+    if adapter.kind == "embedding":  # A: [r, vocab], B: [dim, r]; delta [vocab, dim]
+        delta = (adapter.b @ adapter.a).t() * adapter.scaling
+    else:
+        delta = (adapter.b @ adapter.a) * adapter.scaling
+    if delta.shape != w.shape:
+        raise WeightsError(f"adapter delta has shape {tuple(delta.shape)}, the base weight {tuple(w.shape)}")
+    merged = w + delta
+    if adapter.magnitude is not None:
+        merged = merged * (adapter.magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+    return merged.to(weight.dtype)
+
+
+def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+               show_progress: bool = True) -> MergeReport:
+    """Write base + adapter as an HF checkpoint directory (atomically: a temp sibling renamed at the end)."""
+    from tqdm import tqdm
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    config, adapters, replacements = read_adapter(adapter_dir)
+    files = checkpoint_index(base_dir)
+    hf_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    keys = set(files)
+    missing = sorted(m for m in adapters if f"{m}.weight" not in keys and not (tied and m == "lm_head"))
+    missing += sorted(k for k in replacements if k not in keys)
+    if missing:
+        raise WeightsError(f"{adapter_dir}: adapter modules/tensors not in the base checkpoint {base_dir}: "
+                           f"{', '.join(missing[:10])}")
+    # A tied pair where only one side changes must be written as two tensors.
+    untie = tied and "lm_head.weight" not in keys and (
+        "model.embed_tokens" in adapters or "lm_head" in adapters
+        or "model.embed_tokens.weight" in replacements or "lm_head.weight" in replacements
+    )
+    report = MergeReport(output_dir=str(out_dir), untied_embeddings=untie)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        by_file: dict[Path, list[str]] = {}
+        for key, path in files.items():
+            by_file.setdefault(path, []).append(key)
+        weight_map: dict[str, str] = {}
+        dtypes = set()
+        for path in tqdm(sorted(by_file), desc="merging", unit="file", disable=not show_progress):
+            out: dict[str, torch.Tensor] = {}
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = f.metadata()
+                for key in by_file[path]:
+                    t = f.get_tensor(key)
+                    dtypes.add(t.dtype)
+                    module = key[: -len(".weight")] if key.endswith(".weight") else None
+                    if untie and key == "model.embed_tokens.weight":
+                        head = t.clone()
+                        if "lm_head" in adapters:
+                            head = merged_weight(head, adapters["lm_head"])
+                            report.merged_modules += 1
+                        out["lm_head.weight"] = replacements.get("lm_head.weight", head).to(t.dtype)
+                    if key in replacements:
+                        t = replacements[key].to(t.dtype)
+                        report.replaced_tensors += 1
+                    elif module in adapters:
+                        t = merged_weight(t, adapters[module])
+                        report.merged_modules += 1
+                    out[key] = t.contiguous()
+            save_file(out, tmp / path.name, metadata=metadata or {"format": "pt"})
+            weight_map.update(dict.fromkeys(out, path.name))
+            report.files.append(path.name)
+        if (base_dir / INDEX_FILE).is_file():
+            index = json.loads((base_dir / INDEX_FILE).read_text(encoding="utf-8"))
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = _tensor_bytes(tmp, set(weight_map.values()))
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        elif not (tmp / SINGLE_FILE).is_file():
+            raise WeightsError(f"{base_dir}: expected {SINGLE_FILE}")
+        if untie:
+            hf_config["tie_word_embeddings"] = False
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        if report.merged_modules != len(adapters):
+            raise WeightsError(f"merged {report.merged_modules} of {len(adapters)} adapted modules")
+        report.dtype = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("merged %d LoRA modules into %s", report.merged_modules, out_dir)
+    return report
+
+
+def _tensor_bytes(root: Path, names: set[str]) -> int:
+    """Total tensor bytes of the written shards, as an index's metadata.total_size records."""
+    total = 0
+    for name in names:
+        with safe_open(root / name, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    return total
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
