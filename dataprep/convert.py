@@ -14,6 +14,7 @@ before emitting one: it spills serialized records to a temporary file and keeps 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from dataprep import output_styles
 from dataprep.atomic_write import atomic_output, check_writable
 from dataprep.errors import DataError
 from dataprep.shuffle import shuffled
-from dataprep.sources import BadRecord, InputSource, expand_inputs, read_records
+from dataprep.sources import BadRecord, InputSource, RecordBatch, expand_inputs, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +125,20 @@ class Reject:
 OnReject = Callable[[Reject], None]
 
 
-def _derived_id(stem: str, line: int | None, record: int | None) -> str:
-    """Stable without an input id: the same file gives the same ids on every run and machine."""
-    return f"{stem}:{line}" if record is None else f"{stem}[{record}]"
-
-
 def _convert_one(raw: Any, fmt: str, system: str | None, fallback_id: str) -> dict[str, Any]:
-    messages = fmts.CONVERTERS[fmt](raw)
+    messages = fmts.CONVERTERS[fmt](raw)  # validated by the converter; a system turn first keeps it valid
     if system:
         messages = cv.add_system(messages, system)
-    cv.validate_messages(messages)
     return {"id": fmts.record_id(raw) or fallback_id, "messages": messages}
 
 
-def _convert_raw(raw: Any, fmt: str, system: str | None, fallback_id: str) -> list[tuple[dict[str, Any], Any]]:
-    """(record, source record) pairs for one input record; several only for multi-instance seed tasks."""
-    if fmt != fmts.SELF_INSTRUCT:
-        return [(_convert_one(raw, fmt, system, fallback_id), raw)]
+def _expand_self_instruct(raw: Any, system: str | None, fallback_id: str) -> list[tuple[dict[str, Any], Any]]:
+    """(record, source record) pairs for one seed task: one per instance, all converted before any is
+    yielded, so a bad instance skips the whole task rather than half of it."""
     items = fmts.expand_self_instruct(raw)
     if len(items) == 1:
-        return [(_convert_one(items[0], fmt, system, fallback_id), items[0])]
-    return [(_convert_one(item, fmt, system, f"{fallback_id}-{k}"), item) for k, item in enumerate(items)]
+        return [(_convert_one(items[0], fmts.ALPACA, system, fallback_id), items[0])]
+    return [(_convert_one(item, fmts.ALPACA, system, f"{fallback_id}-{k}"), item) for k, item in enumerate(items)]
 
 
 def _progress_bar(sources: list[InputSource], options: ConvertOptions) -> tqdm | None:
@@ -154,14 +148,20 @@ def _progress_bar(sources: list[InputSource], options: ConvertOptions) -> tqdm |
     return tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if options.progress is None else False)
 
 
+Converted = list[tuple[dict[str, Any], Any, str]]
+
+
 def iter_converted(
     inputs: Sequence[str] | Sequence[InputSource],
     options: ConvertOptions,
     stats: ConvertStats,
     on_reject: OnReject | None = None,
-) -> Iterator[tuple[dict[str, Any], Any, str]]:
-    """Yield `(record, source record, format)` in input order; the source record feeds output styles
-    that need more than the canonical record (MindFormers' Alpaca prompt needs instruction and input).
+) -> Iterator[Converted]:
+    """Yield lists of `(record, source record, format)` in input order (a list per input batch).
+
+    The source record feeds output styles that need more than the canonical record (MindFormers'
+    Alpaca prompt needs instruction and input). Lists, not single records: this loop is the hot path
+    of convert and pack, and per-record generator hops cost as much as the conversion itself.
     """
     if all(isinstance(s, InputSource) for s in inputs):
         sources: list[InputSource] = list(inputs)  # type: ignore[arg-type]
@@ -172,7 +172,7 @@ def iter_converted(
     fail = options.on_error == "fail"
     take = options.take
     system = options.system
-    convert_raw = _convert_raw
+    self_instruct = fmts.SELF_INSTRUCT
 
     def progressed(n: int) -> None:
         stats.bytes_in += n
@@ -185,38 +185,70 @@ def iter_converted(
             fmt = forced
             if fmt is not None:
                 stats.formats[fmt] += 1
+            converter = fmts.CONVERTERS[fmt] if fmt is not None else None
             stem = source.stem
-            for raw, line, record in read_records(source, progressed):
-                stats.records_in += 1
-                try:
-                    if type(raw) is BadRecord:
-                        raise raw.error
-                    if fmt is None:
-                        fmt = fmts.detect_format(raw)
-                        stats.formats[fmt] += 1
-                        log.info("%s: detected input format %s", source.name, fmt)
-                    converted = convert_raw(raw, fmt, system, _derived_id(stem, line, record))
-                except DataError as err:
-                    if err.source is None:
-                        err = cv.located(err, source.name, line, record)
-                    if fail:
-                        raise err from None
-                    stats.skipped[err.reason] += 1
-                    if on_reject is not None:
+            for batch in read_batches(source, progressed):
+                records = batch.records
+                lines = batch.lines
+                base = batch.first_index
+                out: Converted = []
+                stats.records_in += len(records)
+                for i, raw in enumerate(records):
+                    try:
                         if type(raw) is BadRecord:
-                            on_reject(Reject(source.name, line, record, err.reason, str(err), text=raw.text))
+                            raise raw.error
+                        if converter is None:
+                            fmt = fmts.detect_format(raw)
+                            converter = fmts.CONVERTERS[fmt]
+                            stats.formats[fmt] += 1
+                            log.info("%s: detected input format %s", source.name, fmt)
+                        if fmt == self_instruct:
+                            fallback = f"{stem}:{lines[i]}" if base is None else f"{stem}[{base + i}]"  # type: ignore[index]
+                            out.extend((rec, src, fmt) for rec, src in _expand_self_instruct(raw, system, fallback))
                         else:
-                            on_reject(Reject(source.name, line, record, err.reason, str(err), raw=raw))
-                    continue
-                for rec, src_raw in converted:
-                    stats.records_out += 1
-                    yield rec, src_raw, fmt  # type: ignore[misc]
-                    if take is not None and stats.records_out >= take:
+                            messages = converter(raw)
+                            if system:
+                                messages = cv.add_system(messages, system)
+                            rid = raw.get("id")
+                            # Without an input id: file name + line (JSONL) or + index (arrays,
+                            # datasets), so the same file gives the same ids on every run and machine.
+                            if rid is None:
+                                rid = f"{stem}:{lines[i]}" if base is None else f"{stem}[{base + i}]"  # type: ignore[index]
+                            elif type(rid) is not str:
+                                rid = fmts.record_id(raw)  # an integer id as text, or a wrong-type error
+                            out.append(({"id": rid, "messages": messages}, raw, fmt))  # type: ignore[arg-type]
+                    except DataError as err:
+                        _handle_error(err, source.name, batch, i, raw, fail, stats, on_reject)
+                    if take is not None and stats.records_out + len(out) >= take:
+                        stats.records_in -= len(records) - i - 1  # the rest of the batch was never looked at
+                        del out[take - stats.records_out :]
+                        stats.records_out += len(out)
                         stats.take_reached = True
+                        yield out
                         return
+                stats.records_out += len(out)
+                if out:
+                    yield out
     finally:
         if bar is not None:
             bar.close()
+
+
+def _handle_error(
+    err: DataError, source: str, batch: RecordBatch, i: int, raw: Any, fail: bool, stats: ConvertStats, on_reject: OnReject | None
+) -> None:
+    """Apply the on-error policy to one bad record: raise it located, or count it and pass it on."""
+    line, record = batch.line(i), batch.index(i)
+    if err.source is None:
+        err = cv.located(err, source, line, record)
+    if fail:
+        raise err from None
+    stats.skipped[err.reason] += 1
+    if on_reject is not None:
+        if type(raw) is BadRecord:
+            on_reject(Reject(source, line, record, err.reason, str(err), text=raw.text))
+        else:
+            on_reject(Reject(source, line, record, err.reason, str(err), raw=raw))
 
 
 def iter_conversations(
@@ -231,7 +263,7 @@ def iter_conversations(
     with "skip" it is counted in `stats.skipped[reason]` and passed to `on_reject`.
     """
     start = time.perf_counter()
-    records = (rec for rec, _raw, _fmt in iter_converted(inputs, options, stats, on_reject))
+    records = (rec for batch in iter_converted(inputs, options, stats, on_reject) for rec, _raw, _fmt in batch)
     try:
         if not options.shuffle:
             yield from records
@@ -241,6 +273,17 @@ def iter_conversations(
                 yield loads(blob)
     finally:
         stats.seconds = time.perf_counter() - start
+
+
+def _rebatch(items: Iterator[bytes], size: int = 4096) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def convert_files(
@@ -273,10 +316,19 @@ def convert_files(
                 rejects.write(reject.to_json())
 
         serialize = style.serialize
-        items = (serialize(rec, raw, fmt) for rec, raw, fmt in iter_converted(sources, options, stats, on_reject))
+        batches = map(serialize, iter_converted(sources, options, stats, on_reject))
         if options.shuffle:
-            items = shuffled(items, options.seed, spill_dir=os.path.dirname(os.path.abspath(output)))
-        output_styles.write_items(out, style, items)
+            flat = (item for items in batches for item in items)
+            batches = _rebatch(shuffled(flat, options.seed, spill_dir=os.path.dirname(os.path.abspath(output))))
+        # Nothing here creates reference cycles, and with millions of short-lived dicts the cyclic
+        # collector would spend its time re-scanning the batch in flight; it is back on when we return.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            output_styles.write_batches(out, style, batches)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     stats.seconds = time.perf_counter() - start
     if stats.records_in and not stats.records_out:
         log.warning("no record was converted: all %d were skipped (%s)", stats.records_in, dict(stats.skipped))

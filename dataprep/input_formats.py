@@ -1,7 +1,8 @@
 """Per-record converters from the instruction formats users actually have to canonical messages.
 
-Each converter takes one parsed record and returns its `messages` list, or raises DataError (without a
-location; the caller adds file and line). The format is detected once per file from its first record,
+Each converter takes one parsed record and returns its `messages` list, already validated
+(`conversation.validate_messages` rules), or raises DataError (without a location; the caller adds file
+and line). The format is detected once per file from its first record,
 because real files are homogeneous and per-record guessing would silently turn a broken Alpaca record
 (say, a typo in "output") into "some other format".
 
@@ -115,6 +116,30 @@ def alpaca_prompt_parts(raw: dict[str, Any]) -> tuple[str, str]:
 
 
 def alpaca_messages(raw: Any) -> list[dict[str, str]]:
+    """Fast path for the shape nearly every Alpaca record has (strings, no system/history); anything
+    else, including every error, goes through `_alpaca_messages_checked`, which gives the precise message.
+    """
+    try:
+        instruction = raw["instruction"]
+        output = raw["output"]
+        input_text = raw.get("input")
+        unusual = raw.get("system") or raw.get("history")
+    except (KeyError, TypeError, AttributeError):
+        return _alpaca_messages_checked(raw)
+    if (
+        unusual
+        or type(instruction) is not str
+        or type(output) is not str
+        or (input_text is not None and type(input_text) is not str)
+    ):
+        return _alpaca_messages_checked(raw)
+    prompt = f"{instruction}\n\n{input_text}" if input_text and not input_text.isspace() else instruction
+    if not prompt or prompt.isspace() or not output or output.isspace():
+        return _alpaca_messages_checked(raw)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def _alpaca_messages_checked(raw: Any) -> list[dict[str, str]]:
     instruction, input_text = alpaca_prompt_parts(raw)
     output = _require(raw, "output", str, "alpaca")
     messages: list[dict[str, str]] = []
@@ -130,6 +155,7 @@ def alpaca_messages(raw: Any) -> list[dict[str, str]]:
     prompt = f"{instruction}\n\n{input_text}" if has_input(input_text) else instruction
     messages.append(cv.message(cv.USER, prompt))
     messages.append(cv.message(cv.ASSISTANT, output))
+    cv.validate_messages(messages)
     return messages
 
 
@@ -187,6 +213,7 @@ def src_tgt_messages(raw: Any) -> list[dict[str, str]]:
     for user, assistant in pairs:
         messages.append(cv.message(cv.USER, user))
         messages.append(cv.message(cv.ASSISTANT, assistant))
+    cv.validate_messages(messages)
     return messages
 
 
@@ -220,6 +247,7 @@ def sharegpt_messages(raw: Any) -> list[dict[str, str]]:
                 reason=cv.UNKNOWN_ROLE,
             )
         messages.append(cv.message(role, turn["value"]))
+    cv.validate_messages(messages)
     return messages
 
 
@@ -245,6 +273,7 @@ def openai_messages(raw: Any) -> list[dict[str, str]]:
             missing = "role" if "role" not in turn else "content"
             raise DataError(f"messages[{k}] is missing '{missing}'", reason=cv.MISSING_FIELD)
         messages.append(cv.message(turn["role"], _text_content(turn["content"], k)))
+    cv.validate_messages(messages)
     return messages
 
 

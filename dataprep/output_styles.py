@@ -42,8 +42,10 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 _FROM = {cv.USER: "human", cv.ASSISTANT: "gpt", cv.SYSTEM: "system"}
 
 
-def _messages_item(record: dict[str, Any], raw: Any, fmt: str) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+def _messages_items(batch: list[tuple[dict[str, Any], Any, str]]) -> list[bytes]:
+    dumps = orjson.dumps
+    newline = orjson.OPT_APPEND_NEWLINE
+    return [dumps(record, option=newline) for record, _raw, _fmt in batch]
 
 
 def mindformers_conversations(record: dict[str, Any], raw: Any, fmt: str) -> dict[str, Any]:
@@ -56,16 +58,16 @@ def mindformers_conversations(record: dict[str, Any], raw: Any, fmt: str) -> dic
     return {"id": record["id"], "conversations": turns}
 
 
-def _mindformers_item(record: dict[str, Any], raw: Any, fmt: str) -> bytes:
-    return orjson.dumps(mindformers_conversations(record, raw, fmt))
+def _mindformers_items(batch: list[tuple[dict[str, Any], Any, str]]) -> list[bytes]:
+    return [orjson.dumps(mindformers_conversations(record, raw, fmt)) for record, raw, fmt in batch]
 
 
 @dataclass(frozen=True)
 class OutputStyle:
-    """Serialize one converted record to bytes, and frame the items into a file."""
+    """Serialize converted records (a batch of (record, source record, format)) and frame them in a file."""
 
     name: str
-    serialize: Callable[[dict[str, Any], Any, str], bytes]
+    serialize: Callable[[list[tuple[dict[str, Any], Any, str]]], list[bytes]]
     header: bytes
     separator: bytes
     footer: bytes
@@ -73,8 +75,8 @@ class OutputStyle:
 
 
 STYLE_TABLE = {
-    MESSAGES: OutputStyle(MESSAGES, _messages_item, b"", b"", b"", b""),
-    MINDFORMERS: OutputStyle(MINDFORMERS, _mindformers_item, b"[\n", b",\n", b"\n]\n", b"[]\n"),
+    MESSAGES: OutputStyle(MESSAGES, _messages_items, b"", b"", b"", b""),
+    MINDFORMERS: OutputStyle(MINDFORMERS, _mindformers_items, b"[\n", b",\n", b"\n]\n", b"[]\n"),
 }
 
 
@@ -84,18 +86,14 @@ def get_style(name: str) -> OutputStyle:
     return STYLE_TABLE[name]
 
 
-def write_items(out: BinaryIO, style: OutputStyle, items: Iterable[bytes]) -> int:
-    """Write serialized items with the style's framing; returns how many were written."""
+def write_batches(out: BinaryIO, style: OutputStyle, batches: Iterable[list[bytes]]) -> int:
+    """Write batches of serialized items with the style's framing (one write per batch); returns the count."""
     count = 0
-    write = out.write
-    if style.separator:
-        for item in items:
-            write(style.header if count == 0 else style.separator)
-            write(item)
-            count += 1
-        write(style.footer if count else style.empty)
-    else:
-        for item in items:
-            write(item)
-            count += 1
+    join = style.separator.join
+    for items in batches:
+        if items:
+            out.write(style.header if count == 0 else style.separator)
+            out.write(join(items))
+            count += len(items)
+    out.write(style.footer if count else style.empty)
     return count

@@ -16,13 +16,13 @@ import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
 _BLOCK = 1 << 16
 
 
 def shuffled(items: Iterable[bytes], seed: int, spill_dir: str | None = None) -> Iterator[bytes]:
     """Yield `items` in a random order that depends only on `seed` and the number of items."""
+    import numpy as np  # here, not at module level: most runs never shuffle and numpy costs 0.2 s to import
+
     with tempfile.TemporaryFile(dir=spill_dir, prefix=".shuffle-") as spill:
         offsets = array("q", [0])
         end = 0

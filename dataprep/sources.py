@@ -4,14 +4,15 @@ Inputs: JSON Lines or one JSON array per file, optionally gzip or zstd compresse
 magic bytes, not the name), shell globs, a Hugging Face `save_to_disk` directory, or `hf:NAME[:SPLIT]`
 for a dataset `datasets.load_dataset` can open offline (a locally cached hub name or a local folder).
 
-Memory: JSONL is read in 4 MiB chunks and split into lines; a JSON array is scanned the same way, cutting
-the text at candidate record ends and letting orjson parse each record (see `_array_records`), so neither
-form is ever loaded whole. A Hugging Face dataset is memory-mapped Arrow, read in batches.
+Memory: files are read in 1 MiB chunks and records handed out as soon as they are complete (see
+`json_stream`), so neither JSONL nor a JSON array is ever loaded whole. A Hugging Face dataset is
+memory-mapped Arrow, read in batches of 1024 rows.
 
-`read_records` yields `(raw, line, record)`: `raw` is the parsed record, or a `BadRecord` for a JSONL line
-that is not valid JSON / UTF-8 (so the caller's on-error policy decides, and the next line still reads);
-`line` is the 1-based line where the record starts (None for datasets) and `record` the 0-based index of
-the record in a JSON array or dataset (None for JSONL, where the line says it all).
+`read_batches` yields `json_stream.RecordBatch` objects; `read_records` flattens them to `(raw, line,
+record)`: `raw` is the parsed record, or a `BadRecord` for a JSONL line that is not valid JSON / UTF-8 (so
+the caller's on-error policy decides, and the next line still reads); `line` is the 1-based line where
+the record starts (None for datasets) and `record` the 0-based index of the record in a JSON array or
+dataset (None for JSONL, where the line says it all).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
-import itertools
 import logging
 import os
 import re
@@ -28,18 +28,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import orjson
 import zstandard
 
-from dataprep import conversation as cv
 from dataprep.errors import DataError
+from dataprep.json_stream import BadRecord, RecordBatch, array_batches, jsonl_batches
+
+__all__ = ["BadRecord", "InputSource", "RecordBatch", "expand_inputs", "read_batches", "read_records"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 << 20
-# A JSON-array record is cut out of the byte stream before parsing; past this size we stop looking for
-# its end and report it, instead of reading an unterminated file into memory.
-MAX_RECORD_BYTES = 64 << 20
+# Read size; also the batch size. Bigger buys nothing measurable and costs memory (several buffers
+# of this size are alive at once).
+CHUNK_BYTES = 1 << 20
 
 FILE = "file"
 HF_DISK = "hf_disk"
@@ -48,24 +48,9 @@ HF_HUB = "hf_hub"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _BOM = b"\xef\xbb\xbf"
-# A candidate end of an array element: a closing brace followed by "," or "]". Braces inside strings or
-# nested objects match too; orjson then reports "unexpected end of data" and we try the next candidate.
-_RECORD_END = re.compile(rb"\}[ \t\r\n]*[,\]]")
 _SPACE = re.compile(rb"[ \t\r\n]*")
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """A JSONL line that could not be parsed: the located error and the line's text (for --rejects)."""
-
-    error: DataError
-    text: str
-
-
-def _bad(line: bytes, exc: orjson.JSONDecodeError, name: str, lineno: int) -> BadRecord:
-    return BadRecord(decode_error(line, exc, name, lineno, None), line.decode("utf-8", "replace").rstrip("\r"))
 
 
 @dataclass(frozen=True)
@@ -133,12 +118,18 @@ def expand_inputs(inputs: Sequence[str]) -> list[InputSource]:
     return sources
 
 
-def read_records(source: InputSource, progress: Progress | None = None) -> Iterator[tuple[Any, int | None, int | None]]:
-    """Stream `(raw, line, record)` from one source (see the module docstring)."""
+def read_batches(source: InputSource, progress: Progress | None = None) -> Iterator[RecordBatch]:
+    """Stream one source as RecordBatch objects (records plus how to locate each one)."""
     if source.kind == FILE:
-        yield from _read_file(source, progress)
-    else:
-        yield from _read_dataset(source)
+        return _read_file(source, progress)
+    return _read_dataset(source)
+
+
+def read_records(source: InputSource, progress: Progress | None = None) -> Iterator[tuple[Any, int | None, int | None]]:
+    """`(raw, line, record)` one at a time (see the module docstring); simpler, slower than batches."""
+    for batch in read_batches(source, progress):
+        for i, raw in enumerate(batch.records):
+            yield raw, batch.line(i), batch.index(i)
 
 
 # ---------------------------------------------------------------- files
@@ -177,7 +168,8 @@ def _chunks(source: InputSource, progress: Progress | None) -> Iterator[bytes]:
         raw.close()
 
 
-def _read_file(source: InputSource, progress: Progress | None) -> Iterator[tuple[Any, int | None, int | None]]:
+def _read_file(source: InputSource, progress: Progress | None) -> Iterator[RecordBatch]:
+    """Open now and peek at the first byte: "[" is a JSON array, anything else JSON Lines."""
     chunks = _chunks(source, progress)
     head = b""
     for chunk in chunks:
@@ -189,163 +181,25 @@ def _read_file(source: InputSource, progress: Progress | None) -> Iterator[tuple
             break
     else:
         log.warning("%s is empty", source.name)
-        return
+        return iter(())
     if head[first : first + 1] == b"[":
-        yield from _array_records(source.name, head, first, chunks)
-    else:
-        yield from _jsonl_records(source.name, head, chunks)
-
-
-def decode_error(text: bytes | memoryview, exc: orjson.JSONDecodeError, source: str, line: int, record: int | None) -> DataError:
-    """A DataError for text orjson rejected: invalid UTF-8 is told apart from bad JSON, with the exact line."""
-    data = bytes(text)
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        at = line + data.count(b"\n", 0, bad.start)
-        err = DataError(f"invalid UTF-8 (byte 0x{data[bad.start]:02x} at offset {bad.start} of the record)", reason=cv.INVALID_UTF8)
-        return cv.located(err, source, at, record)
-    text = data.decode("utf-8")
-    pos = min(exc.pos, len(text))  # orjson reports a character offset, not a byte offset
-    at = line + text.count("\n", 0, pos)
-    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
-    err = DataError(f"invalid JSON: {exc.msg} (column {column})", reason=cv.INVALID_JSON)
-    return cv.located(err, source, at, record)
-
-
-def _jsonl_records(name: str, head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[Any, int | None, int | None]]:
-    loads = orjson.loads
-    decode_failed = orjson.JSONDecodeError
-    lineno = 0
-    carry = b""
-    for chunk in itertools.chain((head,), chunks):
-        lines = (carry + chunk).split(b"\n") if carry else chunk.split(b"\n")
-        carry = lines.pop()
-        for line in lines:
-            lineno += 1
-            try:
-                obj = loads(line)
-            except decode_failed as exc:
-                if line.strip():
-                    yield _bad(line, exc, name, lineno), lineno, None
-                continue
-            yield obj, lineno, None
-    if carry.strip():  # last line without a trailing newline (PaddleNLP's files end like this)
-        lineno += 1
-        try:
-            obj = loads(carry)
-        except decode_failed as exc:
-            yield _bad(carry, exc, name, lineno), lineno, None
-        else:
-            yield obj, lineno, None
-
-
-def _skip_space(name: str, buf: bytes, pos: int, line: int, chunks: Iterator[bytes], after: str) -> tuple[bytes, int, int]:
-    """Advance past whitespace, reading more input as needed; returns (buf, pos, line) at the next byte."""
-    while True:
-        end = _SPACE.match(buf, pos).end()
-        line += buf.count(b"\n", pos, end)
-        if end < len(buf):
-            return buf, end, line
-        chunk = next(chunks, None)
-        if chunk is None:
-            err = DataError(f"unexpected end of file after {after} (the JSON array is not closed)", reason=cv.INVALID_JSON)
-            raise cv.located(err, name, line, None)
-        buf, pos = chunk, 0
-
-
-def _array_records(name: str, buf: bytes, first: int, chunks: Iterator[bytes]) -> Iterator[tuple[Any, int | None, int | None]]:
-    """Stream the objects of a top-level JSON array without holding the array.
-
-    Each element is cut at the first `}` followed by `,` or `]` at which orjson parses the slice. A cut
-    inside a string or a nested value fails with "unexpected end of data" (the JSON grammar never
-    completes an object early), so the first slice that parses is exactly the element. Any other parse
-    error is a real error at that position. An invalid element cannot be skipped, because nothing tells
-    where the next one starts; it always stops the read.
-    """
-    loads = orjson.loads
-    decode_failed = orjson.JSONDecodeError
-    line = 1 + buf.count(b"\n", 0, first)
-    buf, pos, line = _skip_space(name, buf, first + 1, line, chunks, "'['")
-    if buf[pos] == 0x5D:  # "]": an empty array
-        _expect_only_space(name, buf, pos + 1, line, chunks)
-        return
-    index = 0
-    while True:
-        if buf[pos] != 0x7B:  # "{"
-            snippet = buf[pos : pos + 20].decode("utf-8", "replace")
-            err = DataError(f"array element must be a JSON object, found {snippet!r}", reason=cv.NOT_AN_OBJECT)
-            raise cv.located(err, name, line, index)
-        start = search = pos
-        while True:
-            match = _RECORD_END.search(buf, search)
-            if match is None:
-                chunk = next(chunks, None)
-                if chunk is None or len(buf) - start > MAX_RECORD_BYTES:
-                    raise _unfinished_record(name, buf[start:], line, index, at_eof=chunk is None)
-                buf = buf[start:] + chunk
-                search -= start
-                start = 0
-                continue
-            cut = match.start() + 1
-            try:
-                obj = loads(memoryview(buf)[start:cut])
-            except decode_failed as exc:
-                if exc.msg.startswith("unexpected end of data"):
-                    search = cut  # the cut fell inside a string or a nested value
-                    continue
-                raise decode_error(buf[start:cut], exc, name, line, index) from None
-            break
-        yield obj, line, index
-        index += 1
-        line += buf.count(b"\n", start, match.end())
-        pos = match.end()
-        if buf[pos - 1] == 0x5D:  # "]"
-            _expect_only_space(name, buf, pos, line, chunks)
-            return
-        buf, pos, line = _skip_space(name, buf, pos, line, chunks, "','")
-
-
-def _unfinished_record(name: str, text: bytes, line: int, index: int, at_eof: bool) -> DataError:
-    """The error for an array element whose end was never found: the real syntax error if there is one."""
-    try:
-        orjson.loads(text.rstrip())
-    except orjson.JSONDecodeError as exc:
-        if not exc.msg.startswith("unexpected end of data"):
-            return decode_error(text.rstrip(), exc, name, line, index)
-    if at_eof:
-        err = DataError("unexpected end of file inside this record (the JSON array is not closed)", reason=cv.INVALID_JSON)
-    else:
-        err = DataError(f"record is larger than {MAX_RECORD_BYTES >> 20} MiB or never ends", reason=cv.INVALID_JSON)
-    return cv.located(err, name, line, index)
-
-
-def _expect_only_space(name: str, buf: bytes, pos: int, line: int, chunks: Iterator[bytes]) -> None:
-    rest = buf[pos:]
-    while True:
-        extra = _SPACE.match(rest).end()
-        if extra < len(rest):
-            line += rest.count(b"\n", 0, extra)
-            raise cv.located(DataError("unexpected data after the end of the JSON array", reason=cv.INVALID_JSON), name, line, None)
-        line += rest.count(b"\n")
-        rest = next(chunks, None)
-        if rest is None:
-            return
+        return array_batches(source.name, head, first, chunks)
+    return jsonl_batches(source.name, head, chunks)
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
 
-def _read_dataset(source: InputSource) -> Iterator[tuple[Any, int | None, int | None]]:
+def _read_dataset(source: InputSource) -> Iterator[RecordBatch]:
     ds = _open_dataset(source)
     index = 0
-    for batch in ds.iter(batch_size=1024):
-        columns = list(batch)
-        if not columns:
+    for columns in ds.iter(batch_size=1024):
+        names = list(columns)
+        if not names:
             continue
-        for i in range(len(batch[columns[0]])):
-            yield {key: batch[key][i] for key in columns}, None, index
-            index += 1
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
+        yield RecordBatch(rows, first_index=index)
+        index += len(rows)
 
 
 @contextlib.contextmanager

@@ -278,3 +278,30 @@ def test_skip_without_rejects_still_counts(tmp_path):
     path = jsonl(tmp_path / "m.jsonl", [GOOD, {"output": "a"}, {"instruction": "q", "output": 1}])
     records, stats = run([path], on_error="skip")
     assert len(records) == 1 and stats.skipped == {"missing_field": 1, "wrong_type": 1}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    records=st.lists(_record, min_size=1, max_size=12),
+    data=st.data(),
+    indent=st.sampled_from([None, 2]),
+    chunk=st.sampled_from([2, 16, 1 << 20]),
+)
+def test_array_error_in_any_record_is_located_exactly(tmp_path, monkeypatch, records, data, indent, chunk):
+    """A syntax error planted in record k is reported at record k's line, whatever the batching did."""
+    monkeypatch.setattr(sources, "CHUNK_BYTES", chunk)
+    k = data.draw(st.integers(0, len(records) - 1))
+    marker = "\x00MARK\x00"
+    planted = [dict(r) for r in records]
+    planted[k] = {"instruction": marker, **{key: v for key, v in records[k].items() if key != "instruction"}}
+    text = json.dumps(planted, indent=indent, ensure_ascii=False)
+    quoted = json.dumps(marker)
+    at = text.index(quoted)
+    text = text[:at] + "tru" + text[at + len(quoted) :]  # an invalid literal where the string was
+    expected_line = text.count("\n", 0, at) + 1
+    path = tmp_path / "e.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        list(sources.read_records(sources.InputSource(name=str(path), path=str(path))))
+    assert info.value.reason == "invalid_json"
+    assert info.value.line == expected_line and info.value.record == k
