@@ -19,6 +19,9 @@ Examples:
   dataprep pack conv.jsonl -o data/ --tokenizer ./Qwen2.5-7B-Instruct --seq-length 4096
   dataprep pack alpaca.json more.jsonl.zst -o data/ --tokenizer tok/ --seq-length 2048 --algorithm ffd \\
       --overlong split --on-error skip --num-proc 4 --json
+  # three machines, then one merge (no shard data copied):
+  dataprep pack conv.jsonl -o parts/p0 --tokenizer tok/ --seq-length 4096 --partition 0/3   # and 1/3, 2/3
+  dataprep merge parts/p0 parts/p1 parts/p2 -o data/
 """,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
@@ -109,7 +112,27 @@ Examples:
     show_default=True,
     help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUTPUT.")
+@click.option(
+    "--partition",
+    "partition_spec",
+    metavar="I/N",
+    default=None,
+    help="Pack only partition I of N (0 <= I < N) into OUTPUT; join the parts with `dataprep merge`.",
+)
+@click.option(
+    "--partition-by",
+    type=click.Choice(["record", "file"]),
+    default="record",
+    show_default=True,
+    help="record: converted record k goes to partition k mod N (every part reads all inputs, tokenizes 1/N). "
+    "file: input j goes to partition j mod N (each part reads only its files).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing dataset at OUTPUT. Without it, an OUTPUT made from the same inputs and options "
+    "is reused (exit 0) and any other is refused (exit 1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
 @click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
 @handle_errors
@@ -132,6 +155,8 @@ def pack(
     input_format: str,
     system: str | None,
     on_error: str,
+    partition_spec: str | None,
+    partition_by: str,
     overwrite: bool,
     as_json: bool,
     verbose: int,
@@ -142,11 +167,23 @@ def pack(
     ShareGPT, messages; .gz/.zst; globs). The dataset is written to a temp directory and renamed into place
     when complete, with an index.json manifest (tokenizer fingerprint, template, packing stats, checksums).
 
-    Exit codes: 0 ok, 1 bad data or existing OUTPUT (the message says which), 2 usage error.
+    Reruns are idempotent: the manifest records content hashes of the inputs, the tokenizer fingerprint and
+    the options; an OUTPUT made from the same ones is reused (summary `reused: true`), a different one is
+    refused unless --overwrite.
+
+    Exit codes: 0 ok (or reused), 1 bad data, or OUTPUT exists and differs (the message says which file,
+    record or option), 2 usage error.
     """
+    from dataprep.partition import parse_partition
     from dataprep.pipeline import PackOptions, pack_dataset
 
     setup_logging(verbose)
+    partition = None
+    if partition_spec is not None:
+        try:
+            partition = parse_partition(partition_spec, partition_by)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--partition") from None
     options = PackOptions(
         seq_length=seq_length,
         algorithm=algorithm,
@@ -166,6 +203,7 @@ def pack(
         num_proc=num_proc,
         progress=sys.stderr.isatty() and not as_json,
         command=list(sys.argv),
+        partition=partition,
     )
     summary = pack_dataset(list(inputs), output, tokenizer_path, options)
     emit_summary("dataprep pack", summary, as_json)

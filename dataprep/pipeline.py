@@ -5,6 +5,12 @@ Stages: read (dataprep.convert) -> tokenize with masks (dataprep.tokenize) -> sp
 files next to the output instead of being kept as Python objects, so memory holds only per-sample integer
 arrays (lengths, offsets and the packing itself: under ~100 bytes per sample at peak), never the tokens; rows
 are then gathered from the memory-mapped spill.
+
+Reruns are idempotent: the manifest records a provenance key (content hashes of the inputs, the tokenizer
+fingerprint and every option that changes the output, see dataprep.provenance). An existing complete output
+with the same key is reused (summary says `reused: true`); one with a different key is refused unless
+`overwrite`. `partition` packs a deterministic 1/N of the records (dataprep.partition) into its own
+dataset; `formats.merge` joins the parts.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from tqdm import tqdm
 
 from dataprep.errors import DataError
 from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
+from dataprep.partition import Partition, PartitionCounter, select_records, select_sources
+from dataprep.provenance import build_provenance, describe_difference, describe_inputs
+from formats.errors import FormatError
 from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS
 from formats.writer import DatasetWriter, check_target
 
@@ -56,12 +65,21 @@ class PackOptions:
     num_proc: int = 1
     progress: bool = False
     command: Sequence[str] | None = None
+    partition: Partition | None = None
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
             raise ValueError("seq_length must be at least 2")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+
+    def content_args(self) -> dict[str, Any]:
+        """The options that change the bytes written (not num_proc, progress, overwrite or the command line)."""
+        skip = {"num_proc", "progress", "overwrite", "command", "partition"}
+        args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        p = self.partition
+        args["partition"] = None if p is None else {"index": p.index, "count": p.count, "by": p.by}
+        return args
 
 
 class _Spill:
@@ -181,8 +199,10 @@ def write_packed(
     tokenizer_info: dict[str, Any] | None = None,
     template: str | None = None,
     extra_stats: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pack the spilled samples and write the dataset; returns the manifest."""
+    """Pack the spilled samples and write the dataset; returns the manifest. `extra` adds top-level
+    manifest keys (provenance, partition)."""
     S = options.seq_length
     lengths = spill.lengths
     t0 = time.perf_counter()
@@ -255,6 +275,7 @@ def write_packed(
                 "stats": stats,
             },
             command=list(options.command) if options.command is not None else None,
+            extra=extra,
         )
     del tokens, labels, names
     return manifest
@@ -275,23 +296,111 @@ def _remove_dead_spills(out: Path) -> None:
                 pass
 
 
+def _reusable(out: Path, provenance: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The existing manifest at `out` if it was made from the same inputs and options and is intact; None if
+    there is nothing to reuse (absent, or overwrite). Raises FileExistsError when it may not be replaced."""
+    if overwrite or not out.exists():
+        return None
+    from formats.manifest import read_manifest
+    from formats.reader import open_dataset
+
+    try:
+        manifest = read_manifest(out)
+    except FormatError as exc:
+        raise FileExistsError(
+            f"{out} already exists and is not a complete dataset ({exc}); pass --overwrite to replace it"
+        ) from None
+    old = manifest.get("provenance")
+    if not isinstance(old, dict) or old.get("key") != provenance["key"]:
+        raise FileExistsError(
+            f"{out} already exists and was made from different inputs or options "
+            f"({describe_difference(old if isinstance(old, dict) else None, provenance)}); "
+            "pass --overwrite to replace it"
+        )
+    try:
+        open_dataset(out)  # sizes and footers of every shard: cheap, catches a deleted or truncated shard
+    except FormatError as exc:
+        raise FileExistsError(
+            f"{out} was made from the same inputs and options but is damaged ({exc}); "
+            "pass --overwrite to rebuild it"
+        ) from None
+    return manifest
+
+
+def pack_summary(manifest: dict[str, Any], out: str | Path, seconds: float, reused: bool) -> dict[str, Any]:
+    """The end-of-run summary, derived from the manifest so a fresh run and a reused output report alike."""
+    stats = manifest["packing"]["stats"]
+    summary: dict[str, Any] = {
+        "output": str(out),
+        "reused": reused,
+    }
+    part = manifest.get("partition")
+    if part:
+        summary["partition"] = f"{part['index']}/{part['count']}"
+        summary["partition_by"] = part["by"]
+        summary["records_selected"] = part["records_selected"]
+    summary.update(
+        {
+            "records_in": stats.get("records_in"),
+            "skipped": stats.get("skipped", {}),
+            "dropped": stats.get("dropped", {}),
+            "truncated": stats.get("truncated", {}),
+            "split_records": stats.get("split_records", 0),
+            "samples_out": manifest["num_docs"],
+            "rows": manifest["num_rows"],
+            "lower_bound_rows": stats["lower_bound_rows"],
+            "rows_over_bound_pct": round(100 * stats["rows_over_bound"], 3),
+            "tokens": manifest["num_tokens"],
+            "trainable_tokens": manifest["num_trainable"],
+            "packing_efficiency": round(stats["efficiency"], 5),
+            "seq_length": manifest["seq_length"],
+            "algorithm": manifest["packing"].get("algorithm"),
+            "template": manifest.get("template"),
+            "shards": len(manifest["shards"]),
+            "bytes": sum(s["bytes"] for s in manifest["shards"]),
+            "read_tokenize_seconds": stats.get("read_tokenize_seconds"),
+            "pack_seconds": stats.get("pack_seconds"),
+            "seconds": round(seconds, 3),
+        }
+    )
+    return summary
+
+
 def pack_dataset(
     inputs: Sequence[str], out_dir: str | Path, tokenizer_path: str | Path, options: PackOptions
 ) -> dict[str, Any]:
     """Read, tokenize, pack and write `inputs` into the dataset directory `out_dir`. Returns a summary dict.
 
     Fails (DataError / FileExistsError) before writing anything when the inputs or options are bad; any failure
-    later leaves no `out_dir` (or the previous one untouched).
+    later leaves no `out_dir` (or the previous one untouched). An existing output made from the same inputs
+    and options is reused (`summary["reused"]`), one made differently is refused unless `options.overwrite`.
     """
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
+    from dataprep.sources import expand_inputs
     from dataprep.templates import get_template
     from dataprep.tokenize import TokenizeOptions, TokenizeStats, tokenize_conversations
     from dataprep.tokenizer import load_tokenizer
 
     started = time.perf_counter()
     out = Path(out_dir).absolute()
-    check_target(out, options.overwrite)
+    part = options.partition
+    where = f" (partition {part} by {part.by})" if part else ""
+    sources = [s.name for s in expand_inputs(list(inputs))]
+    if part is not None and part.by == "file":
+        sources = select_sources(sources, part)
+        if not sources:
+            raise DataError(
+                f"partition {part} gets no input file: there are only {len(expand_inputs(list(inputs)))} "
+                "inputs (use --partition-by record, or fewer partitions)",
+                source=", ".join(map(str, inputs)),
+            )
     tok = load_tokenizer(tokenizer_path)
+    provenance = build_provenance(options.content_args(), tok.fingerprint, describe_inputs(sources))
+    existing = _reusable(out, provenance, options.overwrite)
+    if existing is not None:
+        log.info("%s already holds this dataset (same inputs and options); reusing it", out)
+        return pack_summary(existing, out, time.perf_counter() - started, reused=True)
+    check_target(out, options.overwrite)
     template = get_template(options.template, tok)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if pad_id is None:
@@ -301,11 +410,14 @@ def pack_dataset(
         pad_id = 0
     convert_stats = ConvertStats()
     tokenize_stats = TokenizeStats()
+    counter = PartitionCounter()
     records = iter_conversations(
-        list(inputs),
+        sources,
         ConvertOptions(input_format=options.input_format, system=options.system, on_error=options.on_error),
         convert_stats,
     )
+    if part is not None and part.by == "record":
+        records = select_records(records, part, counter)
     samples = tokenize_conversations(
         records,
         tok,
@@ -324,16 +436,30 @@ def pack_dataset(
     spill_dir = out.with_name(f".{out.name}.spill-{os.getpid()}")
     shutil.rmtree(spill_dir, ignore_errors=True)
     spill_dir.mkdir()
+    log.info("packing %d input(s) into %s%s", len(sources), out, where)
+    stage = "read/tokenize"
     try:
         t_read = time.perf_counter()
         spill = spill_samples(samples, spill_dir, options.seq_length, options.progress)
         read_seconds = time.perf_counter() - t_read
         if spill.n == 0:
             raise DataError(
-                f"no samples left to pack (read {convert_stats.records_in} records; skipped {dict(convert_stats.skipped)}; "
-                f"dropped {dict(tokenize_stats.dropped)})",
-                source=", ".join(map(str, inputs)),
+                f"no samples left to pack{where} (read {convert_stats.records_in} records; "
+                f"skipped {dict(convert_stats.skipped)}; dropped {dict(tokenize_stats.dropped)})",
+                source=", ".join(map(str, sources)),
             )
+        extra: dict[str, Any] = {"provenance": provenance}
+        if part is not None:
+            selected = counter.selected if part.by == "record" else convert_stats.records_out
+            extra["partition"] = {
+                "index": part.index,
+                "count": part.count,
+                "by": part.by,
+                # Identifies the whole partitioned job: same options (but the index) and same input list.
+                "job": _partition_job_key(options, tok.fingerprint, inputs),
+                "records_selected": selected,
+            }
+        stage = "pack/write"
         manifest = write_packed(
             spill,
             out,
@@ -347,32 +473,32 @@ def pack_dataset(
                 "dropped": dict(tokenize_stats.dropped),
                 "truncated": dict(tokenize_stats.truncated),
                 "split_records": tokenize_stats.split_records,
+                "read_tokenize_seconds": round(read_seconds, 3),
             },
+            extra=extra,
         )
+    except Exception as exc:
+        log.error("pack of %s failed in stage %s%s: %s", out, stage, where, exc)
+        raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
-    stats = manifest["packing"]["stats"]
-    total_seconds = time.perf_counter() - started
-    return {
-        "output": str(out),
-        "records_in": convert_stats.records_in,
-        "skipped": dict(convert_stats.skipped),
-        "dropped": dict(tokenize_stats.dropped),
-        "truncated": dict(tokenize_stats.truncated),
-        "split_records": tokenize_stats.split_records,
-        "samples_out": manifest["num_docs"],
-        "rows": manifest["num_rows"],
-        "lower_bound_rows": stats["lower_bound_rows"],
-        "rows_over_bound_pct": round(100 * stats["rows_over_bound"], 3),
-        "tokens": manifest["num_tokens"],
-        "trainable_tokens": manifest["num_trainable"],
-        "packing_efficiency": round(stats["efficiency"], 5),
-        "seq_length": options.seq_length,
-        "algorithm": options.algorithm,
-        "template": template.name,
-        "shards": len(manifest["shards"]),
-        "bytes": sum(s["bytes"] for s in manifest["shards"]),
-        "read_tokenize_seconds": round(read_seconds, 3),
-        "pack_seconds": stats["pack_seconds"],
-        "seconds": round(total_seconds, 3),
-    }
+    return pack_summary(manifest, out, time.perf_counter() - started, reused=False)
+
+
+def _partition_job_key(options: PackOptions, tokenizer_fingerprint: str, inputs: Sequence[str]) -> str:
+    """Equal for every partition of one job, so `merge` can refuse parts of different jobs. Uses the input
+    list with sizes, not content hashes, so a by-file partition need not read the other partitions' files."""
+    import orjson
+    import xxhash
+
+    from dataprep.sources import expand_inputs
+
+    args = options.content_args()
+    assert args["partition"] is not None
+    args["partition"] = {k: v for k, v in args["partition"].items() if k != "index"}
+    listing = []
+    for s in expand_inputs(list(inputs)):
+        size = os.path.getsize(s.path) if s.path and os.path.isfile(s.path) else None
+        listing.append([s.name, str(Path(s.path).absolute()) if s.path else None, size])
+    blob = orjson.dumps({"args": args, "tokenizer": tokenizer_fingerprint, "inputs": listing}, option=orjson.OPT_SORT_KEYS)
+    return xxhash.xxh3_128_hexdigest(blob)

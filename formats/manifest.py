@@ -53,6 +53,17 @@ def hash_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def missing_shard_message(file: Path) -> str:
+    """Why a listed shard cannot be opened, naming the part directory when a merged dataset's link dangles."""
+    if file.is_symlink():
+        target = os.readlink(file)
+        return (
+            f"{file}: shard listed in the manifest is a link to {target}, which no longer exists "
+            "(the part directory of this merged dataset was deleted or moved; re-run `dataprep merge`)"
+        )
+    return f"{file}: shard listed in the manifest is missing"
+
+
 def build_manifest(
     *,
     seq_length: int,

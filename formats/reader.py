@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from formats.errors import FormatError
-from formats.manifest import dataset_fingerprint, hash_file, read_manifest
+from formats.manifest import dataset_fingerprint, hash_file, missing_shard_message, read_manifest
 from formats.schema import row_schema
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PackedDataset:
         for s, shard in enumerate(m["shards"]):
             file = self.path / shard["file"]
             if not file.is_file():
-                raise FormatError(f"{file}: shard listed in the manifest is missing")
+                raise FormatError(missing_shard_message(file))
             size = file.stat().st_size
             if size != shard["bytes"]:
                 raise FormatError(

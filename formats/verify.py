@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from formats.errors import FormatError
-from formats.manifest import hash_file, read_manifest
+from formats.manifest import hash_file, missing_shard_message, read_manifest
 from formats.schema import IGNORE_INDEX, row_schema
 
 _MAX_PER_KIND = 5
@@ -142,7 +142,7 @@ def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
     for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         file = Path(path) / shard["file"]
         if not file.is_file():
-            problems.add("missing_shard", f"{file}: shard listed in the manifest is missing")
+            problems.add("missing_shard", missing_shard_message(file))
             continue
         size = file.stat().st_size
         if size != shard["bytes"]:

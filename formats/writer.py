@@ -65,6 +65,38 @@ def check_target(out_dir: str | Path, overwrite: bool) -> None:
         raise FormatError(f"{out} is a non-empty directory that is not a dataset; refusing to replace it")
 
 
+def temp_dir_for(out_dir: Path) -> Path:
+    """The sibling directory a dataset is assembled in; stale ones of dead processes are removed on start."""
+    return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> None:
+    pattern = re.compile(re.escape(out_dir.name) + r"\.(tmp|old)-(\d+)$")
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not _pid_alive(int(m.group(2))):
+            log.info("removing leftover %s from an interrupted write", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def publish_dir(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename a finished temp directory (manifest already inside) onto `out_dir`, replacing an old dataset
+    only if `overwrite`; the old one is moved aside first so a crash never leaves neither."""
+    _fsync_path(tmp_dir)
+    old = None
+    if out_dir.exists():
+        check_target(out_dir, overwrite)  # it may have appeared while we were writing
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp_dir, out_dir)
+    _fsync_path(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class DatasetWriter:
     """Streams rows into shards of `shard_rows` rows, cut into record batches of `batch_rows` rows.
 
@@ -99,7 +131,7 @@ class DatasetWriter:
         self._options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
         self._check_target()
         self._remove_stale_temp_dirs()
-        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{os.getpid()}")
+        self.tmp_dir = temp_dir_for(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
@@ -115,15 +147,7 @@ class DatasetWriter:
         check_target(self.out_dir, self.overwrite)
 
     def _remove_stale_temp_dirs(self) -> None:
-        pattern = re.compile(re.escape(self.out_dir.name) + r"\.(tmp|old)-(\d+)$")
-        parent = self.out_dir.parent
-        if not parent.is_dir():
-            return
-        for entry in parent.iterdir():
-            m = pattern.match(entry.name)
-            if m and entry.is_dir() and not _pid_alive(int(m.group(2))):
-                log.info("removing leftover %s from an interrupted write", entry)
-                shutil.rmtree(entry, ignore_errors=True)
+        remove_stale_temp_dirs(self.out_dir)
 
     # -- buffering -------------------------------------------------------------------------------------
     def _reset_buffer(self) -> None:
@@ -279,16 +303,7 @@ class DatasetWriter:
             extra=extra,
         )
         write_manifest(self.tmp_dir, manifest)
-        _fsync_path(self.tmp_dir)
-        old = None
-        if self.out_dir.exists():
-            self._check_target()  # it may have appeared while we were writing
-            old = self.out_dir.with_name(f"{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp_dir, self.out_dir)
-        _fsync_path(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(self.tmp_dir, self.out_dir, self.overwrite)
         self._closed = True
         log.info("wrote %d rows in %d shards to %s", manifest["num_rows"], len(self.shards), self.out_dir)
         return manifest
