@@ -319,3 +319,22 @@ def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
     if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude:
         apply_freeze(model, cfg)
     return wrapped
+
+
+def load_lora_model(model_dir: str, cfg: PeftSection, seed: int, *, device: str | torch.device = "cpu",
+                    **overrides) -> nn.Module:
+    """One process, no FSDP: the base checkpoint with adapters applied and initialised as a training run would."""
+    from trainer.model import Transformer
+    from trainer.model_config import ModelConfig
+    from trainer.weights import load_hf_weights, materialize
+
+    config = ModelConfig.from_pretrained(model_dir, **overrides)
+    with torch.device("meta"):
+        model = Transformer(config)
+    setup_peft(model, cfg)
+    materialize(model, device)
+    load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type == "lora" else None,
+                    show_progress=False)
+    if cfg.pet_type == "lora":
+        init_adapters(model, cfg, seed)
+    return model
