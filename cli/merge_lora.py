@@ -1,0 +1,50 @@
+"""`trainer merge-lora`: fold a PEFT LoRA adapter into its base checkpoint (thin shell over trainer.merge_lora)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+
+
+@click.command("merge-lora", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
+              help="Base Hugging Face checkpoint directory (config.json + *.safetensors).")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False),
+              help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors), e.g. RUN/export.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the merged checkpoint to (appears atomically when complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@handle_errors
+def merge_lora(base_dir: str, adapter_dir: str, out_dir: str, overwrite: bool, as_json: bool, verbose: int) -> None:
+    """Write BASE + ADAPTER as full HF safetensors weights that load without peft.
+
+    Each adapted weight becomes W + (alpha/r) B A (rsLoRA: alpha/sqrt(r); DoRA: rescaled per row by its
+    magnitude), computed in fp32 and stored in the base's dtype; shard files, index, config, generation config
+    and tokenizer files follow the base. Memory: one base tensor at a time plus the adapter.
+
+    Exit codes: 0 merged, 1 the adapter does not fit the base or a file is unreadable, 2 usage error.
+    """
+    setup_logging(verbose)
+    from trainer.merge_lora import merge_lora as merge
+    from trainer.weights import WeightsError
+
+    try:
+        report = merge(base_dir, adapter_dir, out_dir, overwrite=overwrite,
+                       show_progress=sys.stderr.isatty() and not as_json)
+    except WeightsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    summary = {
+        "output_dir": report.output_dir,
+        "merged_modules": report.merged_modules,
+        "replaced_tensors": report.replaced_tensors,
+        "files": len(report.files),
+        "dtype": report.dtype,
+        "untied_embeddings": report.untied_embeddings,
+    }
+    emit_summary("trainer merge-lora", summary, as_json)
