@@ -181,6 +181,10 @@ def attend(
     """Causal attention inside segments. q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     gqa = k.shape[2] != h
+    if ctx.backend in ("varlen", "flex") and torch.is_autocast_enabled(q.device.type):
+        # These kernels are not autocast-aware, and an fp32 norm weight (Qwen3's q/k norm) promotes q/k to fp32.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if ctx.backend == "varlen":
         flat = [x.reshape(b * t, x.shape[2], d) for x in (q, k, v)]
         kwargs: dict = {}
