@@ -102,19 +102,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _state_options():
+def _state_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Frozen parameters (LoRA's base weights) come from model.path on every start: a checkpoint holds only what
-    # trains, so a LoRA checkpoint is adapters + their optimizer state.
-    return StateDictOptions(ignore_frozen_params=True)
+    # trains, so a LoRA checkpoint is adapters + their optimizer state. Loading it is not `strict` about the
+    # frozen ones; a trainable key missing from the checkpoint still fails in dcp.load.
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
-    return {"model": model_sd, "optim": optim_sd}
+    # get_state_dict keeps a frozen parameter's second name (a tied lm_head.weight); drop every frozen alias.
+    frozen = {_clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optim": optim_sd}
+
+
+def _clean_fqn(name: str) -> str:
+    for part in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(part, "")
+    return name
 
 
 def save_checkpoint(
@@ -245,7 +254,7 @@ def load_checkpoint(
         warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
         dcp.load(sd, checkpoint_id=str(path), no_dist=not info.distributed)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_state_options())
+                   options=_state_options(strict=False))
     rng_file = path / f"rng-rank{info.rank:05d}.pt"
     if rng_file.exists() and state.world_size == info.world_size:
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -144,6 +144,9 @@ def _make_loader(dataset: PackedIterableDataset, num_workers: int) -> torch.util
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        # Its own generator: starting an iterator must not draw from the global RNG, which dropout and NEFTune
+        # use and a checkpoint restores (else a resumed run's noise would be shifted). Row order has its own seed.
+        generator=torch.Generator().manual_seed(0),
     )
 
 
