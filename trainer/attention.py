@@ -3,8 +3,10 @@
 A packed batch carries `cu_seqlens` (segment boundaries over the flattened B*T tokens). Three backends turn
 that into "attend only inside your own segment, causally":
 
-- `sdpa`:   `F.scaled_dot_product_attention` with a block-diagonal causal boolean mask. Works everywhere
-            (the CPU path); costs O(T^2) mask memory per row, fine at CPU sizes.
+- `sdpa`:   `F.scaled_dot_product_attention`. On CPU (the CPU path), one causal call per segment: a row of
+            documents of lengths L_i costs sum(L_i^2)/2 instead of the full T^2 a masked call computes (on a
+            1024-token row of ~225-token Alpaca documents, about 9x less attention work). Elsewhere, or for
+            sliding-window layers, or inside torch.compile, a block-diagonal causal boolean mask (O(T^2) memory).
 - `varlen`: `torch.nn.attention.varlen.varlen_attn` (FlashAttention on the flattened tokens). CUDA and
             fp16/bf16 only; no mask at all, and skips the work of masked blocks.
 - `flex`:   `flex_attention` with a document `BlockMask`. CUDA; any dtype; also skips masked blocks.
@@ -106,8 +108,32 @@ class AttentionContext:
     max_seqlen: int = 0
     segment_ids: torch.Tensor | None = None  # sdpa/flex, [B, T]; None = one causal segment per row
     # sdpa masks / flex block masks keyed by sliding window (None = full causal), built eagerly in
-    # prepare() so that layers (possibly compiled or checkpointed) only read them.
+    # prepare() so that layers (possibly compiled or checkpointed) only read them. With `segments` set, the
+    # full-causal sdpa mask is not needed and is built only if something asks for it.
     masks: dict[int | None, object] = field(default_factory=dict)
+    # sdpa on CPU: (start, end) of every segment over the flattened B*T tokens, none crossing a row boundary.
+    segments: list[tuple[int, int]] | None = None
+
+
+class _LazyMasks(dict):
+    """A mask dict that builds a missing entry on first access (the per-segment path rarely needs one)."""
+
+    def __init__(self, build, ctx: AttentionContext) -> None:
+        super().__init__()
+        self._build, self._ctx = build, ctx
+
+    def __missing__(self, window: int | None):
+        self[window] = mask = self._build(self._ctx, window)
+        return mask
+
+
+def _row_local_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[tuple[int, int]] | None:
+    """Segment bounds as host ints, or None when a segment crosses a row boundary (then only the mask,
+    which works per row, gives the contract's semantics)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != batch * seqlen or not set(range(0, batch * seqlen, seqlen)) <= set(bounds):
+        return None
+    return [(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
 
 
 def _sdpa_mask(ctx: AttentionContext, window: int | None) -> torch.Tensor | None:
@@ -170,9 +196,25 @@ def prepare(
     if cu_seqlens is not None:
         ctx.segment_ids = segment_ids_from_cu_seqlens(cu_seqlens.to(torch.int64), batch, seqlen)
     build = _flex_block_mask if name == "flex" else _sdpa_mask
+    if name == "sdpa" and cu_seqlens is not None and device.type == "cpu" and not torch.compiler.is_compiling():
+        ctx.segments = _row_local_segments(cu_seqlens, batch, seqlen)  # on CPU: no device sync
+        if ctx.segments is not None:
+            ctx.masks = _LazyMasks(build, ctx)
     for w in dict.fromkeys(windows):
-        ctx.masks[w] = build(ctx, w)
+        if w is not None or ctx.segments is None:
+            ctx.masks[w] = build(ctx, w)
     return ctx
+
+
+def _attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """One causal SDPA call per segment of the flattened tokens; q: [N, H, D], k/v: [N, Hkv, D] -> [N, H, D]."""
+    gqa = k.shape[1] != q.shape[1]
+    outs = []
+    for s, e in segments:
+        qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
 
 
 def attend(
@@ -205,6 +247,9 @@ def attend(
         out = _varlen_attn(*flat, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, **kwargs)
         return out.view(b, t, h, d)
 
+    if ctx.backend == "sdpa" and ctx.segments is not None and window is None and not torch.compiler.is_compiling():
+        flat = [x.reshape(b * t, x.shape[2], d) for x in (q, k, v)]
+        return _attend_segments(*flat, ctx.segments).view(b, t, h, d)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     if ctx.backend == "flex":
         out = _flex()(qt, kt, vt, block_mask=ctx.masks[window], enable_gqa=gqa)
