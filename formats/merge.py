@@ -88,6 +88,17 @@ def _check_partitions(parts: Sequence[Path], manifests: Sequence[Mapping[str, An
                     f"{first[key]!r} in {parts[0]}); all parts must come from one `pack --partition` job "
                     "(same inputs, tokenizer and options)"
                 )
+    if first["by"] == "record":
+        # Every by-record partition hashed all inputs: a file rewritten between two partitions' runs shows here.
+        def contents(m: Mapping[str, Any]) -> list:
+            return [(i.get("name"), i.get("xxh3")) for i in m.get("provenance", {}).get("inputs", [])]
+
+        for part, m in zip(parts[1:], manifests[1:], strict=True):
+            if contents(m) != contents(manifests[0]):
+                raise FormatError(
+                    f"cannot merge: {part} and {parts[0]} were packed from different input contents "
+                    "(an input changed between the partitions' runs); re-pack the stale partitions"
+                )
     seen: dict[int, Path] = {}
     for part, info in zip(parts, infos, strict=True):
         if info["index"] in seen:

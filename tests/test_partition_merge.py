@@ -200,3 +200,26 @@ def test_partition_by_file_and_cli_merge(tmp_path, qwen):
                    "--partition", "4/5", "--partition-by", "file")
     assert three.exit_code == 1 and "gets no input file" in three.output
     assert np.all(open_dataset(tmp_path / "m").take([0])[0] >= 0)
+
+
+def test_skipped_records_are_counted_once_for_the_whole_job(tmp_path, qwen):
+    rec = '{{"id": "r{0}", "messages": [{{"role": "user", "content": "q {0}"}}, {{"role": "assistant", "content": "a {0}"}}]}}\n'
+    lines = [rec.format(i) for i in range(12)]
+    lines.insert(5, '{"id": "bad", "messages": []}\n')
+    src = tmp_path / "conv.jsonl"
+    src.write_text("".join(lines))
+    opts = dict(seq_length=64, on_error="skip")
+    single = pack_dataset([str(src)], tmp_path / "single", qwen, PackOptions(**opts))
+    parts = [tmp_path / f"p{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        pack_dataset([str(src)], p, qwen, PackOptions(**opts, partition=Partition(i, 3)))
+    merged = merge_datasets(parts, tmp_path / "m")
+    assert single["records_in"] == merged["records_in"] == 13
+    assert sum(single["skipped"].values()) == sum(merged["skipped"].values()) == 1
+    assert merged["skipped"] == single["skipped"]
+    assert documents(tmp_path / "m") == documents(tmp_path / "single")
+    # An input rewritten (same size) between two partitions' runs is caught by the content hashes.
+    src.write_text("".join(lines).replace('"a 7"', '"b 7"'))
+    pack_dataset([str(src)], parts[1], qwen, PackOptions(**opts, partition=Partition(1, 3), overwrite=True))
+    with pytest.raises(FormatError, match="different input contents"):
+        merge_datasets(parts, tmp_path / "m2")
