@@ -113,3 +113,12 @@ def test_dag_runs_end_to_end_under_airflow(tmp_path):
     assert verify_dataset(work / "data").ok
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("step", 0) for m in metrics) == 4
+
+    # Run the whole DAG again, as a retry would: pack and merge find their outputs and reuse them.
+    fingerprint = merged.fingerprint
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log2 = again.stdout + again.stderr
+    (tmp_path / "airflow_dags_test_rerun.log").write_text(log2)
+    assert again.returncode == 0, log2[-6000:]
+    assert log2.count('"reused": true') == 4 and '"reused": false' not in log2  # 3 pack tasks + merge
+    assert open_dataset(work / "data").fingerprint == fingerprint
