@@ -499,6 +499,6 @@ def _partition_job_key(options: PackOptions, tokenizer_fingerprint: str, inputs:
     listing = []
     for s in expand_inputs(list(inputs)):
         size = os.path.getsize(s.path) if s.path and os.path.isfile(s.path) else None
-        listing.append([s.name, str(Path(s.path).absolute()) if s.path else None, size])
+        listing.append([str(Path(s.path).absolute()) if s.path else s.name, size])
     blob = orjson.dumps({"args": args, "tokenizer": tokenizer_fingerprint, "inputs": listing}, option=orjson.OPT_SORT_KEYS)
     return xxhash.xxh3_128_hexdigest(blob)

@@ -70,8 +70,11 @@ def provenance_key(args: Mapping[str, Any], tokenizer_fingerprint: str, inputs: 
 
 
 def _identity(entry: Mapping[str, Any]) -> dict[str, Any]:
-    # The content hash identifies a file; the path is kept too because derived record ids use the file name.
-    return {k: entry.get(k) for k in ("name", "path", "bytes", "xxh3")}
+    # The content hash identifies a file; the absolute path is kept too because derived record ids use the
+    # file name. The name as typed is not: `conv.jsonl` and `./conv.jsonl` are the same input.
+    if entry.get("path") is None:
+        return {"name": entry.get("name")}
+    return {k: entry.get(k) for k in ("path", "bytes", "xxh3")}
 
 
 def build_provenance(

@@ -138,7 +138,7 @@ def invoke(*args: str):
     return CliRunner().invoke(dataprep_main, list(args))
 
 
-def test_reruns_reuse_same_output_and_refuse_a_different_one(tmp_path, qwen):
+def test_reruns_reuse_same_output_and_refuse_a_different_one(tmp_path, qwen, monkeypatch):
     src = tmp_path / "conv.jsonl"
     rec = '{{"id": "r{0}", "messages": [{{"role": "user", "content": "say {0}"}}, {{"role": "assistant", "content": "{0}"}}]}}\n'
     src.write_text("".join(rec.format(i) for i in range(30)))
@@ -155,6 +155,8 @@ def test_reruns_reuse_same_output_and_refuse_a_different_one(tmp_path, qwen):
     # Rewriting the input with identical bytes (an upstream task retried) still reuses: content, not mtime.
     src.write_text(src.read_text())
     assert json.loads(invoke(*args).stdout)["reused"] is True
+    monkeypatch.chdir(tmp_path)  # the same input spelled differently is the same input
+    assert json.loads(invoke(*[a if a != str(src) else "./conv.jsonl" for a in args]).stdout)["reused"] is True
 
     other = invoke(*[a if a != "1/2" else "0/2" for a in args])
     assert other.exit_code == 1 and "different inputs or options" in other.output and "partition" in other.output
