@@ -155,23 +155,23 @@ def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny):
 
 
 def test_merge_lora_command(tiny, tmp_path):
-    import subprocess
-    import sys
+    from click.testing import CliRunner
 
+    from cli.trainer import main
     from trainer.adapters import save_adapter
 
     root, model_dir, _ = tiny
     cfg = PeftSection(pet_type="lora", target_modules=".*v_proj", lora_b_init="normal")
     model = load_lora_model(str(model_dir), cfg, seed=1)
     save_adapter(model, tmp_path / "adapter", cfg)
-    cmd = [sys.executable, "-m", "cli.trainer", "merge-lora", "--base", str(model_dir), "--adapter",
-           str(tmp_path / "adapter"), "-o", str(tmp_path / "merged"), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["merged_modules"] == 2
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    args = ["merge-lora", "--base", str(model_dir), "--adapter", str(tmp_path / "adapter"),
+            "-o", str(tmp_path / "merged"), "--json"]
+    runner = CliRunner()
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["merged_modules"] == 2
+    again = runner.invoke(main, args)
+    assert again.exit_code == 1 and "already exists" in again.stderr
     (tmp_path / "bad").mkdir()
-    bad = subprocess.run(cmd[:7] + [str(tmp_path / "bad"), "-o", str(tmp_path / "m2")], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 1 and "adapter_config.json" in bad.stderr and not (tmp_path / "m2").exists()
+    bad = runner.invoke(main, args[:4] + [str(tmp_path / "bad"), "-o", str(tmp_path / "m2")])
+    assert bad.exit_code == 1 and "adapter_config.json" in bad.stderr and not (tmp_path / "m2").exists()
