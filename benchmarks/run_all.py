@@ -126,6 +126,14 @@ METRICS: list[Metric] = [
     Metric("train", "train vs padded batches (trained tokens/s)", "ours, one sample per row, padded", "tokens/s", ">= 2x",
            lambda j: (j.get("ours_trained_tokens_per_s"), j.get("padded_trained_tokens_per_s"), j.get("ratio_vs_padded")),
            _at_least(2.0), 2.0),
+    Metric("lora", "LoRA tokens/s vs full fine-tuning", "ours, full fine-tuning", "tokens/s", "none set",
+           lambda j: (j.get("lora", {}).get("tokens_per_s"), j.get("full", {}).get("tokens_per_s"),
+                      j.get("lora", {}).get("tokens_per_s_vs_full")),
+           lambda ours, ratio: None),
+    Metric("lora", "LoRA memory saving (full / LoRA peak memory)", "ours, full fine-tuning", "MiB", "none set",
+           lambda j: (j.get("lora", {}).get("peak_memory_mib"), j.get("full", {}).get("peak_memory_mib"),
+                      _ratio(j.get("full", {}).get("peak_memory_mib"), j.get("lora", {}).get("peak_memory_mib"))),
+           lambda ours, ratio: None),
     Metric("mfu", "MFU, Llama-3-8B shape 4 layers, bf16, seq 4096", "-", "%", ">= 45%",
            lambda j: ((100 * j["mfu"]) if "mfu" in j else None, None, None),
            lambda ours, ratio: None if ours is None else ours >= 45.0),
@@ -286,7 +294,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(drawn) + 1.6))
     labels = [r["metric"].label for r in drawn]
     ratios = [r["ratio"] for r in drawn]
-    colors = ["#2e7d32" if r["met"] else "#c62828" for r in drawn]
+    colors = [{True: "#2e7d32", False: "#c62828", None: "#78909c"}[r["met"]] for r in drawn]
     ys = range(len(drawn))
     ax.barh(ys, ratios, color=colors)
     for y, r in zip(ys, drawn, strict=True):
@@ -298,7 +306,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_xscale("log")
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("sftkit / peer (higher is better; black tick = target, green = met)")
+    ax.set_xlabel("sftkit / peer (higher is better; black tick = target; green met, red not, grey no target)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
