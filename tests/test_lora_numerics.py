@@ -34,7 +34,8 @@ FAMILY = {"embed_tied": "qwen2_bias_tied"}
 
 def _peft_config(cfg: PeftSection, targets: list[str]):
     init = "pissa" if cfg.pissa else ("gaussian" if cfg.lora_a_init == "normal" else True)
-    return peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+    return peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=targets,
                            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init)
 
 
@@ -133,3 +134,28 @@ def test_saved_adapter_loads_in_peft_and_merge_matches(pair, tmp_path):
                                                                attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_dropout_in_training_matches_peft(tmp_path, use_dora):
+    """With dropout, both draw their masks from torch's RNG in the same module order, so one seed gives the same
+    masks; DoRA then also feeds the dropped-out input to its base branch, as PEFT does."""
+    save_hf_checkpoint("qwen3_qknorm", tmp_path, seed=3)
+    cfg = PeftSection(pet_type="lora", lora_rank=4, target_modules=".*q_proj|.*down_proj", lora_dropout=0.3,
+                      use_dora=use_dora, lora_b_init="normal")
+    ours = build(str(tmp_path), cfg, seed=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    theirs = peft.get_peft_model(hf, _peft_config(cfg, [n for n, _ in lora_modules(ours)]))
+    with torch.no_grad():
+        for mine, ref in _pairs(ours, theirs):
+            ref.copy_(mine)
+    ours.train()
+    theirs.train()
+    ids = _ids(ours.config.vocab_size)
+    torch.manual_seed(5)
+    got = ours(ids)
+    torch.manual_seed(5)
+    want = theirs(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.manual_seed(6)
+    assert not torch.allclose(ours(ids), got, atol=1e-4)  # the masks really are random
