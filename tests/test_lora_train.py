@@ -78,6 +78,11 @@ def test_surgery_errors_are_explained(tiny):
         apply_lora(_meta_model(model_dir), PeftSection(pet_type="lora", target_modules=".*query"))
     with pytest.raises(ValueError, match="tied to embed_tokens"):  # the tiny Qwen3 ties lm_head
         apply_lora(_meta_model(model_dir), PeftSection(pet_type="lora", target_modules="lm_head"))
+    adapted = _meta_model(model_dir)
+    both = PeftSection(pet_type="lora", target_modules=".*v_proj", freeze_exclude=["*.v_proj.weight"])
+    apply_lora(adapted, both)
+    with pytest.raises(ValueError, match="base weight of a LoRA-adapted module"):
+        apply_freeze(adapted, both)
     with pytest.raises(ValueError, match="freeze_exclude: nope.* match"):
         apply_freeze(_meta_model(model_dir), PeftSection(freeze_exclude=["nope*"]))
 

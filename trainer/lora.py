@@ -201,6 +201,9 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
             if fnmatch.fnmatchcase(key, glob):
                 frozen = False
                 matched_exclude.add(glob)
+        if not frozen and ".base_layer." in name:
+            raise ValueError(f"peft.freeze_exclude: {key} is the base weight of a LoRA-adapted module; train it "
+                             "either by its adapter or in full (drop it from target_modules), not both")
         param.requires_grad_(not frozen)
     for kind, globs, matched in (("include", cfg.freeze_include, matched_include),
                                  ("exclude", cfg.freeze_exclude, matched_exclude)):
