@@ -46,7 +46,9 @@ class _Batch:
 
 
 def _fixed_list_matrix(arr: pa.Array, seq_length: int) -> np.ndarray:
-    values = arr.flatten()  # honours slicing offsets; zero-copy for a fixed-size list without nulls
+    # Slicing the child array directly is zero-copy; `flatten()` goes through pyarrow.compute and costs
+    # about as much as the read itself for small batches.
+    values = arr.values.slice(arr.offset * seq_length, len(arr) * seq_length)
     return values.to_numpy(zero_copy_only=False).reshape(-1, seq_length)
 
 
@@ -143,7 +145,9 @@ class PackedDataset:
             doc_ids=rb.column(3).values,
         )
         self._cache[g] = batch
-        if len(self._cache) > _BATCH_CACHE:
+        # Uncompressed batches are views into the memory map, so keeping every one costs only its small
+        # Python wrapper; decompressed (zstd) batches own their memory and stay bounded by the LRU.
+        if self.manifest.get("compression", "none") != "none" and len(self._cache) > _BATCH_CACHE:
             self._cache.popitem(last=False)
         return batch
 
