@@ -20,7 +20,7 @@ from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_erro
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @handle_errors
 def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, as_json: bool, verbose: int) -> None:
-    """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter).
+    """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter or LoRA: the peft section).
 
     \b
     Single process:  trainer run --config finetune.yaml
