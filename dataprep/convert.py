@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from dataprep import conversation as cv
 from dataprep import input_formats as fmts
 from dataprep import output_styles
 from dataprep.atomic_write import atomic_output, check_writable
+from dataprep.convert_batch import NO_LIMIT, Converted, SourceState, convert_batch
 from dataprep.errors import DataError
 from dataprep.shuffle import shuffled
 from dataprep.sources import BadRecord, InputSource, RecordBatch, expand_inputs, read_batches
@@ -55,6 +56,7 @@ class ConvertOptions:
     overwrite: bool = False
     rejects: str | None = None
     progress: bool | None = None
+    num_proc: int = 1
 
     def __post_init__(self) -> None:
         self.input_format = fmts.canonical_format_name(self.input_format)
@@ -63,6 +65,10 @@ class ConvertOptions:
         if self.take is not None and self.take < 1:
             raise ValueError(f"take must be at least 1, got {self.take}")
         output_styles.get_style(self.output_style)
+        if self.num_proc < 0:
+            raise ValueError(f"num_proc must be 0 (one per CPU) or more, got {self.num_proc}")
+        if self.num_proc == 0:
+            self.num_proc = os.cpu_count() or 1
 
 
 @dataclass
@@ -125,22 +131,6 @@ class Reject:
 OnReject = Callable[[Reject], None]
 
 
-def _convert_one(raw: Any, fmt: str, system: str | None, fallback_id: str) -> dict[str, Any]:
-    messages = fmts.CONVERTERS[fmt](raw)  # validated by the converter; a system turn first keeps it valid
-    if system:
-        messages = cv.add_system(messages, system)
-    return {"id": fmts.record_id(raw) or fallback_id, "messages": messages}
-
-
-def _expand_self_instruct(raw: Any, system: str | None, fallback_id: str) -> list[tuple[dict[str, Any], Any]]:
-    """(record, source record) pairs for one seed task: one per instance, all converted before any is
-    yielded, so a bad instance skips the whole task rather than half of it."""
-    items = fmts.expand_self_instruct(raw)
-    if len(items) == 1:
-        return [(_convert_one(items[0], fmts.ALPACA, system, fallback_id), items[0])]
-    return [(_convert_one(item, fmts.ALPACA, system, f"{fallback_id}-{k}"), item) for k, item in enumerate(items)]
-
-
 def _progress_bar(sources: list[InputSource], options: ConvertOptions) -> tqdm | None:
     total = sum(s.size or 0 for s in sources)
     if options.progress is False or (options.progress is None and total < PROGRESS_MIN_BYTES):
@@ -148,7 +138,21 @@ def _progress_bar(sources: list[InputSource], options: ConvertOptions) -> tqdm |
     return tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if options.progress is None else False)
 
 
-Converted = list[tuple[dict[str, Any], Any, str]]
+class _Bar:
+    """Input bytes read: counted in the stats, and shown when a progress bar is wanted."""
+
+    def __init__(self, sources: list[InputSource], options: ConvertOptions, stats: ConvertStats) -> None:
+        self.stats = stats
+        self.bar = _progress_bar(sources, options)
+
+    def update(self, n: int) -> None:
+        self.stats.bytes_in += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def iter_converted(
@@ -156,82 +160,46 @@ def iter_converted(
     options: ConvertOptions,
     stats: ConvertStats,
     on_reject: OnReject | None = None,
+    keep_sources: bool = False,
 ) -> Iterator[Converted]:
-    """Yield lists of `(record, source record, format)` in input order (a list per input batch).
+    """Yield converted batches in input order (`Converted`: records, and with `keep_sources` the
+    source record of each, which output styles like MindFormers' need).
 
-    The source record feeds output styles that need more than the canonical record (MindFormers'
-    Alpaca prompt needs instruction and input). Lists, not single records: this loop is the hot path
-    of convert and pack, and per-record generator hops cost as much as the conversion itself.
+    Batches, not single records: this loop is the hot path of convert and pack, and per-record
+    generator hops cost as much as the conversion itself.
     """
     if all(isinstance(s, InputSource) for s in inputs):
         sources: list[InputSource] = list(inputs)  # type: ignore[arg-type]
     else:
         sources = expand_inputs([str(s) for s in inputs])
-    bar = _progress_bar(sources, options)
+    bar = _Bar(sources, options, stats)
+    progressed = bar.update
     forced = None if options.input_format == "auto" else options.input_format
     fail = options.on_error == "fail"
     take = options.take
     system = options.system
-    self_instruct = fmts.SELF_INSTRUCT
-
-    def progressed(n: int) -> None:
-        stats.bytes_in += n
-        if bar is not None:
-            bar.update(n)
-
     try:
         for source in sources:
             stats.files += 1
-            fmt = forced
-            if fmt is not None:
-                stats.formats[fmt] += 1
-            converter = fmts.CONVERTERS[fmt] if fmt is not None else None
-            stem = source.stem
+            if forced is not None:
+                stats.formats[forced] += 1
+            state = SourceState(source.name, source.stem, forced)
             for batch in read_batches(source, progressed):
-                records = batch.records
-                lines = batch.lines
-                base = batch.first_index
-                out: Converted = []
-                stats.records_in += len(records)
-                for i, raw in enumerate(records):
-                    try:
-                        if type(raw) is BadRecord:
-                            raise raw.error
-                        if converter is None:
-                            fmt = fmts.detect_format(raw)
-                            converter = fmts.CONVERTERS[fmt]
-                            stats.formats[fmt] += 1
-                            log.info("%s: detected input format %s", source.name, fmt)
-                        if fmt == self_instruct:
-                            fallback = f"{stem}:{lines[i]}" if base is None else f"{stem}[{base + i}]"  # type: ignore[index]
-                            out.extend((rec, src, fmt) for rec, src in _expand_self_instruct(raw, system, fallback))
-                        else:
-                            messages = converter(raw)
-                            if system:
-                                messages = cv.add_system(messages, system)
-                            rid = raw.get("id")
-                            # Without an input id: file name + line (JSONL) or + index (arrays,
-                            # datasets), so the same file gives the same ids on every run and machine.
-                            if rid is None:
-                                rid = f"{stem}:{lines[i]}" if base is None else f"{stem}[{base + i}]"  # type: ignore[index]
-                            elif type(rid) is not str:
-                                rid = fmts.record_id(raw)  # an integer id as text, or a wrong-type error
-                            out.append(({"id": rid, "messages": messages}, raw, fmt))  # type: ignore[arg-type]
-                    except DataError as err:
-                        _handle_error(err, source.name, batch, i, raw, fail, stats, on_reject)
-                    if take is not None and stats.records_out + len(out) >= take:
-                        stats.records_in -= len(records) - i - 1  # the rest of the batch was never looked at
-                        del out[take - stats.records_out :]
-                        stats.records_out += len(out)
-                        stats.take_reached = True
-                        yield out
-                        return
-                stats.records_out += len(out)
-                if out:
-                    yield out
+                limit = NO_LIMIT if take is None else take - stats.records_out
+                conv = convert_batch(state, batch.records, batch.lines, batch.first_index, system, fail, limit, keep_sources=keep_sources)
+                if conv.detected:
+                    stats.formats[conv.fmt] += 1
+                stats.records_in += conv.used
+                for i, err, raw in conv.errors:
+                    _handle_error(err, source.name, batch, i, raw, fail, stats, on_reject)
+                stats.records_out += len(conv.records)
+                if conv.records:
+                    yield conv
+                if take is not None and stats.records_out >= take:
+                    stats.take_reached = True
+                    return
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _handle_error(
@@ -263,7 +231,7 @@ def iter_conversations(
     with "skip" it is counted in `stats.skipped[reason]` and passed to `on_reject`.
     """
     start = time.perf_counter()
-    records = (rec for batch in iter_converted(inputs, options, stats, on_reject) for rec, _raw, _fmt in batch)
+    records = (rec for conv in iter_converted(inputs, options, stats, on_reject) for rec in conv.records)
     try:
         if not options.shuffle:
             yield from records
@@ -315,17 +283,27 @@ def convert_files(
             def on_reject(reject: Reject) -> None:
                 rejects.write(reject.to_json())
 
-        serialize = style.serialize
-        batches = map(serialize, iter_converted(sources, options, stats, on_reject))
+        blobs: Iterable[bytes]
+        if options.num_proc != 1 and not options.take and not options.shuffle:
+            from dataprep import convert_parallel  # here: multiprocessing is only for --num-proc
+
+            bar = stack.enter_context(contextlib.closing(_Bar(sources, options, stats)))
+            blobs = convert_parallel.converted_blobs(sources, options, stats, style, on_reject, bar.update)
+        else:
+            if options.num_proc != 1:
+                log.info("--take and --shuffle run in one process; ignoring --num-proc %d", options.num_proc)
+            batches = iter_converted(sources, options, stats, on_reject, keep_sources=style.needs_sources)
+            blobs = (output_styles.serialize(style, c.records, c.sources, c.fmt) for c in batches)
         if options.shuffle:
-            flat = (item for items in batches for item in items)
-            batches = _rebatch(shuffled(flat, options.seed, spill_dir=os.path.dirname(os.path.abspath(output))))
+            items = (item for blob in blobs for item in output_styles.split_items(style, blob))
+            spilled = shuffled(items, options.seed, spill_dir=os.path.dirname(os.path.abspath(output)))
+            blobs = (output_styles.join_items(style, batch) for batch in _rebatch(spilled))
         # Nothing here creates reference cycles, and with millions of short-lived dicts the cyclic
         # collector would spend its time re-scanning the batch in flight; it is back on when we return.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            output_styles.write_batches(out, style, batches)
+            output_styles.write_blobs(out, style, blobs)
         finally:
             if gc_was_enabled:
                 gc.enable()

@@ -31,6 +31,8 @@ MAX_RECORD_BYTES = 64 << 20
 _BATCH_TRIES = 4
 # Records per batch in the one-by-one fallback.
 _SLOW_BATCH = 4096
+# Candidate cuts `cut` looks at for one that matches the array's layout before taking the last one.
+_LAYOUT_TRIES = 16
 
 _SPACE = re.compile(rb"[ \t\r\n]*")
 # A candidate end of an array element: "}" then "," or "]", plus the whitespace after ",", so that
@@ -101,33 +103,58 @@ def jsonl_batches(name: str, head: bytes, chunks: Iterator[bytes]) -> Iterator[R
     Each line is parsed on its own (joining lines into one array would let a broken line and a
     neighbour pair up into valid JSON and shift every later line number).
     """
-    loads = orjson.loads
-    decode_failed = orjson.JSONDecodeError
-    lineno = 0
+    lineno = 1
     carry = b""
     for chunk in _prepend(head, chunks):
-        pieces = (carry + chunk).split(b"\n") if carry else chunk.split(b"\n")
-        carry = pieces.pop()
-        records: list[Any] = []
-        lines: list[int] = []
-        for piece in pieces:
-            lineno += 1
-            try:
-                records.append(loads(piece))
-            except decode_failed as exc:
-                if not piece.strip():
-                    continue
-                records.append(_bad_line(piece, exc, name, lineno))
-            lines.append(lineno)
-        if records:
-            yield RecordBatch(records, lines)
+        text = carry + chunk if carry else chunk
+        cut = text.rfind(b"\n") + 1
+        carry = text[cut:]
+        if cut:
+            batch = parse_jsonl(name, text[:cut] if carry else text, lineno)
+            lineno += text.count(b"\n", 0, cut)
+            if batch.records:
+                yield batch
     if carry.strip():  # a last line without a trailing newline (PaddleNLP's files end like this)
+        yield parse_jsonl(name, carry, lineno)
+
+
+def parse_jsonl(name: str, text: bytes, first_line: int) -> RecordBatch:
+    """The records of whole JSON Lines (`text` ends with a newline, or at the end of the file)."""
+    loads = orjson.loads
+    decode_failed = orjson.JSONDecodeError
+    pieces = text.split(b"\n")
+    if not pieces[-1]:
+        pieces.pop()
+    records: list[Any] = []
+    lines: list[int] = []
+    lineno = first_line - 1
+    for piece in pieces:
         lineno += 1
         try:
-            record = loads(carry)
+            records.append(loads(piece))
         except decode_failed as exc:
-            record = _bad_line(carry, exc, name, lineno)
-        yield RecordBatch([record], [lineno])
+            if not piece.strip():
+                continue
+            records.append(_bad_line(piece, exc, name, lineno))
+        lines.append(lineno)
+    return RecordBatch(records, lines)
+
+
+def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
+    """`(whole lines, first line number)` for `parse_jsonl`, about a chunk at a time, without parsing
+    (`convert --num-proc` parses them in worker processes)."""
+    lineno = 1
+    carry = b""
+    for chunk in _prepend(head, chunks):
+        text = carry + chunk if carry else chunk
+        cut = text.rfind(b"\n") + 1
+        carry = text[cut:]
+        if cut:
+            piece = text[:cut] if carry else text
+            yield piece, lineno
+            lineno += piece.count(b"\n")
+    if carry.strip():
+        yield carry, lineno
 
 
 def _prepend(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -140,7 +167,7 @@ def _prepend(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 def array_batches(name: str, head: bytes, first: int, chunks: Iterator[bytes]) -> Iterator[RecordBatch]:
     """Stream the objects of a top-level JSON array (head[first] is its "[") in batches."""
-    scanner = _ArrayScanner(name, head, first, chunks)
+    scanner = ArrayScanner(name, head, first, chunks)
     while not scanner.done:
         if scanner.offset >= scanner.slow_until:
             batch = scanner.batch()
@@ -150,7 +177,7 @@ def array_batches(name: str, head: bytes, first: int, chunks: Iterator[bytes]) -
         yield scanner.one_by_one()
 
 
-class _ArrayScanner:
+class ArrayScanner:
     """Where we are in one JSON array: the buffered text, the next element's position, line and index.
 
     `consumed` is how many bytes of the stream precede `buf`, so positions can be compared across
@@ -168,6 +195,10 @@ class _ArrayScanner:
         self.done = False
         self.slow_until = 0
         self._skip_space("'['")
+        # The whitespace before the first element: when it has a newline (pretty-printed files), cuts
+        # followed by the same whitespace are element boundaries, not "}," inside nested values.
+        lead = self.buf[first + 1 : self.pos] if self.consumed == 0 else b""
+        self.layout = lead if b"\n" in lead else None
         if self.buf[self.pos] == 0x5D:  # "]": an empty array
             self._finish(self.pos + 1)
 
@@ -256,6 +287,67 @@ class _ArrayScanner:
             if len(self.buf) - self.pos > MAX_RECORD_BYTES or not self._refill():
                 return None
 
+    # ---- unparsed cuts for worker processes (`convert --num-proc`)
+
+    def cut(self) -> tuple[bytes, bytes, int] | None:
+        """The next run of elements as unparsed text, about a chunk of it: `(elements, span, line)`.
+
+        `elements` is what lies between "[" and "]" for `parse_array_chunk`; `span` the same plus the
+        separator after it (for `rewind`); `line` where it starts. The cut is only a candidate: whoever
+        parses it learns whether it was an element boundary, and `rewind` goes back if not. `index`
+        does not advance here. None means: read on with `batch`/`one_by_one` from here (no candidate
+        before a record too large, or an ending that needs their checks).
+        """
+        while True:
+            match = self._last_cut()
+            if match is not None:
+                end = match.end()
+                if match.lastindex is not None and end < len(self.buf):
+                    break  # "}," with the next element already in the buffer
+                if match.lastindex is None and end == len(self.buf) and not self._refill():
+                    self.done = True  # "}]" and nothing but whitespace to the end of the input
+                    break
+                if match.lastindex is not None and not self._refill():
+                    return None  # a "," at the very end of the input: the careful path reports it
+                continue
+            if len(self.buf) - self.pos > MAX_RECORD_BYTES or not self._refill():
+                return None
+        line = self.line
+        elements = self.buf[self.pos : match.start() + 1]
+        span = self.buf[self.pos : end]
+        self.line += span.count(b"\n")
+        self.pos = end
+        return elements, span, line
+
+    def _last_cut(self) -> re.Match | None:
+        """The last candidate end of an element in the buffer (preferring one that matches the layout)."""
+        first = None
+        for k, match in enumerate(self._candidates()):
+            if match.lastindex is None and match.end() < len(self.buf):
+                continue  # "}]" followed by more text: not the end of the array
+            if first is None:
+                first = match
+                if self.layout is None or match.lastindex is None:
+                    return match
+            if self.buf[match.start(1) + 1 : match.end()] == self.layout:
+                return match
+            if k == _LAYOUT_TRIES:
+                break
+        return first
+
+    def rewind(self, span: bytes, line: int, index: int) -> int:
+        """Step back over `span` (text that `cut` handed out and that did not parse) to re-read it with
+        `batch`/`one_by_one`; returns the input offset where the span ends."""
+        end = self.offset
+        self.buf = span + self.buf[self.pos :]
+        self.consumed = end - len(span)
+        self.pos = 0
+        self.line = line
+        self.index = index
+        self.slow_until = 0
+        self.done = False
+        return end
+
     def one_by_one(self) -> RecordBatch:
         """Read elements singly up to `slow_until` (at least one); exact errors come from here."""
         records: list[Any] = []
@@ -306,6 +398,20 @@ class _ArrayScanner:
         else:
             err = DataError(f"record is larger than {MAX_RECORD_BYTES >> 20} MiB or never ends", reason=cv.INVALID_JSON)
         return cv.located(err, self.name, self.line, self.index)
+
+
+def parse_array_chunk(elements: bytes, line: int) -> RecordBatch | None:
+    """The objects of a `cut`, or None when the cut was not at element boundaries (or the text is bad:
+    then re-reading it with `batch`/`one_by_one` finds the exact error). `first_index` is 0: the
+    caller knows where the chunk is in the array."""
+    text = b"".join((b"[", elements, b"]"))
+    try:
+        records = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not all(type(r) is dict for r in records):
+        return None
+    return RecordBatch(records, first_index=0, _text=text, _text_line=line)
 
 
 def _element_lines(text: bytes, line: int) -> list[int]:

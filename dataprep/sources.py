@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 
 FILE = "file"
+ARRAY = "array"
+JSONL = "jsonl"
 HF_DISK = "hf_disk"
 HF_HUB = "hf_hub"
 
@@ -169,7 +171,21 @@ def _chunks(source: InputSource, progress: Progress | None) -> Iterator[bytes]:
 
 
 def _read_file(source: InputSource, progress: Progress | None) -> Iterator[RecordBatch]:
-    """Open now and peek at the first byte: "[" is a JSON array, anything else JSON Lines."""
+    opened = open_file(source, progress)
+    if opened is None:
+        return iter(())
+    form, head, first, chunks = opened
+    if form == ARRAY:
+        return array_batches(source.name, head, first, chunks)
+    return jsonl_batches(source.name, head, chunks)
+
+
+def open_file(source: InputSource, progress: Progress | None = None) -> tuple[str, bytes, int, Iterator[bytes]] | None:
+    """Open now and peek at the first byte: "[" is a JSON array, anything else JSON Lines.
+
+    Returns `(ARRAY or JSONL, head, offset of the first non-space byte, the remaining chunks)`, or None
+    for an empty file (logged). A UTF-8 byte order mark is dropped.
+    """
     chunks = _chunks(source, progress)
     head = b""
     for chunk in chunks:
@@ -181,10 +197,10 @@ def _read_file(source: InputSource, progress: Progress | None) -> Iterator[Recor
             break
     else:
         log.warning("%s is empty", source.name)
-        return iter(())
+        return None
     if head[first : first + 1] == b"[":
-        return array_batches(source.name, head, first, chunks)
-    return jsonl_batches(source.name, head, chunks)
+        return ARRAY, head, first, chunks
+    return JSONL, head, first, chunks
 
 
 # ---------------------------------------------------------------- Hugging Face datasets

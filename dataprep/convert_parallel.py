@@ -1,0 +1,381 @@
+"""`convert --num-proc N`: parse, convert, validate and serialize in worker processes, write in input order.
+
+The main process reads raw bytes and cuts them without parsing: JSON Lines at the last newline of each
+1 MiB chunk, JSON arrays at the last `}` followed by `,` (`ArrayScanner.cut`). Workers turn a cut into
+output bytes plus counts and the bad records they skipped (`convert_chunk`). The main process takes
+results strictly in submission order, so the output is byte for byte the one-process output, and
+`--on-error fail` reports the first bad record in input order (a later chunk's error never wins). At
+most `2 * N + 2` chunks are in flight, so memory stays flat.
+
+Two things the workers cannot know are handled in the main process:
+- where a JSON-array chunk starts in the array (its record index: the previous chunks may still be
+  parsing). Ids derived from the index are written with a random token in place of the number, and
+  the main process puts the number in (`_fill_indexes`);
+- whether an array cut was really between elements (a `},` may sit inside a string). A chunk that does
+  not parse as a list of objects is re-read in the main process with the one-process scanner
+  (`rewind`, then `batch`/`one_by_one`), which also gives the exact error if the text is bad.
+
+Before a file's format is known (auto detection from its first good record) its records are
+converted in the main process one at a time, so the detection rule is the one-process rule. Hugging
+Face datasets are converted in the main process (their rows are already Python objects; shipping
+them to workers costs what converting them does).
+
+Workers are started with "spawn", not "fork": convert runs inside pipelines (Airflow tasks, `pack`,
+scripts that imported torch) whose threads and locks a forked child would inherit mid-use; a spawned
+worker only imports this package (about 0.1 s once per run).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataprep import conversation as cv
+from dataprep import output_styles
+from dataprep.convert_batch import Converted, SourceState, convert_batch
+from dataprep.errors import DataError
+from dataprep.json_stream import (
+    ArrayScanner,
+    BadRecord,
+    RecordBatch,
+    jsonl_cuts,
+    parse_array_chunk,
+    parse_jsonl,
+)
+from dataprep.sources import ARRAY, FILE, InputSource, open_file, read_batches
+
+log = logging.getLogger("dataprep.convert")
+
+JOB_JSONL = "jsonl"
+JOB_ARRAY = "array"
+
+
+@dataclass
+class ChunkJob:
+    """One unit of worker work: `text` is whole JSON Lines starting at `first_line`, or array
+    elements (without brackets) whose first starts at `first_line`."""
+
+    kind: str
+    name: str
+    stem: str
+    fmt: str
+    text: bytes
+    first_line: int
+
+
+@dataclass
+class Problem:
+    """A bad record found by a worker, in plain data (a DataError does not survive pickling)."""
+
+    index: int  # in the chunk
+    line: int | None
+    reason: str
+    message: str
+    raw: Any = None
+    text: str | None = None
+
+
+@dataclass
+class ChunkResult:
+    """`ok` False: an array chunk that was not cut at element boundaries (or whose index token also
+    occurs in the data); nothing else is set and the main process re-reads it."""
+
+    ok: bool
+    blob: bytes = b""
+    records_in: int = 0
+    records_out: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    placeholders: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    system: str | None
+    fail: bool
+    style: str
+    token: str
+
+
+_config: WorkerConfig | None = None
+
+
+def _init_worker(config: WorkerConfig) -> None:
+    global _config
+    _config = config
+
+
+def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkResult:
+    """Parse, convert, validate and serialize one chunk (in a worker, or inline with `config`)."""
+    config = config or _config
+    assert config is not None
+    style = output_styles.get_style(config.style)
+    state = SourceState(job.name, job.stem, job.fmt)
+    if job.kind == JOB_JSONL:
+        batch = parse_jsonl(job.name, job.text, job.first_line)
+        token = None
+    else:
+        parsed = parse_array_chunk(job.text, job.first_line)
+        if parsed is None:
+            return ChunkResult(ok=False)
+        batch = parsed
+        token = config.token
+    conv = convert_batch(state, batch.records, batch.lines, 0 if token else None, config.system, config.fail, token=token,
+                         keep_sources=style.needs_sources)
+    blob = output_styles.serialize(style, conv.records, conv.sources, conv.fmt)
+    if token is not None and blob.count(token.encode()) != len(conv.placeholders):
+        return ChunkResult(ok=False)  # the data itself contains the token: let the main process do it
+    problems = [_problem(batch, i, err, raw) for i, err, raw in conv.errors]
+    return ChunkResult(True, blob, conv.used, len(conv.records), problems, conv.placeholders)
+
+
+def _problem(batch: RecordBatch, i: int, err: DataError, raw: Any) -> Problem:
+    line = err.line if err.line is not None else batch.line(i)
+    if type(raw) is BadRecord:
+        return Problem(i, line, err.reason, err.message, text=raw.text)
+    return Problem(i, line, err.reason, err.message, raw=raw)
+
+
+# ---------------------------------------------------------------- the main process
+
+
+@dataclass
+class _Entry:
+    """A submitted chunk, in output order: a pending worker result, or one converted inline."""
+
+    source: _SourceRun
+    get: Callable[[], ChunkResult]
+    span: bytes | None = None  # array chunks: the text handed out (for `rewind`)
+    line: int = 0
+
+
+@dataclass
+class _SourceRun:
+    source: InputSource
+    state: SourceState
+    indexed: bool = False  # JSON array or dataset: records are located by index
+    scanner: ArrayScanner | None = None
+    next_index: int = 0  # index of the next record whose result is taken
+
+
+class _Run:
+    """The state of one parallel conversion; `blobs()` yields output blobs in input order."""
+
+    def __init__(self, sources: list[InputSource], options: Any, stats: Any, style: output_styles.OutputStyle,
+                 on_reject: Callable[[Any], None] | None, progress: Callable[[int], None]) -> None:
+        self.sources = sources
+        self.options = options
+        self.stats = stats
+        self.style = style
+        self.on_reject = on_reject
+        self.progress = progress
+        self.fail = options.on_error == "fail"
+        self.config = WorkerConfig(options.system, self.fail, style.name, _new_token())
+        self.forced = None if options.input_format == "auto" else options.input_format
+        self.queue: deque[_Entry] = deque()
+        self.max_in_flight = 2 * options.num_proc + 2
+        self.pool: Any = None
+
+    # ---- driving
+
+    def blobs(self) -> Iterator[bytes]:
+        self.pool = _start_pool(self.options.num_proc, self.config)
+        try:
+            for source in self.sources:
+                yield from self._source(source)
+            while self.queue:
+                yield from self._take()
+            self.pool.close()
+            self.pool.join()
+        finally:
+            self.pool.terminate()
+
+    def _source(self, source: InputSource) -> Iterator[bytes]:
+        self.stats.files += 1
+        run = _SourceRun(source, SourceState(source.name, source.stem, self.forced))
+        if self.forced is not None:
+            self.stats.formats[self.forced] += 1
+        try:
+            if source.kind != FILE:
+                run.indexed = True
+                for batch in read_batches(source, self.progress):
+                    result = self._inline(run, batch, batch.first_index)
+                    self.queue.append(_Entry(run, lambda r=result: r))
+                    yield from self._bound()
+                return
+            opened = open_file(source, self.progress)
+            if opened is None:
+                return
+            form, head, first, chunks = opened
+            if form == ARRAY:
+                yield from self._array(run, ArrayScanner(source.name, head, first, chunks))
+            else:
+                yield from self._jsonl(run, head, chunks)
+        except DataError:
+            # A reading error comes after every bad record before it: report those first.
+            while self.queue:
+                yield from self._take()
+            raise
+
+    def _jsonl(self, run: _SourceRun, head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for text, line in jsonl_cuts(head, chunks):
+            while run.state.fmt is None and text:
+                # Until the format is known, one line at a time here (the first good record decides).
+                cut = text.find(b"\n") + 1 or len(text)
+                job = ChunkJob(JOB_JSONL, run.source.name, run.source.stem, "", text[:cut], line)
+                result = self._inline_job(run, job)
+                self.queue.append(_Entry(run, lambda r=result: r))
+                text, line = text[cut:], line + 1
+            if text:
+                self._submit(run, ChunkJob(JOB_JSONL, run.source.name, run.source.stem, run.state.fmt or "", text, line))
+            yield from self._bound()
+
+    def _array(self, run: _SourceRun, scanner: ArrayScanner) -> Iterator[bytes]:
+        run.scanner = scanner
+        run.indexed = True
+        while run.state.fmt is None and not scanner.done:
+            # Until the format is known, one element at a time here (the first good record decides).
+            scanner.slow_until = 0
+            batch = scanner.one_by_one()
+            result = self._inline(run, batch, batch.first_index)
+            self.queue.append(_Entry(run, lambda r=result: r))
+        while not scanner.done:
+            piece = scanner.cut()
+            if piece is None:
+                yield from self._careful_step(run)
+                continue
+            elements, span, line = piece
+            job = ChunkJob(JOB_ARRAY, run.source.name, run.source.stem, run.state.fmt or "", elements, line)
+            self._submit(run, job, span, line)
+            yield from self._bound()
+
+    def _careful_step(self, run: _SourceRun) -> Iterator[bytes]:
+        """One step of the one-process array reader, from where the cuts stopped (needs the index)."""
+        while self.queue:
+            yield from self._take()
+        scanner = run.scanner
+        assert scanner is not None
+        scanner.index = run.next_index
+        batch = scanner.batch() if scanner.offset >= scanner.slow_until else None
+        if batch is None:
+            batch = scanner.one_by_one()
+        yield from self._emit(run, self._inline(run, batch, batch.first_index))
+
+    def _submit(self, run: _SourceRun, job: ChunkJob, span: bytes | None = None, line: int = 0) -> None:
+        pending = self.pool.apply_async(convert_chunk, (job,))
+        self.queue.append(_Entry(run, lambda: pending.get(), span, line))
+
+    def _bound(self) -> Iterator[bytes]:
+        while len(self.queue) > self.max_in_flight:
+            yield from self._take()
+
+    # ---- results, in order
+
+    def _take(self) -> Iterator[bytes]:
+        entry = self.queue.popleft()
+        result = entry.get()
+        run = entry.source
+        if not result.ok:
+            yield from self._recover(entry)
+            return
+        yield from self._emit(run, result)
+
+    def _emit(self, run: _SourceRun, result: ChunkResult) -> Iterator[bytes]:
+        base = run.next_index if run.indexed else None
+        stats = self.stats
+        stats.records_in += result.records_in
+        for problem in result.problems:
+            self._problem(run, problem, base)
+        stats.records_out += result.records_out
+        blob = result.blob
+        if result.placeholders:
+            blob = _fill_indexes(blob, self.config.token, [base + i for i in result.placeholders])  # type: ignore[operator]
+        if run.indexed:
+            run.next_index += result.records_in
+        if blob:
+            yield blob
+
+    def _problem(self, run: _SourceRun, problem: Problem, base: int | None) -> None:
+        record = None if base is None else base + problem.index
+        err = cv.located(DataError(problem.message, reason=problem.reason), run.source.name, problem.line, record)
+        if self.fail:
+            raise err
+        self.stats.skipped[err.reason] += 1
+        if self.on_reject is not None:
+            from dataprep.convert import Reject
+
+            if problem.text is not None:
+                self.on_reject(Reject(run.source.name, problem.line, record, err.reason, str(err), text=problem.text))
+            else:
+                self.on_reject(Reject(run.source.name, problem.line, record, err.reason, str(err), raw=problem.raw))
+
+    def _recover(self, entry: _Entry) -> Iterator[bytes]:
+        """An array chunk did not parse: re-read it and every later chunk of that file here, carefully."""
+        run = entry.source
+        spans = [entry.span]
+        while self.queue and self.queue[0].source is run:
+            spans.append(self.queue.popleft().span)
+        scanner = run.scanner
+        assert scanner is not None and all(s is not None for s in spans)
+        log.debug("%s: re-reading %d bytes from line %d in the main process", run.source.name, sum(map(len, spans)), entry.line)
+        end = scanner.rewind(b"".join(spans), entry.line, run.next_index)  # type: ignore[arg-type]
+        while not scanner.done and scanner.offset < end:
+            scanner.index = run.next_index
+            batch = scanner.batch() if scanner.offset >= scanner.slow_until else None
+            if batch is None:
+                batch = scanner.one_by_one()
+            yield from self._emit(run, self._inline(run, batch, batch.first_index))
+
+    # ---- inline conversion (main process)
+
+    def _inline(self, run: _SourceRun, batch: RecordBatch, base: int | None) -> ChunkResult:
+        conv = convert_batch(run.state, batch.records, batch.lines, base, self.options.system, self.fail,
+                             keep_sources=self.style.needs_sources)
+        self._note_detection(conv)
+        blob = output_styles.serialize(self.style, conv.records, conv.sources, conv.fmt)
+        problems = [_problem(batch, i, err, raw) for i, err, raw in conv.errors]
+        return ChunkResult(True, blob, conv.used, len(conv.records), problems)
+
+    def _inline_job(self, run: _SourceRun, job: ChunkJob) -> ChunkResult:
+        batch = parse_jsonl(job.name, job.text, job.first_line)
+        return self._inline(run, batch, None)
+
+    def _note_detection(self, conv: Converted) -> None:
+        if conv.detected:
+            self.stats.formats[conv.fmt] += 1
+
+
+def _new_token() -> str:
+    """A marker no input is likely to contain (and if one does, the chunk is redone in the main process)."""
+    return f"@@sftkit-index-{os.urandom(12).hex()}@@"
+
+
+def _start_pool(processes: int, config: WorkerConfig) -> Any:
+    return multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(config,))
+
+
+def _fill_indexes(blob: bytes, token: str, indexes: list[int]) -> bytes:
+    """Put each record's array index where the worker wrote the token (one per placeholder, in order)."""
+    parts = blob.split(token.encode())
+    out: list[bytes] = [b""] * (2 * len(parts) - 1)
+    out[0::2] = parts
+    out[1::2] = [b"%d" % k for k in indexes]
+    return b"".join(out)
+
+
+def converted_blobs(
+    sources: list[InputSource],
+    options: Any,
+    stats: Any,
+    style: output_styles.OutputStyle,
+    on_reject: Callable[[Any], None] | None,
+    progress: Callable[[int], None],
+) -> Iterator[bytes]:
+    """Output blobs for `sources` in input order, converted by `options.num_proc` worker processes;
+    updates `stats` and calls `on_reject` like the one-process path (`convert.iter_converted`)."""
+    return _Run(sources, options, stats, style, on_reject, progress).blobs()
+
