@@ -30,7 +30,7 @@ def test_per_segment_equals_masked_path_values_and_grads():
     ctx = attention.prepare("sdpa", b, t, torch.device("cpu"), torch.float32, cu_seqlens=cu)
     assert ctx.segments == [(0, 5), (5, 12), (12, 16), (16, 32), (32, 33), (33, 36), (36, 38), (38, 48)]
     masked = dataclasses.replace(ctx, segments=None)
-    assert masked.masks[None] is not None  # built on demand for the masked path
+    assert masked.masks[None] is not None  # still built: compiled blocks take the masked path
     tensors = _qkv(b, t, h=4, hkv=2, d=8)  # GQA
     out_seg, grads_seg = _run(ctx, tensors)
     out_mask, grads_mask = _run(masked, tensors)
@@ -51,7 +51,7 @@ def test_segment_crossing_a_row_boundary_keeps_the_mask():
 def test_sliding_window_layers_use_the_mask():
     cu = torch.tensor([0, 10, 16], dtype=torch.int32)
     ctx = attention.prepare("sdpa", 1, 16, torch.device("cpu"), torch.float32, cu_seqlens=cu, windows=(None, 4))
-    assert ctx.segments is not None and 4 in ctx.masks  # the windowed mask is built eagerly
+    assert ctx.segments is not None and 4 in ctx.masks
     tensors = _qkv(1, 16, h=2, hkv=2, d=4, seed=1)
     out_win, _ = _run(ctx, tensors, window=4)
     out_ref, _ = _run(dataclasses.replace(ctx, segments=None), tensors, window=4)

@@ -4,8 +4,8 @@ A packed batch carries `cu_seqlens` (segment boundaries over the flattened B*T t
 that into "attend only inside your own segment, causally":
 
 - `sdpa`:   `F.scaled_dot_product_attention`. On CPU (the CPU path), one causal call per segment: a row of
-            documents of lengths L_i costs sum(L_i^2)/2 instead of the full T^2 a masked call computes (on a
-            1024-token row of ~225-token Alpaca documents, about 9x less attention work). Elsewhere, or for
+            documents of lengths L_i costs sum(L_i^2)/2 instead of the full T^2 a masked call computes (several
+            times less on 1024-token rows of ~225-token Alpaca documents). Elsewhere, or for
             sliding-window layers, or inside torch.compile, a block-diagonal causal boolean mask (O(T^2) memory).
 - `varlen`: `torch.nn.attention.varlen.varlen_attn` (FlashAttention on the flattened tokens). CUDA and
             fp16/bf16 only; no mask at all, and skips the work of masked blocks.
@@ -108,23 +108,11 @@ class AttentionContext:
     max_seqlen: int = 0
     segment_ids: torch.Tensor | None = None  # sdpa/flex, [B, T]; None = one causal segment per row
     # sdpa masks / flex block masks keyed by sliding window (None = full causal), built eagerly in
-    # prepare() so that layers (possibly compiled or checkpointed) only read them. With `segments` set, the
-    # full-causal sdpa mask is not needed and is built only if something asks for it.
+    # prepare() so that layers (possibly compiled or checkpointed) only read them. They are built even when
+    # `segments` is set: a compiled block takes the mask path, and a mask costs ~1 ms per forward on CPU.
     masks: dict[int | None, object] = field(default_factory=dict)
     # sdpa on CPU: (start, end) of every segment over the flattened B*T tokens, none crossing a row boundary.
     segments: list[tuple[int, int]] | None = None
-
-
-class _LazyMasks(dict):
-    """A mask dict that builds a missing entry on first access (the per-segment path rarely needs one)."""
-
-    def __init__(self, build, ctx: AttentionContext) -> None:
-        super().__init__()
-        self._build, self._ctx = build, ctx
-
-    def __missing__(self, window: int | None):
-        self[window] = mask = self._build(self._ctx, window)
-        return mask
 
 
 def _row_local_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[tuple[int, int]] | None:
@@ -198,11 +186,8 @@ def prepare(
     build = _flex_block_mask if name == "flex" else _sdpa_mask
     if name == "sdpa" and cu_seqlens is not None and device.type == "cpu" and not torch.compiler.is_compiling():
         ctx.segments = _row_local_segments(cu_seqlens, batch, seqlen)  # on CPU: no device sync
-        if ctx.segments is not None:
-            ctx.masks = _LazyMasks(build, ctx)
     for w in dict.fromkeys(windows):
-        if w is not None or ctx.segments is None:
-            ctx.masks[w] = build(ctx, w)
+        ctx.masks[w] = build(ctx, w)
     return ctx
 
 
@@ -247,7 +232,8 @@ def attend(
         out = _varlen_attn(*flat, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, **kwargs)
         return out.view(b, t, h, d)
 
-    if ctx.backend == "sdpa" and ctx.segments is not None and window is None and not torch.compiler.is_compiling():
+    # is_compiling() first: a compiled block then never reads (or guards on) the host-side segment list.
+    if not torch.compiler.is_compiling() and ctx.backend == "sdpa" and ctx.segments is not None and window is None:
         flat = [x.reshape(b * t, x.shape[2], d) for x in (q, k, v)]
         return _attend_segments(*flat, ctx.segments).view(b, t, h, d)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
