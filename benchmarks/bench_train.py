@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,8 +91,12 @@ def prepare(work: Path, quick: bool, seq_length: int) -> dict[str, Any]:
     packed = {}
     for name, algorithm in (("bfd", "bfd"), ("padded", "none")):
         out = work / f"packed-{name}-{seq_length}"
-        packed[name] = pack_dataset([str(records_path)], out, model_dir,
-                                    PackOptions(seq_length=seq_length, algorithm=algorithm, template=TEMPLATE))
+        options = PackOptions(seq_length=seq_length, algorithm=algorithm, template=TEMPLATE)
+        try:
+            packed[name] = pack_dataset([str(records_path)], out, model_dir, options)
+        except FileExistsError:  # made by an older version of the packer: rebuild it
+            options.overwrite = True
+            packed[name] = pack_dataset([str(records_path)], out, model_dir, options)
         packed[name]["path"] = str(out)
     samples_path = work / f"hf-samples-{seq_length}.npz"
     if not samples_path.is_file():
@@ -150,6 +155,8 @@ def _timed(times: list[float], per_step: list[tuple[int, int]], warmup: int) -> 
         "step_s_median": statistics.median(durations),
         "trained_tokens_per_step": trained / len(steps),
         "nonpad_tokens_per_step": nonpad / len(steps),
+        # Less sensitive to bursts of load from other processes than the mean (which is the headline number).
+        "trained_tokens_per_s_at_median_step": trained / len(steps) / statistics.median(durations),
     }
 
 
@@ -285,7 +292,8 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(name: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     spec_path = Path(spec["out"]) / "spec.json"
-    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(spec_path.parent, ignore_errors=True)  # no metrics or result left from an earlier run
+    spec_path.parent.mkdir(parents=True)
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path),
@@ -314,8 +322,8 @@ def _fmt(x: float | None, spec: str = ",.0f") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps: checks that the script works")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer (default 23; quick 5)")
-    ap.add_argument("--warmup", type=int, default=None, help="first steps excluded from timing (default 3; quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer (default 40; quick 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="first steps excluded from timing (default 5; quick 1)")
     ap.add_argument("--seq-length", type=int, default=None, help="packed row length (default 1024; quick 256)")
     ap.add_argument("--rows-per-step", type=int, default=1, help="packed rows per optimizer step for ours")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, the same for all")
@@ -330,8 +338,8 @@ def main() -> None:
         print(f"skipped: {DATA} not found (the benchmark needs ../shared/data next to the repository)")
         print("BENCH_JSON " + json.dumps({"bench": "train", "skipped": f"{DATA} not found"}))
         return
-    steps = args.steps or (5 if args.quick else 23)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    steps = args.steps or (5 if args.quick else 40)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     seq = args.seq_length or (256 if args.quick else 1024)
     work = WORK / ("train-quick" if args.quick else "train")
     t0 = time.perf_counter()
@@ -365,15 +373,16 @@ def main() -> None:
     print(f"\nTraining on CPU ({args.threads} torch threads), {steps} optimizer steps each, first {warmup} not timed; "
           f"model hidden {prep['size']['hidden']}, {prep['size']['layers']} layers, vocab {prep['size']['vocab']}; "
           f"seq_length {seq}{'  [--quick]' if args.quick else ''}\n")
-    print("| trainer | trained tok/s | non-pad tok/s | step s (mean / median) | trained tok/step | non-pad tok/step "
-          "| final loss | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| trainer | trained tok/s | non-pad tok/s | step s (mean / median) | trained tok/s at median step "
+          "| trained tok/step | non-pad tok/step | final loss | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {labels[name]} | {r['error']} | | | | | | |")
+            print(f"| {labels[name]} | {r['error']} | | | | | | | |")
             continue
         print(f"| {labels[name]} | {_fmt(r['trained_tokens_per_s'])} | {_fmt(r['nonpad_tokens_per_s'])} "
-              f"| {r['step_s_mean']:.3f} / {r['step_s_median']:.3f} | {_fmt(r['trained_tokens_per_step'])} "
+              f"| {r['step_s_mean']:.3f} / {r['step_s_median']:.3f} | {_fmt(r['trained_tokens_per_s_at_median_step'])} "
+              f"| {_fmt(r['trained_tokens_per_step'])} "
               f"| {_fmt(r['nonpad_tokens_per_step'])} | {_fmt(r['final_loss'], '.4f')} | {_fmt(r['peak_rss_mib'])} |")
 
     def tps(name: str) -> float | None:
@@ -392,7 +401,12 @@ def main() -> None:
               f"{'ATTENDS ACROSS documents' if r['cross_document_attention'] else 'documents kept apart'}; "
               f"{r['cross_document_max_logit_diff_outside_trainer']:.2e} calling the loaded model directly "
               "(checkpoint's use_cache=True: transformers skips the packed mask when it makes a KV cache).")
-    print("Measured on a shared machine unless run alone: treat ratios as indicative.")
+    med = {k: v.get("trained_tokens_per_s_at_median_step") for k, v in results.items()}
+    if med.get("ours") and med.get("hf") and med.get("padded"):
+        print(f"At the median step time: ours / HF {med['ours'] / med['hf']:.2f}x, ours / padded "
+              f"{med['ours'] / med['padded']:.2f}x (less sensitive to bursts of load from other processes).")
+    print("Headline numbers: trained tokens over wall-clock of the timed steps. On a shared machine treat them as "
+          "indicative only; step times there can swing by 10x with other processes' load.")
     summary = {
         "bench": "train", "quick": args.quick, "threads": args.threads, "steps": steps, "warmup": warmup,
         "seq_length": seq, "model": prep["size"], "samples_per_step": per_step, "rows_per_step": rows,
