@@ -22,6 +22,7 @@ Examples:
   dataprep convert 'raw/*.jsonl.zst' more.json.gz -o conv.jsonl --on-error skip --rejects bad.jsonl
   dataprep convert train.json -o mf.json --output-style mindformers
   dataprep convert hf:./my_saved_dataset -o conv.jsonl --system "You are a helpful assistant."
+  dataprep convert big.json -o conv.jsonl --num-proc 0
 """,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
@@ -55,6 +56,15 @@ Examples:
 )
 @click.option("--rejects", type=click.Path(dir_okay=False), metavar="FILE", help="With --on-error skip: write skipped records (JSONL with location and reason).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and --rejects) if they exist.")
+@click.option(
+    "--num-proc",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Worker processes that parse and convert (0: one per CPU). Output is identical to N=1. "
+    "--take and --shuffle run in one process.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
 @click.option("-v", "--verbose", count=True, help="-v: info logs (detected formats); -vv: debug.")
 @handle_errors
@@ -70,6 +80,7 @@ def convert(
     on_error: str,
     rejects: str | None,
     overwrite: bool,
+    num_proc: int,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -103,6 +114,7 @@ def convert(
         overwrite=overwrite,
         rejects=rejects,
         progress=None,
+        num_proc=num_proc,
     )
     stats = ConvertStats()
     convert_files(list(inputs), output, options, stats)
@@ -111,4 +123,5 @@ def convert(
         summary["rejects"] = rejects
     if shuffle:
         summary["shuffle_seed"] = seed
+    summary["num_proc"] = 1 if (take or shuffle) else options.num_proc
     emit_summary("dataprep convert", summary, as_json)

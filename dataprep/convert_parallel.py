@@ -179,6 +179,7 @@ class _Run:
         self.queue: deque[_Entry] = deque()
         self.max_in_flight = 2 * options.num_proc + 2
         self.pool: Any = None
+        self.failed = False  # a bad record was raised (a later reading error must not replace it)
 
     # ---- driving
 
@@ -217,7 +218,7 @@ class _Run:
                 yield from self._jsonl(run, head, chunks)
         except DataError:
             # A reading error comes after every bad record before it: report those first.
-            while self.queue:
+            while self.queue and not self.failed:
                 yield from self._take()
             raise
 
@@ -278,11 +279,14 @@ class _Run:
     def _take(self) -> Iterator[bytes]:
         entry = self.queue.popleft()
         result = entry.get()
-        run = entry.source
-        if not result.ok:
-            yield from self._recover(entry)
-            return
-        yield from self._emit(run, result)
+        try:
+            if result.ok:
+                yield from self._emit(entry.source, result)
+            else:
+                yield from self._recover(entry)
+        except DataError:
+            self.failed = True  # the first error in input order: nothing after it may replace it
+            raise
 
     def _emit(self, run: _SourceRun, result: ChunkResult) -> Iterator[bytes]:
         base = run.next_index if run.indexed else None

@@ -194,6 +194,7 @@ class ArrayScanner:
         self.index = 0
         self.done = False
         self.slow_until = 0
+        self.pending: DataError | None = None
         self._skip_space("'['")
         # The whitespace before the first element: when it has a newline (pretty-printed files), cuts
         # followed by the same whitespace are element boundaries, not "}," inside nested values.
@@ -245,10 +246,16 @@ class ArrayScanner:
         self.line += self.buf.count(b"\n", self.pos, end)
         self.pos = end
         self.index += count
-        if match.lastindex is None:
-            self._finish(end)
-        elif end == len(self.buf):  # the buffer ended in the whitespace after ","
-            self._skip_space("','")
+        try:
+            if match.lastindex is None:
+                self._finish(end)
+            elif end == len(self.buf):  # the buffer ended in the whitespace after ","
+                self._skip_space("','")
+        except DataError as err:
+            # Raised on the next read, after the records before it were handed out: errors come
+            # in input order, however the input happened to be chunked.
+            self.done = False
+            self.pending = err
 
     def _candidates(self) -> Iterator[re.Match]:
         """Candidate cuts from the end of the buffer backwards."""
@@ -264,6 +271,8 @@ class ArrayScanner:
 
     def batch(self) -> RecordBatch | None:
         """Parse all complete elements in the buffer with one orjson call, or None to go one by one."""
+        if self.pending is not None:
+            raise self.pending
         while True:
             tried = 0
             for match in self._candidates():
@@ -298,6 +307,8 @@ class ArrayScanner:
         does not advance here. None means: read on with `batch`/`one_by_one` from here (no candidate
         before a record too large, or an ending that needs their checks).
         """
+        if self.pending is not None:
+            raise self.pending
         while True:
             match = self._last_cut()
             if match is not None:
@@ -346,22 +357,32 @@ class ArrayScanner:
         self.index = index
         self.slow_until = 0
         self.done = False
+        self.pending = None
         return end
 
     def one_by_one(self) -> RecordBatch:
         """Read elements singly up to `slow_until` (at least one); exact errors come from here."""
+        if self.pending is not None:
+            raise self.pending
         records: list[Any] = []
         lines: list[int] = []
         first_index = self.index
-        while not self.done and (not records or (self.offset < self.slow_until and len(records) < _SLOW_BATCH)):
+        while not self.done and self.pending is None and (not records or (self.offset < self.slow_until and len(records) < _SLOW_BATCH)):
             line = self.line
-            records.append(self._one())
+            try:
+                records.append(self._one())
+            except DataError:
+                if not records:
+                    raise
+                break  # hand out the records before it first; the next call raises it again
             lines.append(line)
         return RecordBatch(records, lines, first_index)
 
     def _one(self) -> Any:
         """Parse exactly one element at `pos`: the first candidate cut at which orjson parses the slice."""
         if self.buf[self.pos] != 0x7B:  # "{"
+            while len(self.buf) - self.pos < 20 and self._refill():
+                pass  # the same snippet however the input was chunked
             snippet = self.buf[self.pos : self.pos + 20].decode("utf-8", "replace")
             err = DataError(f"array element must be a JSON object, found {snippet!r}", reason=cv.NOT_AN_OBJECT)
             raise cv.located(err, self.name, self.line, self.index)
