@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from trainer.config import PeftSection
 from trainer.lora import ADAPTER_MARK, LoraEmbedding, base_name, lora_modules
+from trainer.weights import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
@@ -26,7 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
-from trainer.weights import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, WeightsError, checkpoint_index
+from trainer.weights import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    WeightsError,
+    checkpoint_index,
+    replace_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +198,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         if report.merged_modules != len(adapters):
             raise WeightsError(f"merged {report.merged_modules} of {len(adapters)} adapted modules")
         report.dtype = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

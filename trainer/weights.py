@@ -264,6 +264,21 @@ def load_pretrained(
 # ----------------------------------------------------------------------------------------------- export
 
 
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Put a finished temporary directory where `out_dir` is, replacing an old one.
+
+    The old directory is moved aside before the rename and deleted after it, so a crash at any moment
+    leaves either the old complete directory or the new one, never neither and never a mix.
+    """
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '10KiB' or a byte count -> bytes (decimal units as HF uses, binary for *iB)."""
     if isinstance(size, int):
@@ -313,13 +328,7 @@ def export_hf(
         if rank == 0:
             saved_dtype = dtype or next(model.parameters()).dtype
             _write_metadata(model.config, tmp, weight_map, total, saved_dtype, source_dir, tokenizer_dir)
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
