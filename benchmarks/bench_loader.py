@@ -321,7 +321,8 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     ap.add_argument("--batch", type=int, default=8, help="rows per batch")
-    ap.add_argument("--max-rows", type=int, default=None, help="rows read per measurement (default: all)")
+    ap.add_argument("--max-rows", type=int, default=10_000,
+                    help="rows read per measurement (0: all); the datasets still grow, so RSS growth shows")
     ap.add_argument("--no-streaming", action="store_true", help="skip MosaicML streaming")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     ap.add_argument("--_data", help=argparse.SUPPRESS)
