@@ -288,7 +288,8 @@ def convert_files(
             from dataprep import convert_parallel  # here: multiprocessing is only for --num-proc
 
             bar = stack.enter_context(contextlib.closing(_Bar(sources, options, stats)))
-            blobs = convert_parallel.converted_blobs(sources, options, stats, style, on_reject, bar.update)
+            spill_dir = os.path.dirname(os.path.abspath(output))
+            blobs = convert_parallel.converted_blobs(sources, options, stats, style, on_reject, bar.update, spill_dir)
         else:
             if options.num_proc != 1:
                 log.info("--take and --shuffle run in one process; ignoring --num-proc %d", options.num_proc)

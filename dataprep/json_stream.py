@@ -298,14 +298,17 @@ class ArrayScanner:
 
     # ---- unparsed cuts for worker processes (`convert --num-proc`)
 
-    def cut(self) -> tuple[bytes, bytes, int] | None:
-        """The next run of elements as unparsed text, about a chunk of it: `(elements, span, line)`.
+    def cut(self) -> tuple[bytes, bytes, int | None] | None:
+        """The next run of elements as unparsed text, about a chunk of it: `(elements, sep, count)`.
 
-        `elements` is what lies between "[" and "]" for `parse_array_chunk`; `span` the same plus the
-        separator after it (for `rewind`); `line` where it starts. The cut is only a candidate: whoever
-        parses it learns whether it was an element boundary, and `rewind` goes back if not. `index`
-        does not advance here. None means: read on with `batch`/`one_by_one` from here (no candidate
-        before a record too large, or an ending that needs their checks).
+        `elements` is what lies between "[" and "]" for `parse_array_chunk`; `sep` the separator after
+        it (`elements + sep` is what `rewind` takes back); `count` the number of elements if the
+        array's layout tells (pretty-printed: "}," + the layout + "{" only occurs between elements,
+        since JSON strings hold no raw newline), else None. All of it is only a candidate: whoever
+        parses it learns whether the cut and count were right, and `rewind` goes back if not.
+        Neither `index` nor `line` is kept up to date here (set both before `batch`/`one_by_one`).
+        None means: read on with `batch`/`one_by_one` from here (no candidate before a record too
+        large, or an ending that needs their checks).
         """
         if self.pending is not None:
             raise self.pending
@@ -323,12 +326,11 @@ class ArrayScanner:
                 continue
             if len(self.buf) - self.pos > MAX_RECORD_BYTES or not self._refill():
                 return None
-        line = self.line
         elements = self.buf[self.pos : match.start() + 1]
-        span = self.buf[self.pos : end]
-        self.line += span.count(b"\n")
+        sep = self.buf[match.start() + 1 : end]
         self.pos = end
-        return elements, span, line
+        count = None if self.layout is None else elements.count(b"}," + self.layout + b"{") + 1
+        return elements, sep, count
 
     def _last_cut(self) -> re.Match | None:
         """The last candidate end of an element in the buffer (preferring one that matches the layout)."""

@@ -104,11 +104,14 @@ def test_compact_array_with_cut_lookalikes_is_reread(tmp_path, small_chunks, cap
     assert "re-reading" in caplog.text  # the recovery path really ran
 
 
-def test_pretty_printed_nested_array(tmp_path, small_chunks):
-    # indent=2 ShareGPT: "},\n    {" inside every record; the layout keeps cuts between records.
+@pytest.mark.parametrize("indent", [2, 0])
+def test_pretty_printed_nested_array(tmp_path, small_chunks, indent):
+    # ShareGPT with "},\n{" inside every record: with indent=2 the layout keeps cuts and counts between
+    # records; with indent=0 nested and top-level separators look alike, so counts are wrong and
+    # the chunk is re-read (then the file goes on with index tokens).
     convs = [{"conversations": [{"from": "human", "value": f"h{i}"}, {"from": "gpt", "value": f"g{i}"}] * 2} for i in range(300)]
     path = tmp_path / "sharegpt.json"
-    path.write_text(json.dumps(convs, indent=2, ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(convs, indent=indent, ensure_ascii=False), encoding="utf-8")
     _, stats = both([path], tmp_path)
     assert stats["records_out"] == 300 and stats["input_formats"] == {"sharegpt": 1}
 
@@ -192,7 +195,7 @@ _rec = st.fixed_dictionaries(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(records=st.lists(st.one_of(_rec, st.just("not an object")), max_size=14), indent=st.sampled_from([None, 1]),
+@given(records=st.lists(st.one_of(_rec, st.just("not an object")), max_size=14), indent=st.sampled_from([None, 0, 1]),
        chunk=st.sampled_from([3, 16, 64]), as_array=st.booleans(), on_error=st.sampled_from(["fail", "skip"]),
        input_format=st.sampled_from(["auto", "alpaca"]))
 def test_cuts_and_recovery_match_one_process(tmp_path, monkeypatch, records, indent, chunk, as_array, on_error, input_format):
