@@ -8,13 +8,17 @@ own process, one after another:
   MindFormers' and FastChat's converter scripts do; note json.dump streams through the pure-Python
   encoder);
 - baseline json.dumps/line: the same, but json.dumps one JSONL line per record (a stronger peer);
-- sftkit convert: the `dataprep convert` console script (streaming, orjson), on N and on N/10 records
-  (peak memory should not grow with the input).
+- sftkit convert --num-proc 1: the `dataprep convert` console script (streaming, orjson), on N and on
+  N/10 records (peak memory should not grow with the input);
+- sftkit convert --num-proc P (default 2, `--num-proc` here; 0 = one per CPU): the same with P worker
+  processes (their peak RSS is not in the table: each holds a few chunks, not the input).
 
 Wall time is measured around the whole process (imports and start-up included), CPU time from the
 children's rusage, and peak RSS is each process's own VmHWM (the rusage maxrss of a child also counts
 the parent's memory on Linux). The two baselines and sftkit write the same ids and messages, and the
-baseline-per-line output is compared with sftkit's record by record before the table is printed.
+baseline-per-line output is compared with sftkit's record by record, and the --num-proc P output with
+the --num-proc 1 output byte for byte, before the table is printed. The speed-up column is each sftkit
+row against the json.dump baseline.
 
     .venv/bin/python benchmarks/bench_convert.py            # the real measurement (run alone: 2 cores)
     .venv/bin/python benchmarks/bench_convert.py --quick    # 20,000 records, a smoke test
@@ -147,10 +151,21 @@ def same_records(a: Path, b: Path) -> int:
     return count
 
 
+def same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="20,000 records: check that the script works")
+    parser.add_argument("--num-proc", type=int, default=2, help="worker processes for the parallel row (0: one per CPU)")
     args = parser.parse_args()
     n = 20_000 if args.quick else args.records
     python = sys.executable
@@ -162,12 +177,16 @@ def main() -> None:
     runs = [
         ("baseline json.load + loop + json.dump", n, [python, "-c", BASELINE, str(src), str(out / "base_dump.json"), "dump"]),
         ("baseline json.load + loop + json.dumps/line", n, [python, "-c", BASELINE, str(src), str(out / "base_lines.jsonl"), "lines"]),
-        ("sftkit dataprep convert", n, [python, "-c", SFTKIT, "convert", str(src), "-o", str(out / "sftkit.jsonl"), "--overwrite", "--json"]),
+        ("sftkit dataprep convert --num-proc 1", n,
+         [python, "-c", SFTKIT, "convert", str(src), "-o", str(out / "sftkit.jsonl"), "--overwrite", "--json", "--num-proc", "1"]),
         (
-            "sftkit dataprep convert (N/10 records)",
+            "sftkit dataprep convert --num-proc 1 (N/10 records)",
             max(n // 10, 1),
-            [python, "-c", SFTKIT, "convert", str(small), "-o", str(out / "sftkit_small.jsonl"), "--overwrite", "--json"],
+            [python, "-c", SFTKIT, "convert", str(small), "-o", str(out / "sftkit_small.jsonl"), "--overwrite", "--json", "--num-proc", "1"],
         ),
+        (f"sftkit dataprep convert --num-proc {args.num_proc}", n,
+         [python, "-c", SFTKIT, "convert", str(src), "-o", str(out / "sftkit_par.jsonl"), "--overwrite", "--json",
+          "--num-proc", str(args.num_proc)]),
     ]
     results = []
     for name, count, argv in runs:
@@ -181,24 +200,30 @@ def main() -> None:
     checked = same_records(out / "base_lines.jsonl", out / "sftkit.jsonl")
     dumped = json.loads((out / "base_dump.json").read_text(encoding="utf-8"))
     assert len(dumped) == n and checked == n
+    if not same_bytes(out / "sftkit.jsonl", out / "sftkit_par.jsonl"):
+        sys.exit(f"--num-proc {args.num_proc} wrote different bytes than --num-proc 1")
 
     base = results[0]["seconds"]
     base_lines = results[1]["seconds"]
     ours = results[2]["seconds"]
+    ours_par = results[4]["seconds"]
     print(f"\nconvert benchmark: {n:,} Alpaca records resampled from {', '.join(SAMPLES)}"
           f" ({src.stat().st_size / 1e6:,.0f} MB JSON array){' [--quick]' if args.quick else ''}\n")
-    print("| run | records | wall s | CPU s | records/s | peak RSS MiB | sftkit speed-up (wall) |")
+    print("| run | records | wall s | CPU s | records/s | peak RSS MiB | vs json.dump baseline (wall) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        ratio = f"{r['seconds'] / ours:.1f}x" if r["run"].startswith("baseline") else ""
+        ratio = f"{base / r['seconds']:.1f}x" if r["run"].startswith("sftkit") and r["records"] == n else ""
         print(
             f"| {r['run']} | {r['records']:,} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['records_per_s']:,.0f}"
             f" | {r['peak_rss_mib']:,.0f} | {ratio} |"
         )
     ratio = base / ours
-    print(f"\nsftkit convert vs json.load + loop + json.dump: {ratio:.1f}x (target >= {TARGET_RATIO:.0f}x:"
-          f" {'met' if ratio >= TARGET_RATIO else 'NOT met'}); vs json.dumps per line: {base_lines / ours:.1f}x."
-          f" Outputs checked equal on all {checked:,} records.")
+    ratio_par = base / ours_par
+    for label, value in (("--num-proc 1", ratio), (f"--num-proc {args.num_proc}", ratio_par)):
+        print(f"\nsftkit convert {label} vs json.load + loop + json.dump: {value:.1f}x (target >= {TARGET_RATIO:.0f}x:"
+              f" {'met' if value >= TARGET_RATIO else 'NOT met'}); vs json.dumps per line: {base_lines / base * value:.1f}x.")
+    print(f"Outputs checked equal on all {checked:,} records (baseline vs sftkit; --num-proc {args.num_proc} byte-identical"
+          f" to --num-proc 1). CPUs here: {os.cpu_count()}.")
     print("BENCH_JSON " + json.dumps({
         "bench": "convert",
         "quick": args.quick,
@@ -206,6 +231,10 @@ def main() -> None:
         "input_mb": round(src.stat().st_size / 1e6, 1),
         "ratio_vs_json_dump": round(ratio, 2),
         "ratio_vs_json_dumps_lines": round(base_lines / ours, 2),
+        "num_proc": args.num_proc,
+        "ratio_vs_json_dump_num_proc": round(ratio_par, 2),
+        "ratio_vs_json_dumps_lines_num_proc": round(base_lines / ours_par, 2),
+        "cpus": os.cpu_count(),
         "target_ratio": TARGET_RATIO,
         "runs": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
     }))

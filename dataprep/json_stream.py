@@ -200,6 +200,7 @@ class ArrayScanner:
         # followed by the same whitespace are element boundaries, not "}," inside nested values.
         lead = self.buf[first + 1 : self.pos] if self.consumed == 0 else b""
         self.layout = lead if b"\n" in lead else None
+        self._between = None if self.layout is None else re.compile(re.escape(b"}," + self.layout + b"{"))
         if self.buf[self.pos] == 0x5D:  # "]": an empty array
             self._finish(self.pos + 1)
 
@@ -329,7 +330,7 @@ class ArrayScanner:
         elements = self.buf[self.pos : match.start() + 1]
         sep = self.buf[match.start() + 1 : end]
         self.pos = end
-        count = None if self.layout is None else elements.count(b"}," + self.layout + b"{") + 1
+        count = None if self._between is None else len(self._between.findall(elements)) + 1  # findall beats bytes.count here
         return elements, sep, count
 
     def _last_cut(self) -> re.Match | None:
