@@ -83,3 +83,15 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_loss_every_n_steps(tiny):
+    """data.eval is scored every train.eval_every steps over every eval row once; it falls as training proceeds."""
+    root, model_dir, data_dir = tiny
+    eval_dir = pack_rows(model_dir, root / "eval", n_records=40, seq_length=128, seed=5)
+    result = train(_config(root, model_dir, data_dir, "eval", "train.max_steps=20", "train.eval_every=10",
+                           f"data.eval={eval_dir}", "checkpoint.export=false", "data.micro_batch_size=2"))
+    assert [step for step, _ in result.eval_losses] == [10, 20]
+    assert result.eval_losses[1][1] < result.eval_losses[0][1]
+    logged = [json.loads(line) for line in (root / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["eval_loss"] for m in logged if "eval_loss" in m] == [loss for _, loss in result.eval_losses]
