@@ -9,6 +9,11 @@ Two entry points:
 Memory stays flat in the input size (see `sources`), except with `shuffle`, which must see every record
 before emitting one: it spills serialized records to a temporary file and keeps 16 bytes per record
 (see `shuffle`).
+
+`ConvertOptions.num_proc > 1` runs parsing, conversion and serialization in worker processes
+(`convert_parallel`); the output is byte for byte the one-process output. `take` and `shuffle` runs
+stay in one process (a take limit would need the workers to agree on where to stop; shuffling is
+bound by the spill file, not by conversion).
 """
 
 from __future__ import annotations

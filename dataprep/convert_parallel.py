@@ -9,11 +9,20 @@ most `2 * N + 2` chunks are in flight, so memory stays flat.
 
 Two things the workers cannot know are handled in the main process:
 - where a JSON-array chunk starts in the array (its record index: the previous chunks may still be
-  parsing). Ids derived from the index are written with a random token in place of the number, and
-  the main process puts the number in (`_fill_indexes`);
-- whether an array cut was really between elements (a `},` may sit inside a string). A chunk that does
-  not parse as a list of objects is re-read in the main process with the one-process scanner
-  (`rewind`, then `batch`/`one_by_one`), which also gives the exact error if the text is bad.
+  parsing). In pretty-printed arrays the main process counts the elements of each cut (the text
+  between them, "}," + newline + the top-level indentation + "{", cannot occur inside a string), the
+  worker checks the count, and ids come out final. Otherwise ids derived from the index are written
+  with a random token in place of the number, and the main process puts the number in
+  (`_fill_indexes`);
+- whether an array cut was really between elements (a `},` may sit inside a string) and its count
+  right. A chunk that does not parse as a list of objects of that count is re-read in the main
+  process with the one-process scanner (`rewind`, then `batch`/`one_by_one`), which also gives the
+  exact error if the text is bad.
+
+Uncompressed files are not shipped to workers: a job names the file, offset and size, and the worker
+reads them (from the page cache); output comes back through files in a temporary folder next to the
+output. Both because a megabyte through a multiprocessing pipe costs the main process several times
+what a file read costs, and the main process is the part that does not scale with N.
 
 Before a file's format is known (auto detection from its first good record) its records are
 converted in the main process one at a time, so the detection rule is the one-process rule. Hugging
@@ -28,6 +37,7 @@ worker only imports this package (about 0.1 s once per run).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -50,7 +60,7 @@ from dataprep.json_stream import (
     parse_array_chunk,
     parse_jsonl,
 )
-from dataprep.sources import ARRAY, FILE, InputSource, open_file, read_batches
+from dataprep.sources import ARRAY, FILE, InputSource, open_file, plain_offset, read_batches
 
 log = logging.getLogger("dataprep.convert")
 
@@ -73,6 +83,11 @@ class ChunkJob:
     first_line: int = 1
     base: int | None = None
     count: int | None = None
+    # Uncompressed files: the worker reads `size` bytes at `offset` itself (through the page cache),
+    # which costs the main process far less than pickling the text into a pipe.
+    path: str | None = None
+    offset: int = 0
+    size: int = 0
 
 
 @dataclass
@@ -123,6 +138,9 @@ _config: WorkerConfig | None = None
 def _init_worker(config: WorkerConfig) -> None:
     global _config
     _config = config
+    # As in the main process (convert_files): nothing here makes reference cycles, and with thousands
+    # of short-lived dicts per chunk the cyclic collector would double the worker's time.
+    gc.disable()
 
 
 def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkResult:
@@ -132,6 +150,10 @@ def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkRes
     style = output_styles.get_style(config.style)
     state = SourceState(job.name, job.stem, job.fmt)
     token = base = None
+    if job.path is not None:
+        with open(job.path, "rb") as f:
+            f.seek(job.offset)
+            job.text = f.read(job.size)
     if job.kind == JOB_JSONL:
         batch = parse_jsonl(job.name, job.text, job.first_line)
     else:
@@ -191,6 +213,7 @@ class _SourceRun:
     next_line: int = 1  # arrays: line where that record starts
     dispatch_index: int | None = None  # arrays: index of the next element cut, while counts are known
     counts_trusted: bool = True
+    file_offset: int | None = None  # uncompressed file: where the stream starts in it (see ChunkJob.path)
 
 
 class _Run:
@@ -247,6 +270,7 @@ class _Run:
             if opened is None:
                 return
             form, head, first, chunks = opened
+            run.file_offset = plain_offset(source)
             if form == ARRAY:
                 yield from self._array(run, ArrayScanner(source.name, head, first, chunks))
             else:
@@ -258,16 +282,17 @@ class _Run:
             raise
 
     def _jsonl(self, run: _SourceRun, head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for text, line in jsonl_cuts(head, chunks):
+        for text, line, offset in jsonl_cuts(head, chunks):
             while run.state.fmt is None and text:
                 # Until the format is known, one line at a time here (the first good record decides).
                 cut = text.find(b"\n") + 1 or len(text)
                 job = ChunkJob(JOB_JSONL, run.source.name, run.source.stem, "", text[:cut], line)
                 result = self._inline_job(run, job)
                 self.queue.append(_Entry(run, lambda r=result: r))
-                text, line = text[cut:], line + 1
+                text, line, offset = text[cut:], line + 1, offset + cut
             if text:
-                self._submit(run, ChunkJob(JOB_JSONL, run.source.name, run.source.stem, run.state.fmt or "", text, line))
+                job = ChunkJob(JOB_JSONL, run.source.name, run.source.stem, run.state.fmt or "", text, line)
+                self._submit(run, self._by_offset(run, job, offset))
             yield from self._bound()
 
     def _array(self, run: _SourceRun, scanner: ArrayScanner) -> Iterator[bytes]:
@@ -286,13 +311,13 @@ class _Run:
             if piece is None:
                 yield from self._careful_step(run)
                 continue
-            elements, sep, count = piece
+            elements, sep, count, offset = piece
             if not run.counts_trusted or run.dispatch_index is None:
                 count = None
             base = run.dispatch_index if count is not None else None
             run.dispatch_index = None if base is None else base + count  # type: ignore[operator]
             job = ChunkJob(JOB_ARRAY, run.source.name, run.source.stem, run.state.fmt or "", elements, 1, base, count)
-            pending = self.pool.apply_async(convert_chunk, (job,))
+            pending = self.pool.apply_async(convert_chunk, (self._by_offset(run, job, offset),))
             self.queue.append(_Entry(run, pending.get, elements, sep))
             yield from self._bound()
 
@@ -311,6 +336,12 @@ class _Run:
             batch = scanner.one_by_one()
         yield from self._emit(run, self._inline(run, batch, batch.first_index), line_after=scanner.line)
         run.dispatch_index = scanner.index
+
+    def _by_offset(self, run: _SourceRun, job: ChunkJob, offset: int) -> ChunkJob:
+        """The job with its text left for the worker to read from the file, when the file allows."""
+        if run.file_offset is None:
+            return job
+        return dataclasses.replace(job, text=b"", path=run.source.path, offset=run.file_offset + offset, size=len(job.text))
 
     def _submit(self, run: _SourceRun, job: ChunkJob) -> None:
         pending = self.pool.apply_async(convert_chunk, (job,))

@@ -140,10 +140,11 @@ def parse_jsonl(name: str, text: bytes, first_line: int) -> RecordBatch:
     return RecordBatch(records, lines)
 
 
-def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
-    """`(whole lines, first line number)` for `parse_jsonl`, about a chunk at a time, without parsing
-    (`convert --num-proc` parses them in worker processes)."""
+def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int, int]]:
+    """`(whole lines, first line number, offset in the stream)` for `parse_jsonl`, about a chunk at a
+    time, without parsing (`convert --num-proc` parses them in worker processes)."""
     lineno = 1
+    offset = 0
     carry = b""
     for chunk in _prepend(head, chunks):
         text = carry + chunk if carry else chunk
@@ -151,10 +152,11 @@ def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, in
         carry = text[cut:]
         if cut:
             piece = text[:cut] if carry else text
-            yield piece, lineno
+            yield piece, lineno, offset
             lineno += piece.count(b"\n")
+            offset += cut
     if carry.strip():
-        yield carry, lineno
+        yield carry, lineno, offset
 
 
 def _prepend(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -299,10 +301,11 @@ class ArrayScanner:
 
     # ---- unparsed cuts for worker processes (`convert --num-proc`)
 
-    def cut(self) -> tuple[bytes, bytes, int | None] | None:
-        """The next run of elements as unparsed text, about a chunk of it: `(elements, sep, count)`.
+    def cut(self) -> tuple[bytes, bytes, int | None, int] | None:
+        """The next run of elements as unparsed text, about a chunk of it: `(elements, sep, count, offset)`.
 
-        `elements` is what lies between "[" and "]" for `parse_array_chunk`; `sep` the separator after
+        `elements` is what lies between "[" and "]" for `parse_array_chunk` (starting at `offset` in
+        the stream); `sep` the separator after
         it (`elements + sep` is what `rewind` takes back); `count` the number of elements if the
         array's layout tells (pretty-printed: "}," + the layout + "{" only occurs between elements,
         since JSON strings hold no raw newline), else None. All of it is only a candidate: whoever
@@ -329,9 +332,10 @@ class ArrayScanner:
                 return None
         elements = self.buf[self.pos : match.start() + 1]
         sep = self.buf[match.start() + 1 : end]
+        offset = self.offset
         self.pos = end
         count = None if self._between is None else len(self._between.findall(elements)) + 1  # findall beats bytes.count here
-        return elements, sep, count
+        return elements, sep, count, offset
 
     def _last_cut(self) -> re.Match | None:
         """The last candidate end of an element in the buffer (preferring one that matches the layout)."""

@@ -170,6 +170,18 @@ def _chunks(source: InputSource, progress: Progress | None) -> Iterator[bytes]:
         raw.close()
 
 
+def plain_offset(source: InputSource) -> int | None:
+    """Where the stream `open_file` reads starts in the file on disk (3 after a UTF-8 byte order mark),
+    or None when the file is compressed (then stream offsets are not file offsets)."""
+    if source.kind != FILE or not source.path:
+        return None
+    with open(source.path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == _GZIP_MAGIC or magic == _ZSTD_MAGIC:
+        return None
+    return len(_BOM) if magic.startswith(_BOM) else 0
+
+
 def _read_file(source: InputSource, progress: Progress | None) -> Iterator[RecordBatch]:
     opened = open_file(source, progress)
     if opened is None:

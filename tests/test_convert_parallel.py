@@ -232,3 +232,20 @@ def test_cli_num_proc(tmp_path):
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 30
     assert CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "x"), "--num-proc", "-1"]).exit_code == 2
+
+
+def test_compressed_and_bom_inputs(tmp_path, small_chunks):
+    """Workers read plain files by offset (a byte order mark shifts it) and get compressed text sent."""
+    import gzip
+
+    rows = [{"instruction": f"q{i} 中文", "output": f"a{i}"} for i in range(400)]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode("utf-8"))
+    bom_array = tmp_path / "bom.json"
+    bom_array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2, ensure_ascii=False).encode("utf-8"))
+    packed = tmp_path / "rows.json.gz"
+    packed.write_bytes(gzip.compress(json.dumps(rows, indent=1).encode("utf-8")))
+    data, stats = both([bom, bom_array, packed], tmp_path)
+    assert stats["records_out"] == 1200
+    ids = [json.loads(x)["id"] for x in data.splitlines()]
+    assert ids[:2] == ["bom.jsonl:1", "bom.jsonl:2"] and ids[400] == "bom.json[0]" and ids[-1] == "rows.json.gz[399]"
