@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures.process import BrokenProcessPool
 
 import click
 
@@ -117,7 +118,10 @@ def convert(
         num_proc=num_proc,
     )
     stats = ConvertStats()
-    convert_files(list(inputs), output, options, stats)
+    try:
+        convert_files(list(inputs), output, options, stats)
+    except BrokenProcessPool as exc:  # a worker was killed (out of memory, say); nothing was written
+        raise click.ClickException(f"a --num-proc worker process died: {exc}") from None
     summary = {"output": output, "output_style": options.output_style, **stats.as_dict()}
     if rejects:
         summary["rejects"] = rejects

@@ -45,6 +45,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,10 +248,11 @@ class _Run:
                 yield from self._source(source)
             while self.queue:
                 yield from self._take()
-            self.pool.close()
-            self.pool.join()
         finally:
-            self.pool.terminate()
+            # On an error, queued chunks are dropped and running ones finish (a chunk takes
+            # milliseconds); a worker that died (killed for memory, say) surfaces as BrokenProcessPool
+            # from `result()` instead of a wait that never ends.
+            self.pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(spill, ignore_errors=True)
 
     def _source(self, source: InputSource) -> Iterator[bytes]:
@@ -317,8 +319,8 @@ class _Run:
             base = run.dispatch_index if count is not None else None
             run.dispatch_index = None if base is None else base + count  # type: ignore[operator]
             job = ChunkJob(JOB_ARRAY, run.source.name, run.source.stem, run.state.fmt or "", elements, 1, base, count)
-            pending = self.pool.apply_async(convert_chunk, (self._by_offset(run, job, offset),))
-            self.queue.append(_Entry(run, pending.get, elements, sep))
+            pending = self.pool.submit(convert_chunk, self._by_offset(run, job, offset))
+            self.queue.append(_Entry(run, pending.result, elements, sep))
             yield from self._bound()
 
     def _careful_step(self, run: _SourceRun) -> Iterator[bytes]:
@@ -344,8 +346,8 @@ class _Run:
         return dataclasses.replace(job, text=b"", path=run.source.path, offset=run.file_offset + offset, size=len(job.text))
 
     def _submit(self, run: _SourceRun, job: ChunkJob) -> None:
-        pending = self.pool.apply_async(convert_chunk, (job,))
-        self.queue.append(_Entry(run, pending.get))
+        pending = self.pool.submit(convert_chunk, job)
+        self.queue.append(_Entry(run, pending.result))
 
     def _bound(self) -> Iterator[bytes]:
         while len(self.queue) > self.max_in_flight:
@@ -445,8 +447,9 @@ def _new_token() -> str:
     return f"@@sftkit-index-{os.urandom(12).hex()}@@"
 
 
-def _start_pool(processes: int, config: WorkerConfig) -> Any:
-    return multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(config,))
+def _start_pool(processes: int, config: WorkerConfig) -> Executor:
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker, initargs=(config,))
 
 
 def _fill_indexes(blob: bytes, token: str, indexes: list[int]) -> bytes:

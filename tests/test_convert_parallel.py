@@ -55,21 +55,14 @@ def _sync_pool(processes, config):
         def __init__(self, value):
             self.value = value
 
-        def get(self):
+        def result(self):
             return self.value
 
     class Pool:
-        def apply_async(self, fn, args):
-            job = pickle.loads(pickle.dumps(args[0]))
-            return Done(pickle.loads(pickle.dumps(fn(job, config))))
+        def submit(self, fn, job):
+            return Done(pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(job)), config))))
 
-        def close(self):
-            pass
-
-        def join(self):
-            pass
-
-        def terminate(self):
+        def shutdown(self, wait, cancel_futures):
             pass
 
     return Pool()
