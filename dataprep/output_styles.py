@@ -104,8 +104,8 @@ def serialize(style: OutputStyle, records: list[dict[str, Any]], sources: list[A
     """
     if not records:
         return b""
-    text = orjson.dumps(style.objects(records, sources, fmt))
-    return text[1:-1].replace(_BOUNDARY, b"]}" + style.item_sep + b'{"id":') + style.item_end
+    text = orjson.dumps(style.objects(records, sources, fmt)).replace(_BOUNDARY, b"]}" + style.item_sep + b'{"id":')
+    return b"".join((memoryview(text)[1:-1], style.item_end))  # one copy, not a slice and a concatenation
 
 
 def split_items(style: OutputStyle, blob: bytes) -> list[bytes]:
