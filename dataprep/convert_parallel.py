@@ -89,6 +89,7 @@ class ChunkJob:
     path: str | None = None
     offset: int = 0
     size: int = 0
+    count_lines: bool = True  # arrays: report the newlines in `text` (not needed when `path` is set)
 
 
 @dataclass
@@ -117,7 +118,7 @@ class ChunkResult:
     records_out: int = 0
     problems: list[Problem] = field(default_factory=list)
     placeholders: list[int] = field(default_factory=list)
-    newlines: int = 0  # array chunks: newlines in the text (the main process keeps the line count)
+    newlines: int | None = None  # array chunks: newlines in the text, when asked (ChunkJob.count_lines)
     relative_lines: bool = False
 
 
@@ -179,7 +180,7 @@ def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkRes
             f.write(blob)
         blob = b""
     array = job.kind == JOB_ARRAY
-    newlines = job.text.count(b"\n") if array else 0
+    newlines = job.text.count(b"\n") if array and job.count_lines else None
     return ChunkResult(True, "", blob, spill, conv.used, len(conv.records), problems, conv.placeholders, newlines, array)
 
 
@@ -201,7 +202,9 @@ class _Entry:
     get: Callable[[], ChunkResult]
     elements: bytes | None = None  # array cuts: the text handed out and the separator after it
     sep: bytes = b""
-    line_after: int | None = None  # array records read here: the scanner's line after them
+    line_after: int | None = None  # array records read here: the scanner's line and offset after them
+    offset_after: int = 0
+    offset: int = 0  # array cuts: where `elements` starts in the stream
 
 
 @dataclass
@@ -211,7 +214,9 @@ class _SourceRun:
     indexed: bool = False  # JSON array or dataset: records are located by index
     scanner: ArrayScanner | None = None
     next_index: int = 0  # index of the next record whose result is taken
-    next_line: int = 1  # arrays: line where that record starts
+    next_line: int | None = 1  # arrays: line where that record starts (None: count it when needed, see _line)
+    next_offset: int = 0  # arrays: where that record starts in the stream
+    line_mark: tuple[int, int] = (0, 1)  # arrays: a known (stream offset, line) at or before next_offset
     dispatch_index: int | None = None  # arrays: index of the next element cut, while counts are known
     counts_trusted: bool = True
     file_offset: int | None = None  # uncompressed file: where the stream starts in it (see ChunkJob.path)
@@ -300,13 +305,13 @@ class _Run:
     def _array(self, run: _SourceRun, scanner: ArrayScanner) -> Iterator[bytes]:
         run.scanner = scanner
         run.indexed = True
-        run.next_line = scanner.line  # where the first element starts
+        run.next_line, run.next_offset = scanner.line, scanner.offset  # where the first element starts
         while run.state.fmt is None and not scanner.done:
             # Until the format is known, one element at a time here (the first good record decides).
             scanner.slow_until = 0
             batch = scanner.one_by_one()
             result = self._inline(run, batch, batch.first_index)
-            self.queue.append(_Entry(run, lambda r=result: r, line_after=scanner.line))
+            self.queue.append(_Entry(run, lambda r=result: r, line_after=scanner.line, offset_after=scanner.offset))
         run.dispatch_index = scanner.index
         while not scanner.done:
             piece = scanner.cut()
@@ -320,7 +325,7 @@ class _Run:
             run.dispatch_index = None if base is None else base + count  # type: ignore[operator]
             job = ChunkJob(JOB_ARRAY, run.source.name, run.source.stem, run.state.fmt or "", elements, 1, base, count)
             pending = self.pool.submit(convert_chunk, self._by_offset(run, job, offset))
-            self.queue.append(_Entry(run, pending.result, elements, sep))
+            self.queue.append(_Entry(run, pending.result, elements, sep, offset=offset))
             yield from self._bound()
 
     def _careful_step(self, run: _SourceRun) -> Iterator[bytes]:
@@ -329,21 +334,22 @@ class _Run:
             yield from self._take()
         scanner = run.scanner
         assert scanner is not None
-        scanner.index, scanner.line = run.next_index, run.next_line
+        scanner.index, scanner.line = run.next_index, self._line(run)
         yield from self._careful(run, scanner)
 
     def _careful(self, run: _SourceRun, scanner: ArrayScanner) -> Iterator[bytes]:
         batch = scanner.batch() if scanner.offset >= scanner.slow_until else None
         if batch is None:
             batch = scanner.one_by_one()
-        yield from self._emit(run, self._inline(run, batch, batch.first_index), line_after=scanner.line)
+        yield from self._emit(run, self._inline(run, batch, batch.first_index), line_after=scanner.line, offset_after=scanner.offset)
         run.dispatch_index = scanner.index
 
     def _by_offset(self, run: _SourceRun, job: ChunkJob, offset: int) -> ChunkJob:
         """The job with its text left for the worker to read from the file, when the file allows."""
         if run.file_offset is None:
             return job
-        return dataclasses.replace(job, text=b"", path=run.source.path, offset=run.file_offset + offset, size=len(job.text))
+        return dataclasses.replace(job, text=b"", path=run.source.path, offset=run.file_offset + offset, size=len(job.text),
+                                   count_lines=False)
 
     def _submit(self, run: _SourceRun, job: ChunkJob) -> None:
         pending = self.pool.submit(convert_chunk, job)
@@ -360,7 +366,7 @@ class _Run:
         result = entry.get()
         try:
             if result.ok:
-                yield from self._emit(entry.source, result, entry.line_after, entry.sep)
+                yield from self._emit(entry.source, result, entry.line_after, entry.offset_after, entry)
             else:
                 if result.why == "count":
                     entry.source.counts_trusted = False
@@ -369,13 +375,14 @@ class _Run:
             self.failed = True  # the first error in input order: nothing after it may replace it
             raise
 
-    def _emit(self, run: _SourceRun, result: ChunkResult, line_after: int | None = None, sep: bytes = b"") -> Iterator[bytes]:
+    def _emit(self, run: _SourceRun, result: ChunkResult, line_after: int | None = None, offset_after: int = 0,
+              entry: _Entry | None = None) -> Iterator[bytes]:
         base = run.next_index if run.indexed else None
         stats = self.stats
         stats.records_in += result.records_in
         for problem in result.problems:
             if result.relative_lines and problem.line is not None:
-                problem.line += run.next_line - 1
+                problem.line += self._line(run) - 1
             self._problem(run, problem, base)
         stats.records_out += result.records_out
         blob = result.blob
@@ -388,9 +395,14 @@ class _Run:
         if run.indexed:
             run.next_index += result.records_in
         if result.relative_lines:
-            run.next_line += result.newlines + sep.count(b"\n")
+            assert entry is not None and entry.elements is not None
+            if result.newlines is not None and run.next_line is not None:
+                run.next_line += result.newlines + entry.sep.count(b"\n")
+            elif run.next_line is not None:
+                run.line_mark, run.next_line = (run.next_offset, run.next_line), None
+            run.next_offset = entry.offset + len(entry.elements) + len(entry.sep)
         elif line_after is not None:
-            run.next_line = line_after
+            run.next_line, run.next_offset = line_after, offset_after
         if blob:
             yield blob
 
@@ -418,10 +430,30 @@ class _Run:
         scanner = run.scanner
         assert scanner is not None and all(s is not None for s in spans)
         text = b"".join(spans)  # type: ignore[arg-type]
-        log.debug("%s: re-reading %d bytes from line %d in the main process", run.source.name, len(text), run.next_line)
-        end = scanner.rewind(text, run.next_line, run.next_index)
+        line = self._line(run)
+        log.debug("%s: re-reading %d bytes from line %d in the main process", run.source.name, len(text), line)
+        end = scanner.rewind(text, line, run.next_index)
         while not scanner.done and scanner.offset < end:
             yield from self._careful(run, scanner)
+
+    def _line(self, run: _SourceRun) -> int:
+        """The line where the next array record starts. Workers reading a file by offset do not count
+        newlines (a tenth of their time); lines only matter for error messages and re-reads, so they
+        are counted here from the file when one is needed."""
+        if run.next_line is None:
+            offset, line = run.line_mark
+            assert run.file_offset is not None and run.source.path is not None
+            with open(run.source.path, "rb") as f:
+                f.seek(run.file_offset + offset)
+                left = run.next_offset - offset
+                while left > 0:
+                    piece = f.read(min(left, 1 << 20))
+                    if not piece:
+                        break
+                    line += piece.count(b"\n")
+                    left -= len(piece)
+            run.next_line = line
+        return run.next_line
 
     # ---- inline conversion (main process)
 

@@ -202,8 +202,11 @@ def test_cuts_and_recovery_match_one_process(tmp_path, monkeypatch, records, ind
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     outcome = []
     for n in (1, 2):
+        rejects = tmp_path / f"r{n}.jsonl"
+        opts = {"rejects": str(rejects)} if on_error == "skip" else {}
         try:
-            outcome.append(convert([path], tmp_path / f"o{n}", n, on_error=on_error, input_format=input_format))
+            result = convert([path], tmp_path / f"o{n}", n, on_error=on_error, input_format=input_format, **opts)
+            outcome.append((*result, rejects.read_bytes() if opts else None))
         except DataError as err:
             outcome.append(("error", str(err)))
     assert outcome[0] == outcome[1]
