@@ -9,9 +9,10 @@ most `2 * N + 2` chunks are in flight, so memory stays flat.
 
 Two things the workers cannot know are handled in the main process:
 - where a JSON-array chunk starts in the array (its record index: the previous chunks may still be
-  parsing). In pretty-printed arrays the main process counts the elements of each cut (the text
-  between them, "}," + newline + the top-level indentation + "{", cannot occur inside a string), the
-  worker checks the count, and ids come out final. Otherwise ids derived from the index are written
+  parsing). In pretty-printed arrays the main process counts the elements of each cut by the text
+  between them, "}," + newline + the top-level indentation + "{" (never inside a string; inside a
+  nested value only in oddly indented files, and the worker checks the count), so ids come out
+  final. A file whose count was wrong once, and compact arrays, get ids derived from the index written
   with a random token in place of the number, and the main process puts the number in
   (`_fill_indexes`);
 - whether an array cut was really between elements (a `},` may sit inside a string) and its count
