@@ -16,10 +16,13 @@ from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_erro
 @click.option("--resume", default=None, metavar="auto|none|PATH",
               help="auto: newest complete checkpoint in the output dir (default); none: start over; "
                    "PATH: that checkpoint (fails if it is incomplete or corrupt).")
+@click.option("--save-format", type=click.Choice(["dcp", "dcp+hf"]), default=None,
+              help="dcp+hf: also export HF weights (or the LoRA adapter) at every checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @handle_errors
-def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, as_json: bool, verbose: int) -> None:
+def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, save_format: str | None,
+        as_json: bool, verbose: int) -> None:
     """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter or LoRA: the peft section).
 
     \b
@@ -34,7 +37,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
     from trainer.config import ConfigError, load_config
 
     try:
-        config = load_config(config_path, list(overrides) + ([f"checkpoint.resume={resume}"] if resume else []))
+        extra = [f"checkpoint.resume={resume}"] if resume else []
+        extra += [f"checkpoint.save_format={save_format}"] if save_format else []
+        config = load_config(config_path, list(overrides) + extra)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if not config.model.path:

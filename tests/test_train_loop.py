@@ -95,3 +95,17 @@ def test_eval_loss_every_n_steps(tiny):
     assert result.eval_losses[1][1] < result.eval_losses[0][1]
     logged = [json.loads(line) for line in (root / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [m["eval_loss"] for m in logged if "eval_loss" in m] == [loss for _, loss in result.eval_losses]
+
+
+def test_save_format_dcp_plus_hf_exports_at_every_checkpoint(tiny):
+    from trainer.weights import load_pretrained
+
+    root, model_dir, data_dir = tiny
+    train(_config(root, model_dir, data_dir, "fmt", "train.max_steps=9", "checkpoint.every_steps=3",
+                  "checkpoint.keep=2", "checkpoint.save_format=dcp+hf", "checkpoint.export=false"))
+    exports = root / "fmt" / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == ["step-00000006", "step-00000009"]  # newest `keep`
+    ids = torch.arange(1, 21).unsqueeze(0)
+    with torch.no_grad():
+        six, nine = (load_pretrained(exports / name)(ids) for name in ("step-00000006", "step-00000009"))
+    assert not torch.allclose(six, nine)  # each export holds the weights of its own step

@@ -82,6 +82,11 @@ class CheckpointSection:
     keep: int = doc("Keep the newest K complete checkpoints (K >= 2).", 2)
     resume: str = doc("auto (newest complete checkpoint in output_dir) | none | PATH.", "auto")
     export: bool = doc("Export final weights in Hugging Face format (safetensors) to output_dir/export.", True)
+    save_format: str = doc(
+        "dcp: checkpoints only | dcp+hf: also export HF weights (LoRA: the PEFT adapter) at every checkpoint "
+        "to output_dir/exports/step-N, keeping the newest `keep`.",
+        "dcp",
+    )
     max_shard_size: str = doc("Largest safetensors shard in exports, e.g. 2GB or 500MB.", "2GB")
 
 
@@ -290,6 +295,7 @@ def validate(config: TrainConfig) -> None:
         ("model", "attn_backend"): ("auto", "sdpa", "flex", "varlen"),
         ("data", "remainder"): ("drop", "pad"),
         ("train", "schedule"): ("cosine", "linear", "constant"),
+        ("checkpoint", "save_format"): ("dcp", "dcp+hf"),
         ("parallel", "backend"): ("auto", "nccl", "gloo"),
         ("peft", "pet_type"): (None, "lora"),
         ("peft", "lora_a_init"): ("kaiming", "normal", "zeros"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -255,7 +256,13 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
             step=step, scheduler=scheduler.state_dict(), data=dataset.state_dict(), config=config.to_dict(),
             world_size=info.world_size, global_batch_size=global_batch,
         )
-        return save_checkpoint(out_dir, step, model, optimizer, trainer_state, info, keep=config.checkpoint.keep)
+        path = save_checkpoint(out_dir, step, model, optimizer, trainer_state, info, keep=config.checkpoint.keep)
+        if config.checkpoint.save_format == "dcp+hf":
+            exports = out_dir / "exports"
+            _export(model, config, out_dir, info, exports / f"step-{step:08d}")
+            if info.is_main:
+                _prune_exports(exports, config.checkpoint.keep)
+        return path
 
     result = RunResult(steps=start_step, output_dir=str(out_dir))
     stop = StopFlag().install()
@@ -276,9 +283,11 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
     return result
 
 
-def _export(model: Transformer, config: TrainConfig, out_dir: Path, info: DistInfo) -> Path:
-    """Full runs export HF weights; LoRA runs export the PEFT adapter (and, if asked, merged weights)."""
-    export_dir = out_dir / "export"
+def _export(
+    model: Transformer, config: TrainConfig, out_dir: Path, info: DistInfo, export_dir: Path | None = None
+) -> Path:
+    """Full runs export HF weights; LoRA runs export the PEFT adapter (and, if asked, merged weights beside it)."""
+    export_dir = export_dir or out_dir / "export"
     if config.peft.pet_type != "lora":
         return export_hf(model, export_dir, source_dir=config.model.path,
                          max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
@@ -289,10 +298,19 @@ def _export(model: Transformer, config: TrainConfig, out_dir: Path, info: DistIn
         if info.is_main:
             from trainer.merge_lora import merge_lora
 
-            merge_lora(config.model.path, export_dir, out_dir / "export-merged", overwrite=True,
+            merge_lora(config.model.path, export_dir, export_dir.with_name(export_dir.name + "-merged"), overwrite=True,
                        show_progress=config.logging.progress_bar)
         barrier(info)
     return export_dir
+
+
+def _prune_exports(exports: Path, keep: int) -> None:
+    """Keep the newest `keep` intermediate exports (and their -merged twins), like the checkpoints."""
+    steps = sorted(p.name for p in exports.iterdir() if p.is_dir() and p.name.startswith("step-")
+                   and not p.name.endswith("-merged"))
+    for name in steps[:-keep]:
+        for path in (exports / name, exports / f"{name}-merged"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _agree_on_resume(config: TrainConfig, out_dir: Path, info: DistInfo) -> Path | None:
