@@ -103,19 +103,10 @@ def jsonl_batches(name: str, head: bytes, chunks: Iterator[bytes]) -> Iterator[R
     Each line is parsed on its own (joining lines into one array would let a broken line and a
     neighbour pair up into valid JSON and shift every later line number).
     """
-    lineno = 1
-    carry = b""
-    for chunk in _prepend(head, chunks):
-        text = carry + chunk if carry else chunk
-        cut = text.rfind(b"\n") + 1
-        carry = text[cut:]
-        if cut:
-            batch = parse_jsonl(name, text[:cut] if carry else text, lineno)
-            lineno += text.count(b"\n", 0, cut)
-            if batch.records:
-                yield batch
-    if carry.strip():  # a last line without a trailing newline (PaddleNLP's files end like this)
-        yield parse_jsonl(name, carry, lineno)
+    for text, lineno, _offset in jsonl_cuts(head, chunks):
+        batch = parse_jsonl(name, text, lineno)
+        if batch.records:
+            yield batch
 
 
 def parse_jsonl(name: str, text: bytes, first_line: int) -> RecordBatch:
@@ -155,7 +146,7 @@ def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, in
             yield piece, lineno, offset
             lineno += piece.count(b"\n")
             offset += cut
-    if carry.strip():
+    if carry.strip():  # a last line without a trailing newline (PaddleNLP's files end like this)
         yield carry, lineno, offset
 
 
