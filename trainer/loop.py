@@ -122,6 +122,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
     out["max_seqlen"] = int(batch["max_seqlen"])
     out["num_trainable"] = int(batch["num_trainable"])
+    # For the FLOPs count, from the host copy: reading it back from the device would sync every micro-batch.
+    out["doc_len_sq_sum"] = _doc_len_sq_sum(batch["cu_seqlens"])
     return out
 
 
@@ -366,7 +368,7 @@ def _run_steps(config, info, model, dataset, optimizer, scheduler, steps, result
                     (loss * grad_scale).backward()
                     loss_sum += loss.detach().double()
                     window_flops += training_flops(n_matmul, batch["input_ids"].numel(),
-                                                   _doc_len_sq_sum(batch["cu_seqlens"]), mcfg.num_hidden_layers,
+                                                   batch["doc_len_sq_sum"], mcfg.num_hidden_layers,
                                                    attn_dim)
             except Exception:
                 log.exception("rank %d: step %d failed in forward/backward", info.rank, step + 1)
