@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
+from formats.manifest import hash_file
 from trainer.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,6 @@ class TrainerState:
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _hash_file(path: Path) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -159,7 +151,7 @@ def save_checkpoint(
     barrier(info)
     if info.is_main:
         files = {
-            p.name: {"bytes": p.stat().st_size, "xxh3_128": _hash_file(p)}
+            p.name: {"bytes": p.stat().st_size, "xxh3_128": hash_file(p)}
             for p in sorted(tmp.iterdir())
             if p.is_file() and p.name != MARKER
         }
@@ -204,7 +196,7 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: file {name} has {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
             )
-        if _hash_file(file) != expected["xxh3_128"]:
+        if hash_file(file) != expected["xxh3_128"]:
             raise CheckpointError(f"{path}: file {name} fails its checksum (corrupted)")
     return record
 
