@@ -231,13 +231,18 @@ def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *, verify: bool = True
 ) -> TrainerState:
-    """Restore model and optimizer (resharded to this world size by DCP), RNG; return the trainer state."""
+    """Restore model and optimizer (resharded to this world size by DCP), RNG; return the trainer state.
+
+    `verify=False` skips re-hashing every file, for callers that just validated the checkpoint (the loop's
+    rank 0 does, in `resolve_resume`), so a large checkpoint is not read once per rank before loading.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    validate_checkpoint(path)
+    if verify:
+        validate_checkpoint(path)
     raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     raw.pop("version", None)
     state = TrainerState(**raw)

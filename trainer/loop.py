@@ -242,7 +242,7 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
     start_step = 0
     resume_from = _agree_on_resume(config, out_dir, info)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, info)
+        state = load_checkpoint(resume_from, model, optimizer, info, verify=False)  # rank 0 validated it
         if state.global_batch_size != global_batch:
             raise CheckpointError(
                 f"{resume_from}: saved with a global batch of {state.global_batch_size} rows, this run has "
