@@ -171,6 +171,16 @@ class PackedDataset:
             doc_ids=batch.doc_ids[lo:hi].to_pylist(),
         )
 
+    def row_tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, doc_lengths) of row `i` as zero-copy views: what a training loader needs.
+
+        Unlike `row`, it skips the document ids, whose conversion from Arrow costs more than the rest.
+        """
+        g, r = self._locate(int(i))
+        batch = self._batch(g)
+        lo, hi = int(batch.doc_offsets[r]), int(batch.doc_offsets[r + 1])
+        return batch.input_ids[r], batch.labels[r], batch.doc_lengths[lo:hi]
+
     def __getitem__(self, i: int) -> PackedRow:
         return self.row(i)
 

@@ -126,3 +126,26 @@ def test_empty_rows_and_zero_length_documents_make_no_empty_segments() -> None:
     out = collate_packed(ids, ids, [np.array([0, 3]), np.array([], dtype=np.int32), np.array([2, 0, 2])])
     assert out["cu_seqlens"].tolist() == [0, 3, 4, 8, 10, 12]
     assert out["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
+
+
+def test_a_batch_is_one_memory_block_with_its_extra_arrays() -> None:
+    """One storage per batch is what makes handing it from a DataLoader worker cheap (one shm segment)."""
+    ids = np.arange(24, dtype=np.int32).reshape(3, 8)
+    rows = np.array([7, 3, 9], dtype=np.int64)
+    pad = np.array([False, False, True])
+    out = collate_packed(ids, ids, [np.array([8])] * 3, pad, extra={"sample_row": rows, "sample_is_padding": pad})
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    assert set(tensors) == {"input_ids", "labels", "position_ids", "cu_seqlens", "sample_row", "sample_is_padding"}
+    assert len({v.untyped_storage().data_ptr() for v in tensors.values()}) == 1
+    assert out["sample_row"].dtype == torch.int64 and out["sample_row"].tolist() == [7, 3, 9]
+    assert out["sample_is_padding"].dtype == torch.bool and out["sample_is_padding"].tolist() == [False, False, True]
+    # the views do not overlap: writing one leaves the others intact
+    out["position_ids"].fill_(-5)
+    assert out["input_ids"].tolist() == ids.tolist() and out["cu_seqlens"].tolist() == [0, 8, 16, 24]
+    assert out["sample_row"].tolist() == [7, 3, 9]
+
+
+def test_an_extra_array_cannot_replace_a_batch_key() -> None:
+    ids = np.zeros((1, 4), dtype=np.int32)
+    with pytest.raises(ValueError, match="'labels'"):
+        collate_packed(ids, ids, [np.array([4])], extra={"labels": np.zeros(1, np.int64)})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from formats.writer import DatasetWriter
@@ -94,6 +95,21 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(data, num_workers: in
     first = [r for ep, _, r, pad in seen if ep == 0 and not pad]
     second = [r for ep, _, r, pad in seen if ep == 1 and not pad]
     assert first != second, "each epoch must be a new permutation"
+
+
+def test_a_batch_from_a_worker_arrives_whole_in_one_shared_block(data) -> None:
+    """Worker batches must equal in-process ones and still share one storage after the hand-over."""
+    kwargs = dict(global_batch_size=4, micro_batch_size=2, rank=0, world_size=1, seed=3)
+    local = list(DataLoader(PackedIterableDataset(data["a"], **kwargs), batch_size=None, num_workers=0))
+    remote = list(DataLoader(PackedIterableDataset(data["a"], **kwargs), batch_size=None, num_workers=2))
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote, strict=True):
+        tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+        assert len(tensors) == 7
+        for k in tensors:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        assert len({b[k].untyped_storage().data_ptr() for k in tensors}) == 1
+        assert a["loader"] == b["loader"]
 
 
 def test_drop_remainder_reads_the_kept_rows_once_and_reports_the_rest(data) -> None:

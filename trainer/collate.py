@@ -9,17 +9,27 @@ that varlen attention uses so no token attends across documents. A row's padding
 Labels are pre-shifted by the packer and used as they are. Rows flagged ``is_padding`` (the remainder policy's
 filler, see ``trainer.data_partition``) get all labels -100: they run through the forward pass so every rank
 does the same work, but contribute neither loss nor trainable tokens.
+
+Every array of a batch is a view into one memory block. A DataLoader worker hands a batch to the trainer by
+moving each tensor's storage into shared memory and passing a file descriptor per storage; that costs about
+0.4 ms per storage on a 2-core machine, more than reading and collating a whole 8 x 4096 micro-batch. One
+block per batch pays it once (measured: 2,450 -> 5,400 batches*8/s for the same contents, 2 workers).
+Keeping one array keeps the whole block (about 3 x B x T x 8 bytes) alive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+_ALIGN = 64  # bytes; every array in a batch block starts on a cache line
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 
 
 class RowLike(Protocol):
@@ -31,75 +41,147 @@ class RowLike(Protocol):
 def segment_lengths(doc_lengths: Sequence[np.ndarray], seq_length: int) -> np.ndarray:
     """Lengths of all segments of the batch in order: each row's documents, then its padding tail if any.
 
-    Vectorised over the batch (no per-row numpy calls): this runs once per micro-batch in every worker.
+    A plain loop: a micro-batch holds a few rows of at most a few dozen documents, where it is several
+    times faster than vectorised numpy (measured 10 vs 49 us for 8 rows of 3 documents), and it runs once per
+    micro-batch in every worker.
     """
-    b = len(doc_lengths)
-    counts = np.fromiter((len(x) for x in doc_lengths), dtype=np.int64, count=b)
-    lens = (
-        np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in doc_lengths])
-        if b
-        else np.zeros(0, np.int64)
-    )
-    row_of = np.repeat(np.arange(b), counts)
-    if lens.size and lens.min() < 0:
-        r = int(row_of[np.argmax(lens < 0)])
-        raise ValueError(f"row {r}: negative document length in {np.asarray(doc_lengths[r]).tolist()}")
-    used = np.bincount(row_of, weights=lens, minlength=b).astype(np.int64)
-    if b and used.max() > seq_length:
-        r = int(np.argmax(used > seq_length))
-        raise ValueError(f"row {r}: document lengths sum to {used[r]} > seq_length {seq_length}")
-    keep = lens > 0  # a zero-length document is no segment
-    lens, row_of = lens[keep], row_of[keep]
-    tails = seq_length - used
-    has_tail = tails > 0
-    # Row r's segments start at starts[r]: its documents in order, then the tail (if any).
-    per_row = np.bincount(row_of, minlength=b) + has_tail
-    starts = np.concatenate([[0], np.cumsum(per_row)[:-1]]) if b else np.zeros(0, np.int64)
-    out = np.empty(int(per_row.sum()), dtype=np.int64)
-    first_doc = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=b))[:-1]]) if b else starts
-    out[starts[row_of] + np.arange(lens.size) - first_doc[row_of]] = lens
-    out[(starts + per_row - 1)[has_tail]] = tails[has_tail]
-    return out
+    out: list[int] = []
+    for r, d in enumerate(doc_lengths):
+        lens = np.asarray(d).ravel().tolist()
+        if lens and min(lens) < 0:
+            raise ValueError(f"row {r}: negative document length in {lens}")
+        used = sum(lens)
+        if used > seq_length:
+            raise ValueError(f"row {r}: document lengths sum to {used} > seq_length {seq_length}")
+        out.extend(n for n in lens if n)  # a zero-length document is no segment
+        if used < seq_length:
+            out.append(seq_length - used)
+    return np.array(out, dtype=np.int64)
+
+
+def one_block(fields: Sequence[tuple[str, Any, tuple[int, ...]]]) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """Allocate arrays of the given (name, numpy dtype, shape) inside one buffer.
+
+    Returns numpy views to fill and torch views of the same bytes, which share one storage: pickled across a
+    process boundary it becomes one shared-memory segment (see the module docstring). Runs once per
+    micro-batch, hence one strided view per field rather than a chain of slicing and reshaping.
+    """
+    places, total = [], 0
+    for name, dtype, shape in fields:
+        dt = np.dtype(dtype)
+        if dt not in _TORCH_DTYPES:
+            raise TypeError(f"{name}: dtype {dt} is not supported in a batch block")
+        total = -(-total // _ALIGN) * _ALIGN
+        count = math.prod(shape)
+        places.append((name, dt, tuple(shape), total, count))
+        total += count * dt.itemsize
+    block = torch.empty(-(-max(total, 1) // _ALIGN) * _ALIGN, dtype=torch.uint8)  # whole multiple of every itemsize
+    raw = block.numpy()
+    typed: dict[np.dtype, torch.Tensor] = {}
+    arrays, tensors = {}, {}
+    for name, dt, shape, offset, count in places:
+        if dt not in typed:
+            typed[dt] = block.view(_TORCH_DTYPES[dt])
+        strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        tensors[name] = typed[dt].as_strided(shape, strides, offset // dt.itemsize)
+        arrays[name] = raw[offset : offset + count * dt.itemsize].view(dt).reshape(shape)
+    return arrays, tensors
+
+
+def _batch_shape(input_ids: Any, labels: Any) -> tuple[int, int]:
+    """(B, T) of two [B, T] arrays or two sequences of B rows of T, refusing anything ragged."""
+    if isinstance(input_ids, np.ndarray) and isinstance(labels, np.ndarray):
+        if input_ids.ndim != 2 or labels.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and labels must both be [B, T]; got {input_ids.shape} and {labels.shape}"
+            )
+        return input_ids.shape
+    shapes = {np.shape(r) for r in itertools.chain(input_ids, labels)}
+    if len(input_ids) != len(labels) or len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(
+            f"input_ids and labels must both be [B, T]; got {len(input_ids)} and {len(labels)} rows "
+            f"of shapes {sorted(shapes)}"
+        )
+    if not len(input_ids):
+        raise ValueError("cannot collate an empty batch")
+    return len(input_ids), next(iter(shapes))[0]
+
+
+def _copy_rows(dst: np.ndarray, src: Any) -> None:
+    if isinstance(src, np.ndarray):
+        dst[...] = src
+    else:
+        for k, row in enumerate(src):
+            dst[k] = row
+
+
+_positions_base = np.arange(0, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    """0..n-1 from one cached array: the same few sizes recur every micro-batch."""
+    global _positions_base
+    if _positions_base.size < n:
+        _positions_base = np.arange(n, dtype=np.int64)
+        _positions_base.flags.writeable = False
+    return _positions_base[:n]
 
 
 def collate_packed(
-    input_ids: np.ndarray,
-    labels: np.ndarray,
+    input_ids: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray | Sequence[np.ndarray],
     doc_lengths: Sequence[np.ndarray],
     is_padding: np.ndarray | None = None,
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Build the training batch from [B, T] token and label arrays and each row's document lengths."""
-    ids = np.asarray(input_ids)
-    lab = np.array(labels, dtype=np.int64, copy=True)
-    if ids.ndim != 2 or lab.shape != ids.shape:
-        raise ValueError(f"input_ids and labels must both be [B, T]; got {ids.shape} and {lab.shape}")
-    b, t = ids.shape
+    """Build the training batch from tokens, labels and each row's document lengths.
+
+    Tokens and labels are [B, T] arrays or sequences of B rows (e.g. memory-mapped shard rows, copied
+    straight into the batch with no intermediate stack). `extra` arrays (e.g. which dataset row each batch
+    row came from) are copied into the same block under their own keys, so they cost nothing more to move
+    between processes.
+    """
+    b, t = _batch_shape(input_ids, labels)
     if len(doc_lengths) != b:
         raise ValueError(f"{len(doc_lengths)} doc_lengths entries for {b} rows")
+    pad = None
     if is_padding is not None:
         pad = np.asarray(is_padding, dtype=bool)
         if pad.shape != (b,):
             raise ValueError(f"is_padding must have shape ({b},), got {pad.shape}")
-        lab[pad] = IGNORE_INDEX
     seg = segment_lengths(doc_lengths, t)
-    cu = np.zeros(seg.size + 1, dtype=np.int64)
+    extra = {k: np.asarray(v) for k, v in (extra or {}).items()}
+    fields = [
+        ("input_ids", np.int64, (b, t)),
+        ("labels", np.int64, (b, t)),
+        ("position_ids", np.int64, (b, t)),
+        ("cu_seqlens", np.int32, (seg.size + 1,)),
+    ]
+    for name, arr in extra.items():
+        if any(name == f[0] for f in fields):
+            raise ValueError(f"extra array {name!r} would replace the batch's own {name!r}")
+        fields.append((name, arr.dtype, arr.shape))
+    arrays, batch = one_block(fields)
+    _copy_rows(arrays["input_ids"], input_ids)
+    out_lab = arrays["labels"]
+    _copy_rows(out_lab, labels)
+    if pad is not None:
+        out_lab[pad] = IGNORE_INDEX
+    cu = arrays["cu_seqlens"]
+    cu[0] = 0
     np.cumsum(seg, out=cu[1:])
-    positions = np.arange(b * t, dtype=np.int64) - np.repeat(cu[:-1], seg)
-    return {
-        "input_ids": torch.from_numpy(ids.astype(np.int64)),
-        "labels": torch.from_numpy(lab),
-        "position_ids": torch.from_numpy(positions.reshape(b, t)),
-        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
-        "max_seqlen": int(seg.max()) if seg.size else 0,
-        "num_trainable": int((lab != IGNORE_INDEX).sum()),
-    }
+    starts = np.repeat(cu[:-1].astype(np.int64), seg)
+    np.subtract(_arange(b * t), starts, out=arrays["position_ids"].reshape(-1))
+    for name, arr in extra.items():
+        arrays[name][...] = arr
+    batch["max_seqlen"] = int(seg.max()) if seg.size else 0
+    batch["num_trainable"] = int(np.count_nonzero(out_lab != IGNORE_INDEX))
+    return batch
 
 
 def collate_rows(rows: Sequence[RowLike], is_padding: Sequence[bool] | None = None) -> dict[str, Any]:
     """`collate_fn` for a DataLoader over `PackedRow`s (e.g. a map-style view of a `PackedDataset`)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    ids = np.stack([np.asarray(r.input_ids) for r in rows])
-    lab = np.stack([np.asarray(r.labels) for r in rows])
     pad = None if is_padding is None else np.asarray(is_padding, dtype=bool)
-    return collate_packed(ids, lab, [r.doc_lengths for r in rows], pad)
+    return collate_packed([r.input_ids for r in rows], [r.labels for r in rows], [r.doc_lengths for r in rows], pad)

@@ -239,19 +239,6 @@ class PackedIterableDataset(IterableDataset):
             self._handles, self._handles_pid = handles, os.getpid()
         return self._handles
 
-    def _read(self, src: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        handles = self._open()
-        n, t = len(rows), self.seq_length
-        ids = np.empty((n, t), dtype=np.int32)
-        labels = np.empty((n, t), dtype=np.int32)
-        doc_lengths: list[np.ndarray] = []
-        for k, (j, r) in enumerate(zip(src.tolist(), rows.tolist(), strict=True)):
-            row = handles[j].row(r)
-            ids[k] = row.input_ids
-            labels[k] = row.labels
-            doc_lengths.append(np.array(row.doc_lengths, dtype=np.int64))
-        return ids, labels, doc_lengths
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -286,11 +273,15 @@ class PackedIterableDataset(IterableDataset):
                 yield self._batch(mb, src[k * b : (k + 1) * b], rows[k * b : (k + 1) * b])
 
     def _batch(self, mb: MicroBatch, src: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-        ids, labels, doc_lengths = self._read(src, rows)
-        batch = collate_packed(ids, labels, doc_lengths, mb.is_padding)
-        batch["sample_source"] = torch.from_numpy(src.copy())
-        batch["sample_row"] = torch.from_numpy(rows.copy())
-        batch["sample_is_padding"] = torch.from_numpy(mb.is_padding.copy())
+        handles = self._open()
+        # Zero-copy views of the memory-mapped rows; collate copies each once, into the batch block.
+        ids, labels, doc_lengths = zip(
+            *(handles[j].row_tokens(r) for j, r in zip(src.tolist(), rows.tolist(), strict=True)), strict=True
+        )
+        # Provenance travels in the batch's one memory block (see trainer.collate): separate tensors would
+        # each cost a shared-memory segment per micro-batch when a DataLoader worker hands the batch over.
+        provenance = {"sample_source": src, "sample_row": rows, "sample_is_padding": mb.is_padding}
+        batch = collate_packed(ids, labels, doc_lengths, mb.is_padding, extra=provenance)
         batch["loader"] = {
             "epoch": mb.epoch,
             "step": mb.step,
