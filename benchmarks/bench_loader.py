@@ -5,7 +5,9 @@
 
 All three read the same rows (ours are written first, then copied row for row into an HF Arrow file and MDS
 shards) in a shuffled order and hand the trainer the same batch (``trainer.collate.collate_packed``: tokens,
-labels, per-document position_ids, cu_seqlens), so the numbers compare loaders, not batch contents.
+labels, per-document position_ids, cu_seqlens), so the numbers compare loaders, not batch contents. That
+collate builds each batch as one memory block, so with workers every loader pays the same single
+shared-memory hand-over per batch; what differs is the cost of finding and reading the rows.
 HF reads through ``Dataset.from_file(...).with_format("torch")`` + a shuffled DataLoader; streaming through
 ``StreamingDataset(local=..., shuffle=True)``.
 

@@ -47,7 +47,11 @@ class DataSection:
     weights: list[float] | None = doc("Mixing weights, one per train dataset (default: proportional to rows).", None)
     eval: str | None = doc("Packed dataset directory for evaluation loss (optional).", None)
     micro_batch_size: int = doc("Packed rows per rank per forward/backward.", 1)
-    num_workers: int = doc("DataLoader worker processes per rank.", 0)
+    num_workers: int = doc(
+        "DataLoader worker processes per rank. 0 reads in the training process (about 16k rows of 4096 tokens/s "
+        "on one CPU core, far more than a GPU trains on); workers help when that process has no CPU time to spare.",
+        0,
+    )
     shuffle: bool = doc("Shuffle rows each epoch (deterministic in seed and epoch).", True)
     remainder: str = doc("Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
 
