@@ -2,7 +2,9 @@
 
 Row i is found with two binary searches (shard, then record batch) over cumulative row offsets; for
 uncompressed shards the returned arrays are zero-copy views into the page cache, so a DataLoader worker
-touches only the pages it reads. A small cache of decoded batches makes sequential reads and zstd shards cheap.
+touches only the pages it reads. Training reads (`row_tokens`) of uncompressed shards go straight to the
+mapped bytes by offset, remembering four integers per record batch, so memory stays flat however many rows a
+dataset has; a small LRU of decoded batches serves zstd shards and `row`/`take`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class PackedDataset:
         self.fingerprint: str = dataset_fingerprint(m)
         self._schema = row_schema(self.seq_length)
         self._readers: list[pa.ipc.RecordBatchFileReader] = []
+        # Uncompressed shards: the whole memory-mapped file as bytes, so rows are read by offset (row_tokens).
+        self._bytes: list[np.ndarray | None] = []
+        plain = m.get("compression", "none") == "none"
         batch_starts: list[int] = [0]
         self._batch_loc: list[tuple[int, int]] = []  # global batch -> (shard, batch in shard)
         for s, shard in enumerate(m["shards"]):
@@ -86,7 +91,8 @@ class PackedDataset:
                         f"{file}: checksum {digest} does not match manifest {shard['checksum']}"
                     )
             try:
-                reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
+                mapped = pa.memory_map(str(file), "r")
+                reader = pa.ipc.open_file(mapped)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise FormatError(f"{file}: not a readable Arrow IPC file ({exc})") from exc
             if not reader.schema.equals(self._schema):
@@ -105,8 +111,11 @@ class PackedDataset:
                 batch_starts.append(batch_starts[-1] + min(per_batch, rows - b * per_batch))
                 self._batch_loc.append((s, b))
             self._readers.append(reader)
+            self._bytes.append(np.frombuffer(mapped.read_buffer(), dtype=np.uint8) if plain else None)
         self._batch_starts = np.asarray(batch_starts, dtype=np.int64)
         self._cache: OrderedDict[int, _Batch] = OrderedDict()
+        # Where each record batch's arrays start in its (uncompressed) shard, found on first use; -1 = not yet.
+        self._where = np.full((len(self._batch_loc), 4), -1, dtype=np.int64)
 
     # -- pickling: re-open in the receiving process instead of shipping memory maps --------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -145,11 +154,57 @@ class PackedDataset:
             doc_ids=rb.column(3).values,
         )
         self._cache[g] = batch
-        # Uncompressed batches are views into the memory map, so keeping every one costs only its small
-        # Python wrapper; decompressed (zstd) batches own their memory and stay bounded by the LRU.
-        if self.manifest.get("compression", "none") != "none" and len(self._cache) > _BATCH_CACHE:
+        if len(self._cache) > _BATCH_CACHE:
             self._cache.popitem(last=False)
         return batch
+
+    def _offsets(self, g: int) -> list[int]:
+        """Byte offsets in its shard of batch g's input_ids, labels, doc offsets and doc lengths.
+
+        Found once per record batch from Arrow's own decoding, then kept as four integers: a cache of decoded
+        batches grows by kilobytes of Python and Arrow objects per batch (tens of MB at a million rows), and
+        evicting it makes a random read decode a batch every time (about 3x slower).
+        """
+        where = self._where[g]
+        if where[0] < 0:
+            s, b = self._batch_loc[g]
+            rb = self._readers[s].get_batch(b)
+            base = self._bytes[s].ctypes.data  # type: ignore[union-attr]
+            ids, labels, docs = rb.column(0), rb.column(1), rb.column(2)
+            t = self.seq_length
+            where[:] = (
+                ids.values.buffers()[1].address + 4 * (ids.values.offset + ids.offset * t) - base,
+                labels.values.buffers()[1].address + 4 * (labels.values.offset + labels.offset * t) - base,
+                docs.buffers()[1].address + 4 * docs.offset - base,
+                docs.values.buffers()[1].address + 4 * docs.values.offset - base,
+            )
+            size = self._bytes[s].size  # type: ignore[union-attr]
+            if where.min() < 0 or where.max() >= size:  # not a view into this mapping: never expected
+                file = self.path / self.manifest["shards"][s]["file"]
+                raise FormatError(f"{file}: record batch {b} does not lie inside the mapped file")
+        return where.tolist()
+
+    def row_tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, doc_lengths) of row `i` as read-only views: what a training loader needs.
+
+        Unlike `row`, it skips the document ids, whose conversion from Arrow costs more than the rest, and for
+        uncompressed shards it reads straight from the memory map by offset, keeping 32 bytes per record batch.
+        """
+        g, r = self._locate(int(i))
+        s = self._batch_loc[g][0]
+        data = self._bytes[s]
+        if data is None:  # zstd: decode the batch (kept in a small LRU)
+            batch = self._batch(g)
+            lo, hi = int(batch.doc_offsets[r]), int(batch.doc_offsets[r + 1])
+            return batch.input_ids[r], batch.labels[r], batch.doc_lengths[lo:hi]
+        ids_at, labels_at, offsets_at, lengths_at = self._offsets(g)
+        row_bytes = 4 * self.seq_length
+        lo, hi = data[offsets_at + 4 * r : offsets_at + 4 * r + 8].view(np.int32).tolist()
+        return (
+            data[ids_at + r * row_bytes : ids_at + (r + 1) * row_bytes].view(np.int32),
+            data[labels_at + r * row_bytes : labels_at + (r + 1) * row_bytes].view(np.int32),
+            data[lengths_at + 4 * lo : lengths_at + 4 * hi].view(np.int32),
+        )
 
     def _locate(self, i: int) -> tuple[int, int]:
         n = len(self)
@@ -170,16 +225,6 @@ class PackedDataset:
             doc_lengths=batch.doc_lengths[lo:hi],
             doc_ids=batch.doc_ids[lo:hi].to_pylist(),
         )
-
-    def row_tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids, labels, doc_lengths) of row `i` as zero-copy views: what a training loader needs.
-
-        Unlike `row`, it skips the document ids, whose conversion from Arrow costs more than the rest.
-        """
-        g, r = self._locate(int(i))
-        batch = self._batch(g)
-        lo, hi = int(batch.doc_offsets[r]), int(batch.doc_offsets[r + 1])
-        return batch.input_ids[r], batch.labels[r], batch.doc_lengths[lo:hi]
 
     def __getitem__(self, i: int) -> PackedRow:
         return self.row(i)

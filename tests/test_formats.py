@@ -113,6 +113,31 @@ def test_round_trip_recovers_every_document_exactly(tmp_path: Path, compression:
     assert verify_dataset(out).ok
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_row_tokens_reads_every_row_in_any_order(tmp_path: Path, compression: str):
+    """The training read path (by byte offset for uncompressed shards) returns exactly what was written."""
+    rng = np.random.default_rng(2)
+    rows = pack_naively(make_docs(rng, 400, 30), 48)
+    out = tmp_path / "ds"
+    write_rows(out, rows, 48, shard_rows=13, batch_rows=4, compression=compression)
+    ds = open_dataset(out)
+    for i in [*rng.permutation(len(rows)).tolist(), -1, 0]:  # random order, then revisits
+        ids, labels, lengths = ds.row_tokens(i)
+        docs = rows[i]
+        n = sum(len(d[1]) for d in docs)
+        np.testing.assert_array_equal(lengths, [len(d[1]) for d in docs])
+        np.testing.assert_array_equal(ids[:n], np.concatenate([d[1] for d in docs]))
+        np.testing.assert_array_equal(labels[:n], np.concatenate([d[2] for d in docs]))
+        assert (ids[n:] == PAD).all() and (labels[n:] == IGNORE_INDEX).all()
+        assert ids.dtype == labels.dtype == lengths.dtype == np.int32
+        assert ids.shape == labels.shape == (48,)
+    if compression == "none":
+        with pytest.raises(ValueError):
+            ids[0] = 1  # a view into the read-only mapping, not a copy
+    with pytest.raises(IndexError):
+        ds.row_tokens(len(rows))
+
+
 def test_random_access_take_and_negative_index(dataset):
     out, _, rows = dataset
     ds = open_dataset(out)
