@@ -95,6 +95,18 @@ def _loader(peer: str) -> Callable[[dict], tuple[float | None, float | None, flo
     return get
 
 
+def _loader_memory(j: dict) -> tuple[float | None, float | None, float | None]:
+    """Peak anonymous memory over a whole epoch, largest dataset / smallest: ours, then HF datasets (1.0 = flat)."""
+    scan = j.get("rss_scan") or []
+
+    def growth(kind: str) -> float | None:
+        runs = sorted((r["dataset_rows"], r["peak_anon_mb"]) for r in scan if r["loader"] == kind)
+        return runs[-1][1] / runs[0][1] if len(runs) > 1 else None
+
+    ours, peer = growth("ours"), growth("hf_datasets")
+    return ours, peer, _ratio(peer, ours)
+
+
 def _at_least(target: float) -> Callable[[float | None, float | None], bool | None]:
     return lambda ours, ratio: None if ratio is None else ratio >= target
 
@@ -120,6 +132,8 @@ METRICS: list[Metric] = [
            _loader("hf_datasets"), _at_least(1.0), 1.0),
     Metric("loader", "loader vs MosaicML streaming (rows/s)", "streaming StreamingDataset", "rows/s",
            ">= 1x (faster)", _loader("mosaic_streaming"), _at_least(1.0), 1.0),
+    Metric("loader", "loader memory growth 10k -> 1M rows (anon, whole epoch)", "HF datasets, same rows", "x",
+           "<= 1.1x (flat)", _loader_memory, lambda ours, ratio: None if ours is None else ours <= 1.1),
     Metric("train", "train vs HF Trainer (trained tokens/s)", "HF Trainer + DataCollatorWithFlattening", "tokens/s", ">= 1.2x",
            lambda j: (j.get("ours_trained_tokens_per_s"), j.get("hf_trained_tokens_per_s"), j.get("ratio_vs_hf")),
            _at_least(1.2), 1.2),
