@@ -179,7 +179,7 @@ class PackedDataset:
                 docs.values.buffers()[1].address + 4 * docs.values.offset - base,
             )
             size = self._bytes[s].size  # type: ignore[union-attr]
-            if where.min() < 0 or where.max() >= size:  # not a view into this mapping: never expected
+            if where.min() < 0 or where.max() > size:  # not a view into this mapping: never expected
                 file = self.path / self.manifest["shards"][s]["file"]
                 raise FormatError(f"{file}: record batch {b} does not lie inside the mapped file")
         return where.tolist()
