@@ -33,7 +33,8 @@ from formats.schema import (
 log = logging.getLogger(__name__)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk: a rename is durable only once its directory is synced."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -85,14 +86,14 @@ def remove_stale_temp_dirs(out_dir: Path) -> None:
 def publish_dir(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename a finished temp directory (manifest already inside) onto `out_dir`, replacing an old dataset
     only if `overwrite`; the old one is moved aside first so a crash never leaves neither."""
-    _fsync_path(tmp_dir)
+    fsync_path(tmp_dir)
     old = None
     if out_dir.exists():
         check_target(out_dir, overwrite)  # it may have appeared while we were writing
         old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
     os.replace(tmp_dir, out_dir)
-    _fsync_path(out_dir.parent)
+    fsync_path(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -258,7 +259,7 @@ class DatasetWriter:
         self._ipc.close()
         self._sink.close()
         path = self.tmp_dir / shard_file_name(len(self.shards))
-        _fsync_path(path)
+        fsync_path(path)
         rows, tokens, docs, trainable = self._shard_counts
         self.shards.append(
             ShardInfo(

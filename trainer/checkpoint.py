@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from formats.manifest import hash_file
+from formats.writer import fsync_path
 from trainer.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,6 @@ class TrainerState:
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -157,12 +150,12 @@ def save_checkpoint(
         }
         _write_json_atomic(tmp / MARKER, {"version": CHECKPOINT_VERSION, "step": step,
                                           "world_size": info.world_size, "files": files})
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
-        _fsync_dir(root)
+        fsync_path(root)
         _prune(root, keep)
         log.info("saved checkpoint %s", final)
     barrier(info)
