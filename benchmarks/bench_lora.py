@@ -62,18 +62,18 @@ def _records(n: int) -> list[dict]:
 
 
 def prepare(work: Path, sizes: dict[str, Any]) -> tuple[Path, Path]:
-    from dataprep.train_tokenizer import train_chatml_tokenizer
-    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+    from cli.tiny_model import build_tiny_model
+    from trainer.tiny_model import TinyShape
 
     work.mkdir(parents=True, exist_ok=True)
     records = _records(sizes["records"])
     conv = work / "conv.jsonl"
     conv.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tok = train_chatml_tokenizer(records, work / "tokenizer", vocab_size=sizes["vocab"])
     shape = TinyShape(hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
                       num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
                       num_key_value_heads=sizes["heads"] // 2, head_dim=sizes["head_dim"])
-    model = build_tiny_checkpoint(work / "model", tok, shape, seed=0)
+    model = build_tiny_model(records, work / "model", vocab_size=sizes["vocab"], shape=shape,
+                             tokenizer_dir=work / "tokenizer")
     data = work / "data"
     cmd = [sys.executable, "-m", "cli.dataprep", "pack", str(conv), "-o", str(data), "--tokenizer", str(model),
            "--seq-length", str(sizes["seq_length"]), "--template", "chatml", "--overwrite"]

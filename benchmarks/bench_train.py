@@ -62,24 +62,23 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 def prepare(work: Path, quick: bool, seq_length: int) -> dict[str, Any]:
     """Tokenizer, model, resampled records, both packed datasets and the HF samples; cached in `work`."""
+    from cli.tiny_model import build_tiny_model
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
     from dataprep.pipeline import PackOptions, pack_dataset
     from dataprep.tokenize import TokenizeOptions, TokenizeStats, tokenize_conversations
     from dataprep.tokenizer import load_tokenizer
-    from dataprep.train_tokenizer import train_chatml_tokenizer
-    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+    from trainer.tiny_model import TinyShape
 
     size = _sizes(quick)
     work.mkdir(parents=True, exist_ok=True)
     base = list(iter_conversations([str(DATA)], ConvertOptions(), ConvertStats()))
     model_dir = work / "model"
     if not (model_dir / "config.json").is_file():
-        tok_dir = train_chatml_tokenizer(base, work / "tokenizer", vocab_size=size["vocab"])
         shape = TinyShape(hidden_size=size["hidden"], intermediate_size=size["intermediate"],
                           num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
                           num_key_value_heads=size["kv_heads"], head_dim=size["head_dim"],
                           max_position_embeddings=max(4096, seq_length))
-        build_tiny_checkpoint(model_dir, tok_dir, shape, seed=0)
+        build_tiny_model(base, model_dir, vocab_size=size["vocab"], shape=shape, tokenizer_dir=work / "tokenizer")
     records_path = work / "records.jsonl"
     if not records_path.is_file():
         picks = np.random.default_rng(SEED).integers(0, len(base), size=size["records"])

@@ -6,6 +6,7 @@ import click
 import numpy as np
 
 from cli.common import emit_summary, handle_errors, setup_logging
+from formats.schema import IGNORE_INDEX
 
 _HIST_BINS = 10
 
@@ -21,7 +22,7 @@ def _length_histogram(ds, limit_rows: int) -> list[tuple[int, int, int]]:
     return [(int(edges[k]), int(edges[k + 1]), int(counts[k])) for k in range(_HIST_BINS)]
 
 
-def render_row(row, decode, ignore_index: int = -100) -> str:
+def render_row(row, decode, ignore_index: int = IGNORE_INDEX) -> str:
     """Each document on its own line; trained tokens in [[...]] -- the tokens the labels make the model predict
     (labels are pre-shifted: label i trains token i+1)."""
     out = []
@@ -131,4 +132,4 @@ def inspect(
             ) from exc
         if tok.fingerprint != ds.tokenizer_fingerprint:
             click.echo(f"warning: tokenizer {path} differs from the one the data was packed with", err=True)
-        click.echo(render_row(ds.row(row_index), tok.decode, -100))
+        click.echo(render_row(ds.row(row_index), tok.decode))

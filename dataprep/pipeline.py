@@ -33,7 +33,7 @@ from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
 from dataprep.partition import Partition, PartitionCounter, select_records, select_sources
 from dataprep.provenance import build_provenance, describe_difference, describe_inputs
 from formats.errors import FormatError
-from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS
+from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS, IGNORE_INDEX
 from formats.writer import DatasetWriter, check_target
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _gather_rows(
             out_labels[r, pos : pos + n] = labels[s : s + n]
             pos += n
         out_ids[r, pos:seq_length] = pad_id
-        out_labels[r, pos:seq_length] = -100
+        out_labels[r, pos:seq_length] = IGNORE_INDEX
 
 
 def _tokenizer_info(tok: Any, path: str | Path) -> dict[str, Any]:

@@ -32,10 +32,11 @@ import numpy as np
 from dataprep.errors import DataError
 from dataprep.templates import ChatTemplate, get_template
 from dataprep.tokenizer import Tokenizer
+from formats.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the packed format's ignore label (formats.schema)
 OVERLONG_POLICIES = ("drop", "truncate", "split")
 _CACHE_MAX_CHARS = 32
 _CACHE_MAX_ENTRIES = 50_000

@@ -5,13 +5,12 @@ A model directory may hold a Hugging Face `tokenizer.json` (Llama 3, Qwen2/2.5/3
 engine must not care which, so all three are wrapped behind `Tokenizer` with the behaviour of the Hugging Face
 tokenizer for the same files (what `transformers` would produce), which is what the model was fine-tuned and served with.
 
-The fingerprint is a hash of the files' bytes so a packed dataset can carry it and a trainer can refuse a dataset
-made with a different tokenizer.
+The fingerprint (`formats.tokenizer_id`, the rule the trainer applies too) goes into the manifest, so a trainer
+can refuse a dataset made with a different tokenizer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -21,18 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import DataError
+from formats.tokenizer_id import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
 
 # Used only when no tokenizer_config.json names the special tokens: common conventions, first match wins.
 _BOS_GUESSES = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>")
@@ -53,16 +43,6 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
-
-
-def fingerprint_files(paths: Sequence[Path]) -> str:
-    """sha256 over (name, size, bytes) of each file in name order, so renaming or editing any file changes it."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        data = p.read_bytes()
-        h.update(p.name.encode() + b"\0" + str(len(data)).encode() + b"\0")
-        h.update(data)
-    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -282,10 +262,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     directory = p if p.is_dir() else p.parent
     config_path = directory / "tokenizer_config.json"
     config: dict = _read_json(config_path) if config_path.is_file() else {}
-    used: list[Path] = [config_path] if config else []
-    for extra in ("special_tokens_map.json", "added_tokens.json"):
-        if (directory / extra).is_file():
-            used.append(directory / extra)
 
     if p.is_dir():
         candidates = [directory / "tokenizer.json", directory / "vocab.json", directory / "tokenizer.model"]
@@ -303,18 +279,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     if main.suffix == ".model":
         tok = _load_sentencepiece(main, config)
-        used.append(main)
     elif main.name == "vocab.json":
         merges = directory / "merges.txt"
         if not merges.is_file():
             raise DataError("vocab.json needs merges.txt next to it", source=str(main), reason="bad_tokenizer")
         tok = _load_vocab_merges(main, merges, config)
-        used += [main, merges]
     else:
         tok = _load_tokenizer_json(main)
-        used.append(main)
 
-    return _finish(tok, main, directory, config, used)
+    return _finish(tok, main, directory, config)
 
 
 def _load_tokenizer_json(path: Path) -> Any:
@@ -383,7 +356,7 @@ def _load_sentencepiece(path: Path, config: dict) -> _SPBackend:
     return _SPBackend(data, specials)
 
 
-def _finish(backend_obj: Any, main: Path, directory: Path, config: dict, used: list[Path]) -> Tokenizer:
+def _finish(backend_obj: Any, main: Path, directory: Path, config: dict) -> Tokenizer:
     if isinstance(backend_obj, _SPBackend):
         backend: Any = backend_obj
         sp = backend_obj.sp
@@ -438,14 +411,13 @@ def _finish(backend_obj: Any, main: Path, directory: Path, config: dict, used: l
     jinja_file = directory / "chat_template.jinja"
     if chat_template is None and jinja_file.is_file():
         chat_template = jinja_file.read_text(encoding="utf-8")
-        used.append(jinja_file)
 
     special_ids = {role: v for role, v in ids.items() if v is not None}
     special_ids.update(special_tokens)
     tok = Tokenizer(
         name=directory.name if main.parent == directory else main.stem,
         source=main if main.name != "vocab.json" else directory,
-        fingerprint=fingerprint_files(used),
+        fingerprint=tokenizer_fingerprint(main),
         vocab_size=vocab_size,
         bos_id=ids["bos"],
         eos_id=ids["eos"],

@@ -51,16 +51,15 @@ def airflow_venv() -> Path:
 
 
 def build_tiny_model(root: Path) -> Path:
+    from cli.tiny_model import build_tiny_model as make_model
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
-    from dataprep.train_tokenizer import train_chatml_tokenizer
-    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+    from trainer.tiny_model import TinyShape
 
     data = [str(p) for p in sorted((REPO / "examples" / "data").iterdir())]
     records = list(iter_conversations(data, ConvertOptions(), ConvertStats()))
-    tok = train_chatml_tokenizer(records, root / "tokenizer", vocab_size=512)
     shape = TinyShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=16, max_position_embeddings=512)
-    return build_tiny_checkpoint(root / "model", tok, shape, seed=0)
+    return make_model(records, root / "model", vocab_size=512, shape=shape, tokenizer_dir=root / "tokenizer")
 
 
 def test_dag_runs_end_to_end_under_airflow(tmp_path):

@@ -1,4 +1,5 @@
-"""Resumable checkpoints: sharded model + optimizer (DCP), schedule, data position, RNG, config.
+"""Resumable checkpoints: sharded model + optimizer (DCP), schedule, data position, RNG, config; and the
+`Checkpointer`, which owns a run's checkpoint lifecycle (resume, when to save, closing saves, exports).
 
 Layout of `<output_dir>/checkpoints/`:
 
@@ -35,7 +36,9 @@ import torch
 
 from formats.manifest import hash_file
 from formats.writer import fsync_path
+from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, barrier
+from trainer.weights import export_hf
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +253,124 @@ def load_checkpoint(
         _set_rng_state(torch.load(rng_file, weights_only=False))
     log.info("resumed from %s at step %d", path, state.step)
     return state
+
+
+# ---- the lifecycle of one run's checkpoints -----------------------------------------------------------------
+
+
+@dataclass
+class Checkpointer:
+    """Everything about one run's checkpoints: where to resume, when to save, the saves at the end, on a stop
+    signal and after a failed step, and the HF exports that go with them (and their pruning).
+
+    The loop only reports progress (`step_done`) and asks for the closing saves; each decision (is it time to
+    save, was this step already saved, may a failed step be saved) is made here.
+    """
+
+    config: TrainConfig
+    info: DistInfo
+    out_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: Any  # trainer.dataset.PackedIterableDataset: state_dict / load_state_dict
+    global_batch: int
+    start_step: int = 0
+    resumed_from: Path | None = None
+    last_saved: int | None = None
+
+    @property
+    def every(self) -> int:
+        return self.config.checkpoint.every_steps
+
+    def resume(self) -> int:
+        """Load the checkpoint `checkpoint.resume` names (rank 0 chooses and validates, all ranks load the same
+        one); return the step to continue from (0 for a fresh start)."""
+        choice = [None]
+        if self.info.is_main:
+            found = resolve_resume(self.config.checkpoint.resume, self.out_dir)
+            choice = [str(found) if found else None]
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return 0
+        path = Path(choice[0])
+        state = load_checkpoint(path, self.model, self.optimizer, self.info, verify=False)  # rank 0 validated it
+        self.scheduler.load_state_dict(state.scheduler)
+        self.dataset.load_state_dict(state.data)  # refuses another global batch, data, seed or order
+        self.start_step = self.last_saved = state.step
+        self.resumed_from = path
+        return state.step
+
+    def step_done(self, step: int) -> Path | None:
+        """After optimizer step `step` (1-based): save when the interval says so; return the checkpoint."""
+        if self.every and step % self.every == 0:
+            return self.save(step)
+        return None
+
+    def save_for_stop(self, step: int) -> Path:
+        """A stop signal after step `step`: the state must be on disk before the process exits."""
+        return self.checkpoint_of(step) or self.save(step)
+
+    def save_final(self, step: int) -> None:
+        """The end of the run: save the final state when checkpointing is on, unless that step is saved."""
+        if self.every and step > self.start_step and self.last_saved != step:
+            self.save(step)
+
+    def save_after_failure(self, step: int) -> None:
+        """Step `step + 1` raised: parameters are still those after `step`, so keep them when that is possible
+        (one process only: the other ranks of a job cannot join a collective save after one rank failed)."""
+        if not self.info.distributed and self.every and step > 0 and self.last_saved != step:
+            self.save(step)
+
+    def checkpoint_of(self, step: int) -> Path | None:
+        return checkpoints_dir(self.out_dir) / f"step-{step:08d}" if self.last_saved == step else None
+
+    def save(self, step: int) -> Path:
+        """Write the checkpoint of `step` (a collective) and, with save_format dcp+hf, the export beside it."""
+        state = TrainerState(
+            step=step, scheduler=self.scheduler.state_dict(), data=self.dataset.state_dict(),
+            config=self.config.to_dict(), world_size=self.info.world_size, global_batch_size=self.global_batch,
+        )
+        path = save_checkpoint(self.out_dir, step, self.model, self.optimizer, state, self.info,
+                               keep=self.config.checkpoint.keep)
+        self.last_saved = step
+        if self.config.checkpoint.save_format == "dcp+hf":
+            exports = self.out_dir / "exports"
+            self.export(exports / f"step-{step:08d}")
+            if self.info.is_main:
+                _prune_exports(exports, self.config.checkpoint.keep)
+        return path
+
+    def export_final(self) -> Path | None:
+        """The run's export (`output_dir/export`) when `checkpoint.export` is on."""
+        return self.export(self.out_dir / "export") if self.config.checkpoint.export else None
+
+    def export(self, export_dir: Path) -> Path:
+        """Full runs export HF weights; LoRA runs the PEFT adapter (and, if asked, merged weights beside it)."""
+        config = self.config
+        if config.peft.pet_type != "lora":
+            return export_hf(self.model, export_dir, source_dir=config.model.path,
+                             max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
+        from trainer.adapters import save_adapter
+
+        save_adapter(self.model, export_dir, config.peft, base_model=config.model.path)
+        if config.peft.export_merged:
+            if self.info.is_main:
+                from trainer.merge_lora import merge_lora
+
+                merge_lora(config.model.path, export_dir, export_dir.with_name(export_dir.name + "-merged"),
+                           overwrite=True, show_progress=config.logging.progress_bar)
+            barrier(self.info)
+        return export_dir
+
+
+def _prune_exports(exports: Path, keep: int) -> None:
+    """Keep the newest `keep` intermediate exports (and their -merged twins), like the checkpoints."""
+    steps = sorted(p.name for p in exports.iterdir() if p.is_dir() and p.name.startswith("step-")
+                   and not p.name.endswith("-merged"))
+    for name in steps[:-keep]:
+        for path in (exports / name, exports / f"{name}-merged"):
+            shutil.rmtree(path, ignore_errors=True)

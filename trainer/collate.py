@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from formats.schema import IGNORE_INDEX
+
 _ALIGN = 64  # bytes; every array in a batch block starts on a cache line
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 

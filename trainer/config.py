@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,8 +35,10 @@ class ModelSection:
     overrides: dict[str, Any] = doc(
         "Keys replacing config.json values, e.g. {num_hidden_layers: 4} for a small run.", factory=dict
     )
-    dtype: str = doc("Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
-    attn_backend: str = doc("Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
+    dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
+    attn_backend: Literal["auto", "sdpa", "flex", "varlen"] = doc(
+        "Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
     activation_checkpointing: bool = doc("Recompute each block's activations in backward to save memory.", False)
     compile: bool = doc("torch.compile each transformer block.", False)
 
@@ -53,15 +55,20 @@ class DataSection:
         0,
     )
     shuffle: bool = doc("Shuffle rows each epoch (deterministic in seed and epoch).", True)
-    remainder: str = doc("Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
+    remainder: Literal["drop", "pad"] = doc(
+        "Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
 
 
 @dataclass
 class TrainSection:
     lr: float = doc("Peak learning rate.", 2e-5)
     min_lr_ratio: float = doc("Final learning rate as a fraction of lr (cosine/linear).", 0.0)
-    schedule: str = doc("Learning-rate schedule after warmup: cosine | linear | constant.", "cosine")
+    schedule: Literal["cosine", "linear", "constant"] = doc(
+        "Learning-rate schedule after warmup: cosine | linear | constant.", "cosine")
     warmup_steps: int = doc("Linear warmup steps from 0 to lr.", 0)
+    warmup_ratio: float = doc(
+        "Warmup as a fraction of the run's optimizer steps (rounded down), for configs that size warmup by the "
+        "run length; set warmup_steps or warmup_ratio, not both.", 0.0)
     max_steps: int | None = doc("Optimizer steps to run; if unset, run `epochs` epochs.", None)
     epochs: float = doc("Epochs to run when max_steps is unset.", 1.0)
     grad_accum_steps: int = doc("Micro-batches per optimizer step on each rank.", 1)
@@ -76,7 +83,8 @@ class TrainSection:
 
 @dataclass
 class ParallelSection:
-    backend: str = doc("Process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.", "auto")
+    backend: Literal["auto", "nccl", "gloo"] = doc(
+        "Process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.", "auto")
     reshard_after_forward: bool = doc("FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).", True)
 
 
@@ -86,7 +94,7 @@ class CheckpointSection:
     keep: int = doc("Keep the newest K complete checkpoints (K >= 2).", 2)
     resume: str = doc("auto (newest complete checkpoint in output_dir) | none | PATH.", "auto")
     export: bool = doc("Export final weights in Hugging Face format (safetensors) to output_dir/export.", True)
-    save_format: str = doc(
+    save_format: Literal["dcp", "dcp+hf"] = doc(
         "dcp: checkpoints only | dcp+hf: also export HF weights (LoRA: the PEFT adapter) at every checkpoint "
         "to output_dir/exports/step-N, keeping the newest `keep`.",
         "dcp",
@@ -96,15 +104,15 @@ class CheckpointSection:
 
 @dataclass
 class PeftSection:
-    pet_type: str | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
+    pet_type: Literal["lora"] | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
     lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
     lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
     lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
-    lora_a_init: str = doc(
+    lora_a_init: Literal["kaiming", "normal", "zeros"] = doc(
         "Init of A: kaiming (uniform, as nn.Linear and PEFT's default) | normal (std 1/r, PEFT's 'gaussian') | zeros.",
         "kaiming",
     )
-    lora_b_init: str = doc(
+    lora_b_init: Literal["zeros", "normal", "kaiming"] = doc(
         "Init of B: zeros (the adapted model starts equal to the base) | normal (std 1/r) | kaiming. "
         "Embedding adapters always start as PEFT's: A zeros, B normal(0, 1).",
         "zeros",
@@ -163,6 +171,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def global_batch(self, world_size: int) -> int:
+        """Rows per optimizer step over the whole job: what the data position and exact resume depend on."""
+        return self.data.micro_batch_size * self.train.grad_accum_steps * world_size
+
 
 # Names users bring from Hugging Face TrainingArguments, MindFormers and PaddleNLP configs.
 KNOWN_ALIASES = {
@@ -174,7 +186,6 @@ KNOWN_ALIASES = {
     "batch_size": "micro_batch_size",
     "max_grad_norm": "max_grad_norm",
     "lr_scheduler_type": "schedule",
-    "warmup_ratio": "warmup_steps",
     "save_steps": "every_steps",
     "logging_steps": "log_every",
     "eval_steps": "eval_every",
@@ -188,6 +199,10 @@ KNOWN_ALIASES = {
     "neftune_noise": "neftune_noise_alpha",
     "init_lora_weights": "lora_a_init",
 }
+
+
+# Spellings of fixed choices that other tools use (MindFormers writes the zero initialiser 'zero').
+VALUE_ALIASES = {"zero": "zeros"}
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -214,6 +229,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            value = VALUE_ALIASES.get(value, value) if isinstance(value, str) else value
+        if value not in args:
+            shown = ", ".join("null" if a is None else str(a) for a in args)
+            raise ConfigError(f"{where}: '{value}' is not one of {shown}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             value = [value] if args and args[0] is str and isinstance(value, str) else value
@@ -294,26 +316,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks a type annotation cannot express."""
-    choices = {
-        ("model", "dtype"): ("auto", "fp32", "bf16"),
-        ("model", "attn_backend"): ("auto", "sdpa", "flex", "varlen"),
-        ("data", "remainder"): ("drop", "pad"),
-        ("train", "schedule"): ("cosine", "linear", "constant"),
-        ("checkpoint", "save_format"): ("dcp", "dcp+hf"),
-        ("parallel", "backend"): ("auto", "nccl", "gloo"),
-        ("peft", "pet_type"): (None, "lora"),
-        ("peft", "lora_a_init"): ("kaiming", "normal", "zeros"),
-        ("peft", "lora_b_init"): ("zeros", "normal", "kaiming"),
-    }
-    # MindFormers spells the zero initialiser 'zero'.
-    for key in ("lora_a_init", "lora_b_init"):
-        if getattr(config.peft, key) == "zero":
-            setattr(config.peft, key, "zeros")
-    for (section, key), allowed in choices.items():
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            shown = ", ".join("null" if a is None else a for a in allowed)
-            raise ConfigError(f"{section}.{key}: '{value}' is not one of {shown}")
     positive = [
         ("data", "micro_batch_size"), ("train", "grad_accum_steps"), ("logging", "log_every"),
     ]
@@ -324,6 +326,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("train.max_steps must be >= 1 (or null to run train.epochs)")
     if config.train.max_steps is None and config.train.epochs <= 0:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is null")
+    if config.train.warmup_steps < 0 or not 0.0 <= config.train.warmup_ratio < 1.0:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.warmup_ratio in [0, 1)")
+    if config.train.warmup_steps and config.train.warmup_ratio:
+        raise ConfigError("set train.warmup_steps or train.warmup_ratio, not both")
     if config.checkpoint.keep < 2:
         raise ConfigError("checkpoint.keep must be >= 2 so a crash during a save never leaves no checkpoint")
     if config.data.weights is not None and len(config.data.weights) != len(config.data.train):

@@ -335,8 +335,8 @@ class PackedIterableDataset(IterableDataset):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue at the saved cursor. Refuses a state from other data, seed, shuffle, mix or order version.
 
-        A different world size or micro-batch split is fine; a different global batch is allowed (the order
-        is the same, the rest of the epoch is just cut differently) and logged.
+        A different world size or micro-batch split is fine; a different global batch is refused: the steps
+        after the saved one would not be the ones an uninterrupted run takes.
         """
         required = (
             "version",
@@ -378,12 +378,10 @@ class PackedIterableDataset(IterableDataset):
         ):
             raise LoaderStateError(f"invalid position in loader state: epoch {epoch!r}, row {start!r}")
         if state["global_batch_size"] != self.layout.global_batch_size:
-            log.warning(
-                "resuming with global batch %d instead of %d: the order is unchanged, the rest of epoch %d is "
-                "cut into the new batch size",
-                self.layout.global_batch_size,
-                state["global_batch_size"],
-                epoch,
+            raise LoaderStateError(
+                f"cannot resume: the global batch changed (checkpoint {state['global_batch_size']} rows per step, "
+                f"now {self.layout.global_batch_size}; micro_batch_size x grad_accum_steps x world size). Exact "
+                "resume needs the same global batch: keep it, or start over"
             )
         self._epoch, self._start = epoch, start
         self._steps_consumed = int(state.get("steps_consumed", 0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,31 +22,19 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import (
-    CheckpointError,
-    TrainerState,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
+from formats.tokenizer_id import tokenizer_fingerprint
+from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
 from trainer.loss import summed_cross_entropy
-from trainer.metrics import (
-    MetricsWriter,
-    Throughput,
-    matmul_params,
-    peak_flops,
-    peak_memory_gib,
-    training_flops,
-)
+from trainer.metrics import StepLogger, StepStats, matmul_params, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import StopFlag, StopRequested
-from trainer.weights import export_hf, load_hf_weights, materialize
+from trainer.weights import load_hf_weights, materialize
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +143,9 @@ def _make_loader(dataset: PackedIterableDataset, num_workers: int) -> torch.util
 @torch.no_grad()
 def evaluate(model: Transformer, path: str, config: TrainConfig, info: DistInfo, seq_length: int) -> float:
     """Mean token loss over the whole eval dataset (every row once, padded rows not counted)."""
-    global_batch = config.data.micro_batch_size * info.world_size
     dataset = PackedIterableDataset(
         path,
-        global_batch_size=global_batch,
+        global_batch_size=config.data.micro_batch_size * info.world_size,  # one micro-batch per rank a step
         micro_batch_size=config.data.micro_batch_size,
         shuffle=False,
         remainder="pad",
@@ -208,6 +194,25 @@ def train(
         cleanup(info)
 
 
+@dataclass
+class Run:
+    """What every step works with: built once by `_train`, then read by the step and the parts around it."""
+
+    config: TrainConfig
+    info: DistInfo
+    model: Transformer
+    dataset: PackedIterableDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    flops_per_token: int  # matmul parameters of the whole model (times 2 is a token's forward matmul FLOPs)
+    trainable: list[torch.nn.Parameter]  # in model order: the gradient norm sums them in this order
+
+    def batch_flops(self, batch: dict[str, Any]) -> float:
+        mcfg = self.model.config
+        return training_flops(self.flops_per_token, batch["input_ids"].numel(), batch["doc_len_sq_sum"],
+                              mcfg.num_hidden_layers, mcfg.num_attention_heads * mcfg.head_dim)
+
+
 def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
@@ -218,10 +223,8 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         save_config(config, out_dir / "config.resolved.yaml")
     barrier(info)
 
-    dtype = resolve_dtype(config.model.dtype, info.device)
-    model = build_model(config, info, dtype)
-    accum = config.train.grad_accum_steps
-    global_batch = config.data.micro_batch_size * accum * info.world_size
+    model = build_model(config, info, resolve_dtype(config.model.dtype, info.device))
+    global_batch = config.global_batch(info.world_size)
     dataset = PackedIterableDataset(
         config.data.train,
         global_batch_size=global_batch,
@@ -233,198 +236,109 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         epochs=None,
         rank=info.rank,
         world_size=info.world_size,
-        expected_tokenizer_fingerprint=_tokenizer_fingerprint(config.model.path),
+        expected_tokenizer_fingerprint=_model_tokenizer_fingerprint(config.model.path),
     )
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
-
-    start_step = 0
-    resume_from = _agree_on_resume(config, out_dir, info)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, info, verify=False)  # rank 0 validated it
-        if state.global_batch_size != global_batch:
-            raise CheckpointError(
-                f"{resume_from}: saved with a global batch of {state.global_batch_size} rows, this run has "
-                f"{global_batch} (micro_batch_size x grad_accum_steps x world size); the data position cannot "
-                "be carried over. Keep the global batch, or start over with --resume none."
-            )
-        scheduler.load_state_dict(state.scheduler)
-        dataset.load_state_dict(state.data)
-        start_step = state.step
-
-    def save(step: int) -> Path:
-        trainer_state = TrainerState(
-            step=step, scheduler=scheduler.state_dict(), data=dataset.state_dict(), config=config.to_dict(),
-            world_size=info.world_size, global_batch_size=global_batch,
-        )
-        path = save_checkpoint(out_dir, step, model, optimizer, trainer_state, info, keep=config.checkpoint.keep)
-        if config.checkpoint.save_format == "dcp+hf":
-            exports = out_dir / "exports"
-            _export(model, config, out_dir, info, exports / f"step-{step:08d}")
-            if info.is_main:
-                _prune_exports(exports, config.checkpoint.keep)
-        return path
+    shards = info.world_size if info.distributed else 1  # FSDP parameters hold 1/world of each tensor locally
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run = Run(config, info, model, dataset, optimizer, scheduler, matmul_params(model) * shards, trainable)
+    checkpointer = Checkpointer(config, info, out_dir, model, optimizer, scheduler, dataset, global_batch)
+    start_step = checkpointer.resume()
 
     result = RunResult(steps=start_step, output_dir=str(out_dir))
+    result.total_params = sum(p.numel() for p in model.parameters()) * shards
+    result.trainable_params = sum(p.numel() for p in trainable) * shards
     stop = StopFlag().install()
     try:
-        _run_steps(config, info, model, dataset, optimizer, scheduler, range(start_step, total_steps),
-                   result, stop, save, on_step)
+        _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step)
     finally:
         stop.restore()
-    if config.checkpoint.every_steps and result.steps > start_step and result.steps % config.checkpoint.every_steps:
-        save(result.steps)  # the final state, unless the interval just saved it
-    if config.checkpoint.export:
-        result.export_dir = str(_export(model, config, out_dir, info))
+    checkpointer.save_final(result.steps)
+    export_dir = checkpointer.export_final()
+    result.export_dir = str(export_dir) if export_dir else None
     if info.is_main:
         summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
         summary["final_loss"] = result.final_loss
-        summary["resumed_from"] = str(resume_from) if resume_from else None
+        summary["resumed_from"] = str(checkpointer.resumed_from) if checkpointer.resumed_from else None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
 
-def _export(
-    model: Transformer, config: TrainConfig, out_dir: Path, info: DistInfo, export_dir: Path | None = None
-) -> Path:
-    """Full runs export HF weights; LoRA runs export the PEFT adapter (and, if asked, merged weights beside it)."""
-    export_dir = export_dir or out_dir / "export"
-    if config.peft.pet_type != "lora":
-        return export_hf(model, export_dir, source_dir=config.model.path,
-                         max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
-    from trainer.adapters import save_adapter
-
-    save_adapter(model, export_dir, config.peft, base_model=config.model.path)
-    if config.peft.export_merged:
-        if info.is_main:
-            from trainer.merge_lora import merge_lora
-
-            merge_lora(config.model.path, export_dir, export_dir.with_name(export_dir.name + "-merged"), overwrite=True,
-                       show_progress=config.logging.progress_bar)
-        barrier(info)
-    return export_dir
-
-
-def _prune_exports(exports: Path, keep: int) -> None:
-    """Keep the newest `keep` intermediate exports (and their -merged twins), like the checkpoints."""
-    steps = sorted(p.name for p in exports.iterdir() if p.is_dir() and p.name.startswith("step-")
-                   and not p.name.endswith("-merged"))
-    for name in steps[:-keep]:
-        for path in (exports / name, exports / f"{name}-merged"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _agree_on_resume(config: TrainConfig, out_dir: Path, info: DistInfo) -> Path | None:
-    """Rank 0 picks the checkpoint (validating it) and tells the others, so all ranks load the same one."""
-    choice = [None]
-    if info.is_main:
-        found = resolve_resume(config.checkpoint.resume, out_dir)
-        choice = [str(found) if found else None]
-    if info.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
-
-
-def _run_steps(config, info, model, dataset, optimizer, scheduler, steps, result, stop, save, on_step) -> None:
-    mcfg = model.config
-    accum = config.train.grad_accum_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    shards = info.world_size if info.distributed else 1  # FSDP parameters hold 1/world of each tensor locally
-    n_matmul = matmul_params(model) * shards
-    attn_dim = mcfg.num_attention_heads * mcfg.head_dim
-    peak = peak_flops(info.device)
-    result.total_params = sum(p.numel() for p in model.parameters()) * shards
-    result.trainable_params = sum(p.numel() for p in trainable) * shards
-    out_dir = Path(config.logging.output_dir)
-    writer = MetricsWriter(out_dir / "metrics.jsonl" if info.is_main else None,
-                           out_dir / "tensorboard" if (info.is_main and config.logging.tensorboard) else None)
-    progress = None
-    if info.is_main and config.logging.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=steps.stop, initial=steps.start, desc="train", unit="step", dynamic_ncols=True)
-    loader_iter = iter(_make_loader(dataset, config.data.num_workers))
-    timer = Throughput()
+def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunResult, stop: StopFlag,
+               on_step: Callable[[dict[str, Any]], None] | None) -> None:
+    """The loop: one optimizer step, then each part decides whether it is its turn (log, eval, save, stop)."""
+    config, info = run.config, run.info
+    logger = StepLogger(out_dir=Path(config.logging.output_dir), is_main=info.is_main, device=info.device,
+                        log_every=config.logging.log_every, tensorboard=config.logging.tensorboard,
+                        progress_bar=config.logging.progress_bar, start_step=steps.start,
+                        total_steps=steps.stop, on_step=on_step)
+    loader_iter = iter(_make_loader(run.dataset, config.data.num_workers))
     run_start = time.perf_counter()
-    window_tokens = window_flops = 0.0
-    every = config.checkpoint.every_steps
-    model.train()
+    run.model.train()
     try:
         for step in steps:
-            raw = _step_batches(loader_iter, accum)
-            batches = [_to_device(b, info.device) for b in raw]
-            global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info)
-            denom = max(global_tokens, 1.0)
-            grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
-            loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # synced once per step
+            raw = _step_batches(loader_iter, config.train.grad_accum_steps)
             try:
-                for i, batch in enumerate(batches):
-                    if info.distributed:
-                        model.set_requires_gradient_sync(i == len(batches) - 1)
-                    loss = _forward_loss(model, batch)
-                    (loss * grad_scale).backward()
-                    loss_sum += loss.detach().double()
-                    window_flops += training_flops(n_matmul, batch["input_ids"].numel(),
-                                                   batch["doc_len_sq_sum"], mcfg.num_hidden_layers,
-                                                   attn_dim)
+                stats = train_step(run, raw)
             except Exception:
                 log.exception("rank %d: step %d failed in forward/backward", info.rank, step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                if not info.distributed and every and step > 0:
-                    # Parameters are still those after step `step`: keep them (other ranks cannot join a save).
-                    save(step)
+                checkpointer.save_after_failure(step)
                 raise
-            grad_norm = _clip(trainable, config.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dataset.mark_consumed(raw[-1])
-            step_loss = all_reduce_sum(loss_sum.cpu(), info) / denom
-            result.losses.append(step_loss)
-            result.trained_tokens += int(global_tokens)
-            window_tokens += global_tokens
-            result.steps = step + 1
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}")
-            if (step + 1) % config.logging.log_every == 0 or step + 1 == steps.stop:
-                elapsed = timer.lap()
-                record = {
-                    "step": step + 1,
-                    "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "trainable_tokens": int(global_tokens),
-                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
-                    "peak_memory_gib": peak_memory_gib(info.device),
-                    "epoch": dataset.state_dict()["epoch"],
-                }
-                if peak is not None and elapsed > 0:
-                    # window_flops counts this rank's micro-batches; every rank does the same amount of work.
-                    record["mfu"] = window_flops / elapsed / peak
-                window_tokens = window_flops = 0.0
-                writer.write(record)
-                if on_step is not None:
-                    on_step(record)
-            if config.data.eval and config.train.eval_every and (step + 1) % config.train.eval_every == 0:
-                eval_loss = evaluate(model, config.data.eval, config, info, dataset.seq_length)
-                result.eval_losses.append((step + 1, eval_loss))
-                writer.write({"step": step + 1, "eval_loss": eval_loss})
-                log.info("step %d: eval loss %.4f", step + 1, eval_loss)
-            saved = save(step + 1) if every and (step + 1) % every == 0 else None
+            done = step + 1
+            result.steps = done
+            result.losses.append(stats.loss)
+            result.trained_tokens += stats.trainable_tokens
+            logger.step_done(done, stats, run.dataset.state_dict()["epoch"])
+            if _eval_due(config, done):
+                eval_loss = evaluate(run.model, config.data.eval, config, info, run.dataset.seq_length)
+                result.eval_losses.append((done, eval_loss))
+                logger.write({"step": done, "eval_loss": eval_loss})
+                log.info("step %d: eval loss %.4f", done, eval_loss)
+            checkpointer.step_done(done)
             # Every rank learns whether any rank was signalled, so all stop at the same step boundary.
             if all_reduce_sum(1.0 if stop.signum is not None else 0.0, info) > 0:
-                saved = saved or save(step + 1)
-                raise StopRequested(stop.signum or signal.SIGTERM, str(saved))
+                raise StopRequested(stop.signum or signal.SIGTERM, str(checkpointer.save_for_stop(done)))
     finally:
-        if progress is not None:
-            progress.close()
-        writer.close()
+        logger.close()
         result.elapsed_s = time.perf_counter() - run_start
         result.tokens_per_s = result.trained_tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
+
+
+def _eval_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.data.eval and config.train.eval_every and step % config.train.eval_every == 0)
+
+
+def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
+    """One optimizer step over this rank's micro-batches of one global batch; the data cursor moves after it."""
+    info, model = run.info, run.model
+    batches = [_to_device(b, info.device) for b in raw]
+    global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info)
+    denom = max(global_tokens, 1.0)
+    grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # synced once per step
+    flops = 0.0
+    try:
+        for i, batch in enumerate(batches):
+            if info.distributed:
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            loss = _forward_loss(model, batch)
+            (loss * grad_scale).backward()
+            loss_sum += loss.detach().double()
+            flops += run.batch_flops(batch)
+    except Exception:
+        run.optimizer.zero_grad(set_to_none=True)
+        raise
+    grad_norm = _clip(run.trainable, run.config.train.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (step() below moves to the next one)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.dataset.mark_consumed(raw[-1])
+    loss_value = all_reduce_sum(loss_sum.cpu(), info) / denom
+    return StepStats(loss=float(loss_value), grad_norm=grad_norm, lr=lr, trainable_tokens=int(global_tokens),
+                     flops=flops)
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -435,14 +349,11 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(norm)
 
 
-def _tokenizer_fingerprint(model_dir: str) -> str | None:
-    """The fingerprint of the model directory's tokenizer, so data packed with another tokenizer is refused."""
-    try:
-        from dataprep.tokenizer import load_tokenizer
-    except ImportError:  # pragma: no cover - dataprep is part of this distribution
-        return None
-    try:
-        return load_tokenizer(model_dir).fingerprint
-    except Exception as exc:  # no tokenizer files in the checkpoint dir: nothing to compare against
-        log.warning("could not read a tokenizer from %s (%s); skipping the tokenizer fingerprint check", model_dir, exc)
-        return None
+def _model_tokenizer_fingerprint(model_dir: str) -> str | None:
+    """The fingerprint of the model directory's tokenizer (the rule `dataprep pack` records), so data packed
+    with another tokenizer is refused. A directory without tokenizer files cannot be compared: said, not hidden."""
+    fingerprint = tokenizer_fingerprint(model_dir)
+    if fingerprint is None:
+        log.warning("%s has no tokenizer files; cannot check that the data was packed with this model's "
+                    "tokenizer", model_dir)
+    return fingerprint

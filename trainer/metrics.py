@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,73 @@ class Throughput:
         now = time.perf_counter()
         elapsed, self._t = now - self._t, now
         return elapsed
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did, as the loop measured it."""
+
+    loss: float  # mean token loss over the global batch
+    grad_norm: float
+    lr: float  # the learning rate this step used
+    trainable_tokens: int  # over the whole global batch
+    flops: float  # this rank's forward + backward FLOPs
+
+
+class StepLogger:
+    """Decides when a step is logged (every `log_every` steps and the last one) and writes the record to
+    metrics.jsonl, TensorBoard, the progress bar and the caller's `on_step`; rank 0 only writes."""
+
+    def __init__(self, *, out_dir: Path, is_main: bool, device: torch.device, log_every: int, tensorboard: bool,
+                 progress_bar: bool, start_step: int, total_steps: int,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.log_every = log_every
+        self.total_steps = total_steps
+        self.device = device
+        self.on_step = on_step
+        self.peak = peak_flops(device)
+        self.writer = MetricsWriter(out_dir / "metrics.jsonl" if is_main else None,
+                                    out_dir / "tensorboard" if (is_main and tensorboard) else None)
+        self.progress = None
+        if is_main and progress_bar:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.timer = Throughput()
+        self.window_tokens = 0.0
+        self.window_flops = 0.0
+
+    def step_done(self, step: int, stats: StepStats, epoch: int) -> None:
+        self.window_tokens += stats.trainable_tokens
+        self.window_flops += stats.flops
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{stats.loss:.4f}")
+        if step % self.log_every and step != self.total_steps:
+            return
+        elapsed = self.timer.lap()
+        record = {
+            "step": step,
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "trainable_tokens": stats.trainable_tokens,
+            "tokens_per_s": self.window_tokens / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_gib": peak_memory_gib(self.device),
+            "epoch": epoch,
+        }
+        if self.peak is not None and elapsed > 0:
+            # window_flops counts this rank's micro-batches; every rank does the same amount of work.
+            record["mfu"] = self.window_flops / elapsed / self.peak
+        self.window_tokens = self.window_flops = 0.0
+        self.writer.write(record)
+        if self.on_step is not None:
+            self.on_step(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.writer.close()

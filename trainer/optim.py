@@ -48,14 +48,20 @@ def build_optimizer(
                              foreach=False, fused=True if on_cuda else None)
 
 
+def warmup_steps(cfg: TrainSection, total_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of the run's steps (the config allows only one of them)."""
+    return cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+
 def lr_factor(step: int, cfg: TrainSection, total_steps: int) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = warmup_steps(cfg, total_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     floor = cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return floor + (1.0 - floor) * (1.0 - progress)

@@ -7,7 +7,6 @@ files), so the trainer loads it through exactly the path a real Qwen3 checkpoint
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,20 +57,23 @@ def qwen3_config(vocab_size: int, shape: TinyShape, eos_token_id: int | None, pa
 
 
 def build_tiny_checkpoint(
-    out_dir: str | Path, tokenizer_dir: str | Path, shape: TinyShape | None = None, seed: int = 0
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    vocab_size: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    shape: TinyShape | None = None,
+    seed: int = 0,
 ) -> Path:
-    """Write a random-init Qwen3-shaped model sized to the tokenizer in `tokenizer_dir`, tokenizer files included."""
-    from dataprep.tokenizer import load_tokenizer
+    """Write a random-init Qwen3-shaped model for the tokenizer in `tokenizer_dir`, tokenizer files included.
 
+    The caller reads the tokenizer (vocabulary size, eos and pad ids): the trainer never loads tokenizers.
+    """
     shape = shape or TinyShape()
-    tokenizer = load_tokenizer(tokenizer_dir)
-    hf = qwen3_config(tokenizer.vocab_size, shape, tokenizer.eos_id, tokenizer.pad_id)
-    config = ModelConfig.from_hf(hf)
+    config = ModelConfig.from_hf(qwen3_config(vocab_size, shape, eos_token_id, pad_token_id))
     model = Transformer(config)
     model.init_weights(torch.Generator().manual_seed(seed))
     out_dir = Path(out_dir)
     export_hf(model, out_dir, tokenizer_dir=tokenizer_dir, overwrite=True)
-    # export writes config.json from the model's config; make sure the tokenizer's special ids are recorded.
-    written = json.loads((out_dir / "config.json").read_text())
-    assert written["vocab_size"] == tokenizer.vocab_size
     return out_dir

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from formats.tokenizer_id import TOKENIZER_FILES
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 
@@ -47,17 +48,6 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 # Wrappers that insert a path component without changing the weight (activation checkpointing, torch.compile).
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")

@@ -12,7 +12,6 @@ import numpy as np
 
 from dataprep.tokenize import TokenizeOptions, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
-from dataprep.train_tokenizer import train_chatml_tokenizer
 from formats.writer import DatasetWriter
 
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "sun", "moon", "star"]
@@ -34,12 +33,13 @@ def records(n: int, seed: int = 0) -> list[dict]:
 
 
 def make_tokenizer_and_model(root: Path, layers: int = 2) -> Path:
-    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+    from cli.tiny_model import build_tiny_model
+    from trainer.tiny_model import TinyShape
 
-    tok_dir = train_chatml_tokenizer(records(300, seed=1), root / "tokenizer", vocab_size=300)
     shape = TinyShape(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16)
-    return build_tiny_checkpoint(root / "model", tok_dir, shape, seed=0)
+    return build_tiny_model(records(300, seed=1), root / "model", vocab_size=300, shape=shape,
+                            tokenizer_dir=root / "tokenizer")
 
 
 def pack_rows(model_dir: Path, out_dir: Path, n_records: int, seq_length: int, seed: int = 0) -> Path:
