@@ -18,11 +18,14 @@ from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_erro
                    "PATH: that checkpoint (fails if it is incomplete or corrupt).")
 @click.option("--save-format", type=click.Choice(["dcp", "dcp+hf"]), default=None,
               help="dcp+hf: also export HF weights (or the LoRA adapter) at every checkpoint.")
+@click.option("--allow-config-change", is_flag=True, default=False,
+              help="On resume, apply changed optimizer/schedule settings (lr, schedule, warmup, ...) instead of "
+                   "refusing them. Model, adapter, data and seed changes are always refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @handle_errors
 def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, save_format: str | None,
-        as_json: bool, verbose: int) -> None:
+        allow_config_change: bool, as_json: bool, verbose: int) -> None:
     """Fine-tune a Hugging Face checkpoint on packed shards (full-parameter or LoRA: the peft section).
 
     \b
@@ -39,6 +42,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
     try:
         extra = [f"checkpoint.resume={resume}"] if resume else []
         extra += [f"checkpoint.save_format={save_format}"] if save_format else []
+        extra += ["checkpoint.allow_config_change=true"] if allow_config_change else []
         config = load_config(config_path, list(overrides) + extra)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -68,6 +72,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
         "final_loss": result.final_loss,
         "eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
         "trained_tokens": result.trained_tokens,
+        "skipped_steps": len(result.skipped_steps),
         "tokens_per_s": result.tokens_per_s,
         "elapsed_s": result.elapsed_s,
         "params_total": result.total_params,

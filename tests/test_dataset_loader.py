@@ -247,6 +247,10 @@ def test_refuses_a_state_from_another_order(data) -> None:
     bad = dict(state, rows_consumed_in_epoch=10_000)
     with pytest.raises(LoaderStateError, match="invalid position"):
         PackedIterableDataset(data["a"], seed=1, **base).load_state_dict(bad)
+    # Another global batch: the steps after the saved one would not be those of the run it continues.
+    other = dict(base, global_batch_size=2)
+    with pytest.raises(LoaderStateError, match="global batch changed .checkpoint 4 rows per step, now 2"):
+        PackedIterableDataset(data["a"], seed=1, **other).load_state_dict(state)
 
 
 def test_pickles_without_open_shards(data) -> None:

@@ -37,6 +37,12 @@ def test_loss_falls_and_run_dir_is_complete(tiny):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 31))
     assert all(m["trainable_tokens"] > 0 and m["tokens_per_s"] > 0 and m["grad_norm"] > 0 for m in metrics)
+    # The logged lr is the rate that step used (warmup 2 steps to 3e-3, then cosine to 0 over 30 steps).
+    from trainer.optim import lr_factor
+
+    cfg = _config(root, model_dir, data_dir, "unused", "train.max_steps=30").train
+    assert [m["lr"] for m in metrics] == pytest.approx([3e-3 * lr_factor(s, cfg, 30) for s in range(30)])
+    assert metrics[0]["lr"] == pytest.approx(1.5e-3) and metrics[-1]["lr"] > 0
     assert (out / "config.resolved.yaml").exists() and (out / "summary.json").exists()
     assert (out / "export" / "config.json").exists()
 

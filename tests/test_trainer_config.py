@@ -44,6 +44,10 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path):
         ("checkpoint.keep=1", "checkpoint.keep must be >= 2"),
         ("model.compile=yes please", "model.compile: expected true or false"),
         ("train", "must look like section.key=value"),
+        ("model.dtype=fp16", "model.dtype: 'fp16' is not one of auto, fp32, bf16"),
+        ("peft.pet_type=qlora", "peft.pet_type: 'qlora' is not one of lora"),
+        ("train.warmup_ratio=1.5", r"train.warmup_ratio in \[0, 1\)"),
+        ("train.nonfinite=ignore", "train.nonfinite: 'ignore' is not one of fail, skip"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -88,3 +92,35 @@ def test_no_weight_decay_on_norms_and_biases():
     plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert decayed == {id(model[0].weight)}
     assert plain == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+def test_fixed_choices_are_typed_and_mindformers_zero_is_accepted():
+    cfg = load_config(None, ["peft.pet_type=lora", "peft.lora_a_init=zero", "peft.lora_b_init=normal"])
+    assert cfg.peft.lora_a_init == "zeros"
+    assert cfg.peft.pet_type == "lora" and load_config(None, ["peft.pet_type=null"]).peft.pet_type is None
+
+
+def test_warmup_ratio_is_a_fraction_of_the_run_not_a_step_count():
+    cfg = load_config(None, ["train.warmup_ratio=0.1", "train.schedule=constant"]).train
+    assert [lr_factor(s, cfg, 50) for s in (0, 4, 5)] == [pytest.approx(0.2), pytest.approx(1.0), 1.0]
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["train.warmup_ratio=0.1", "train.warmup_steps=3"])
+    with pytest.raises(ConfigError, match="unknown key 'train.warmup'"):
+        load_config(None, ["train.warmup=3"])
+
+
+def test_global_batch_is_derived_in_one_place():
+    cfg = load_config(None, ["data.micro_batch_size=3", "train.grad_accum_steps=4"])
+    assert cfg.global_batch(2) == 24
+
+
+def test_resume_changes_are_sorted_by_what_they_break():
+    from trainer.config import resume_changes
+
+    old = load_config(None, ["model.path=m", "train.lr=1e-3", "peft.pet_type=lora"]).to_dict()
+    new = load_config(None, ["model.path=./m", "train.lr=2e-3", "peft.pet_type=lora", "peft.lora_rank=16",
+                             "train.max_steps=9", "logging.log_every=5", "checkpoint.resume=none"]).to_dict()
+    changes = resume_changes(old, new)
+    assert changes.breaking == ["peft.lora_rank: 8 -> 16"]  # model.path: the same directory, spelled otherwise
+    assert changes.optimizer == ["train.lr: 0.001 -> 0.002"]
+    assert changes.other == ["logging.log_every: 1 -> 5", "train.max_steps: None -> 9"]

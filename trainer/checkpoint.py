@@ -6,7 +6,7 @@ Layout of `<output_dir>/checkpoints/`:
     step-00000010/            a complete checkpoint
         .metadata, __*.distcp DCP files (every rank writes its own shards; resharding on load is DCP's job)
         trainer_state.json    step, scheduler, data-loader state, config
-        rng-rank00000.pt      per-rank RNG states
+        rng-rank00000.safetensors  per-rank RNG states (tensors + JSON metadata: no pickle)
         COMPLETE.json         written last by rank 0: every file's size and xxh3 checksum
     step-00000020.tmp-XXXX/   a save in progress (or one that died): never resumed from
     latest                    name of the newest complete checkpoint, replaced atomically
@@ -15,16 +15,25 @@ A checkpoint is written into a temporary directory and renamed into place only a
 finished and rank 0 has recorded the checksums, so a crash at any moment leaves either the previous
 checkpoints or a new complete one. Loading re-hashes every file against COMPLETE.json, so a flipped
 byte or a truncated shard is found before any of it reaches the model.
+
+Nothing in a checkpoint can run code when it is loaded. COMPLETE.json is a checksum, not a signature (anyone
+who can write the directory can re-hash it), so safety cannot rest on it: RNG and trainer state are tensors
+and JSON; DCP's `.metadata` is a pickle, read here by an unpickler that admits only DCP's own metadata types
+(`_SafeReader`); the non-tensor values DCP stores (optimizer hyperparameters) are read with
+`torch.load(weights_only=True)` (`_SafePlanner`) instead of DCP's default unrestricted `torch.load`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import stat
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -36,16 +45,19 @@ import torch
 
 from formats.manifest import hash_file
 from formats.writer import fsync_path
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resume_changes
 from trainer.distributed import DistInfo, barrier
 from trainer.weights import export_hf
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+# 2: RNG state in safetensors instead of a torch.save pickle.
+CHECKPOINT_VERSION = 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE.json"
 STATE_FILE = "trainer_state.json"
+METADATA_FILE = ".metadata"  # DCP's
+REQUIRED_FILES = (METADATA_FILE, STATE_FILE)
 
 
 class CheckpointError(RuntimeError):
@@ -75,19 +87,123 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng-rank{rank:05d}.safetensors"
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _save_rng_state(file: Path) -> None:
+    """This process's RNG streams as tensors plus JSON metadata (safetensors: loading it runs no code)."""
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+    }
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for i, t in enumerate(cuda):
+        tensors[f"cuda{i}"] = t
+    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+            "python": json.dumps([version, gauss_next]), "cuda_devices": str(len(cuda))}
+    save_file(tensors, str(file), metadata=meta)
+
+
+def _load_rng_state(file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+        version, gauss_next = json.loads(meta["python"])
+        cuda = [t[f"cuda{i}"] for i in range(int(meta["cuda_devices"]))]
+        torch.set_rng_state(t["torch"])
+        np.random.set_state((kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate((version, tuple(int(x) for x in t["python_state"].tolist()), gauss_next))
+    except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: unreadable RNG state ({exc})") from None
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# What DCP's .metadata pickle may contain: its own metadata records and the few torch/stdlib values they hold.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # returns only torch.layout values
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = name in _METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: not a DCP metadata type")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """DCP's checkpoint metadata, unpickled with only DCP's own types admitted; CheckpointError otherwise."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = path / METADATA_FILE
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{file}: not a valid DCP metadata file ({exc})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{file}: not a valid DCP metadata file (holds a {type(metadata).__name__})")
+    return metadata
+
+
+def _safe_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeReader(FileSystemReader):
+        """DCP's file reader, but .metadata goes through the restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_dcp_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeReader(str(path))
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _SafePlanner(DefaultLoadPlanner):
+        """DCP's planner, but stored non-tensor values load with weights_only=True (no arbitrary objects)."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn}: refused ({exc})") from None
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return _SafePlanner()
 
 
 def _state_options(strict: bool = True):
@@ -141,7 +257,7 @@ def save_checkpoint(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not info.distributed)
-    torch.save(_rng_state(), tmp / f"rng-rank{info.rank:05d}.pt")
+    _save_rng_state(_rng_file(tmp, info.rank))
     if info.is_main:
         _write_json_atomic(tmp / STATE_FILE, {"version": CHECKPOINT_VERSION, **state.__dict__})
     barrier(info)
@@ -171,30 +287,107 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def validate_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the COMPLETE.json record, or raise CheckpointError naming what is missing or corrupt."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+def _is_plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    """COMPLETE.json, checked for shape: anything else is a damaged or foreign checkpoint, not a crash."""
     marker = path / MARKER
-    if not marker.exists():
+    if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}; the save did not finish)")
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{marker}: unreadable ({exc})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{marker}: not a JSON object")
     if record.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{marker}: checkpoint version {record.get('version')!r} is not {CHECKPOINT_VERSION}")
-    for name, expected in record["files"].items():
+        raise CheckpointError(
+            f"{marker}: checkpoint version {record.get('version')!r} is not {CHECKPOINT_VERSION} "
+            "(written by another sftkit version; start over with --resume none)"
+        )
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{marker}: 'files' must map file names to their size and checksum")
+    for name, entry in files.items():
+        ok = _is_plain_name(name) and isinstance(entry, dict)
+        ok = ok and type(entry.get("bytes")) is int and entry["bytes"] >= 0 and isinstance(entry.get("xxh3_128"), str)
+        if not ok:
+            raise CheckpointError(f"{marker}: bad entry for {name!r} (want a plain file name -> {{bytes, xxh3_128}})")
+    return record
+
+
+def validate_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the COMPLETE.json record, or raise CheckpointError naming what is missing, corrupt or foreign.
+
+    Every file of the directory must be listed with its size and checksum and be a regular file (a link or a
+    device such as /dev/zero is refused before it is read), and the trainer state and DCP metadata must parse
+    as what they claim to be (the metadata with the restricted unpickler).
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    record = _read_marker(path)
+    files = record["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{path}: {MARKER} does not list {name}")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MARKER and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"{path}: files not recorded in {MARKER}: {', '.join(unlisted[:5])}")
+    for name, expected in files.items():
         file = path / name
-        if not file.exists():
-            raise CheckpointError(f"{path}: file {name} is missing")
-        if file.stat().st_size != expected["bytes"]:
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file {name} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: {name} is not a regular file")
+        if st.st_size != expected["bytes"]:
             raise CheckpointError(
-                f"{path}: file {name} has {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
+                f"{path}: file {name} has {st.st_size} bytes, expected {expected['bytes']} (truncated?)"
             )
         if hash_file(file) != expected["xxh3_128"]:
             raise CheckpointError(f"{path}: file {name} fails its checksum (corrupted)")
+    read_trainer_state(path)
+    read_dcp_metadata(path)
+    for rng in path.glob("rng-rank*.safetensors"):
+        _check_safetensors_header(rng)
     return record
+
+
+def _check_safetensors_header(file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a safetensors file ({exc})") from None
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """trainer_state.json as a TrainerState; a missing key, an unknown key or a wrong type is a CheckpointError."""
+    file = path / STATE_FILE
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    raw = dict(raw)
+    raw.pop("version", None)
+    types = {"step": int, "scheduler": dict, "data": dict, "config": dict, "world_size": int,
+             "global_batch_size": int}
+    if set(raw) != set(types):
+        extra, missing = sorted(set(raw) - set(types)), sorted(set(types) - set(raw))
+        raise CheckpointError(f"{file}: unexpected keys {extra} / missing keys {missing}")
+    for key, kind in types.items():
+        if type(raw[key]) is not kind:
+            raise CheckpointError(f"{file}: {key} must be a {kind.__name__}, got {raw[key]!r:.60}")
+    if raw["step"] < 0 or raw["world_size"] < 1 or raw["global_batch_size"] < 1:
+        raise CheckpointError(f"{file}: step, world_size or global_batch_size out of range")
+    return TrainerState(**raw)
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
@@ -233,26 +426,50 @@ def load_checkpoint(
 
     `verify=False` skips re-hashing every file, for callers that just validated the checkpoint (the loop's
     rank 0 does, in `resolve_resume`), so a large checkpoint is not read once per rank before loading.
+    Before anything is loaded, the checkpoint's tensors are compared with the model's by name and shape, so a
+    model of another depth, width or adapter rank is refused with the differences named.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if verify:
         validate_checkpoint(path)
-    raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    raw.pop("version", None)
-    state = TrainerState(**raw)
+    state = read_trainer_state(path)
     sd = _dcp_state(model, optimizer)
+    _check_same_tensors(path, read_dcp_metadata(path), sd["model"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not info.distributed)
+        try:
+            dcp.load(sd, storage_reader=_safe_reader(path), planner=_safe_planner(), no_dist=not info.distributed)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as exc:  # DCP wraps a bad shard's error (a BaseException)
+            raise CheckpointError(f"{path}: cannot load the checkpoint's tensors ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''})") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_state_options(strict=False))
-    rng_file = path / f"rng-rank{info.rank:05d}.pt"
+    rng_file = _rng_file(path, info.rank)
     if rng_file.exists() and state.world_size == info.world_size:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    log.info("resumed from %s at step %d", path, state.step)
+        _load_rng_state(rng_file)
     return state
+
+
+def _check_same_tensors(path: Path, metadata: Any, model_sd: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k[len("model."):]: tuple(md.size) for k, md in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    mine = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing = sorted(set(mine) - set(saved))
+    unexpected = sorted(set(saved) - set(mine))
+    shapes = sorted(f"{k} {saved[k]} -> {mine[k]}" for k in set(saved) & set(mine) if saved[k] != mine[k])
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
+                 for label, items in (("not in the checkpoint", missing), ("only in the checkpoint", unexpected),
+                                      ("other shape", shapes)) if items]
+        raise CheckpointError(f"{path}: the checkpoint does not fit this model ({'; '.join(parts)}); "
+                              "resume with the model config it was saved with, or start over with --resume none")
 
 
 # ---- the lifecycle of one run's checkpoints -----------------------------------------------------------------
@@ -297,12 +514,44 @@ class Checkpointer:
         if choice[0] is None:
             return 0
         path = Path(choice[0])
+        state = read_trainer_state(path)
+        self._check_config(path, state.config)
+        # The optimizer's hyperparameters and the schedule's peak rates as this run's config set them; loading
+        # the checkpoint overwrites them with the saved ones, which must not silently win (see _check_config).
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         state = load_checkpoint(path, self.model, self.optimizer, self.info, verify=False)  # rank 0 validated it
         self.scheduler.load_state_dict(state.scheduler)
+        self.scheduler.base_lrs = base_lrs
+        for group, hyper, base, factor in zip(self.optimizer.param_groups, fresh, base_lrs,
+                                              self.scheduler.lr_lambdas, strict=True):
+            group.update(hyper)
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.dataset.load_state_dict(state.data)  # refuses another global batch, data, seed or order
         self.start_step = self.last_saved = state.step
         self.resumed_from = path
+        if self.info.is_main:
+            log.warning("resuming from %s at step %d", path, state.step)
         return state.step
+
+    def _check_config(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse what would make the resumed run another run; say what else changed."""
+        changes = resume_changes(saved, self.config.to_dict())
+        if changes.breaking:
+            raise CheckpointError(
+                f"{path}: cannot resume, the config changed in what the checkpoint is: "
+                f"{'; '.join(changes.breaking)}. Undo those changes, or start over with --resume none"
+            )
+        if changes.optimizer and not self.config.checkpoint.allow_config_change:
+            raise CheckpointError(
+                f"{path}: the optimizer or schedule config changed since this checkpoint: "
+                f"{'; '.join(changes.optimizer)}. Pass --allow-config-change to apply the new values from step "
+                f"{read_trainer_state(path).step} on, undo them, or start over with --resume none"
+            )
+        if self.info.is_main:
+            for line in changes.optimizer + changes.other:
+                log.warning("resume: config changed since the checkpoint, applying %s", line)
 
     def step_done(self, step: int) -> Path | None:
         """After optimizer step `step` (1-based): save when the interval says so; return the checkpoint."""

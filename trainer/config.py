@@ -55,6 +55,9 @@ class DataSection:
         0,
     )
     shuffle: bool = doc("Shuffle rows each epoch (deterministic in seed and epoch).", True)
+    verify: Literal["full", "off"] = doc(
+        "Before training, re-hash every shard against its manifest checksum (full) so a corrupt or edited "
+        "shard stops the run instead of being trained on; off skips it (xxh3 reads at disk speed).", "full")
     remainder: Literal["drop", "pad"] = doc(
         "Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
 
@@ -79,6 +82,10 @@ class TrainSection:
     seed: int = doc("Seed for data order and any random init.", 1234)
     eval_every: int = doc("Evaluate on data.eval every N steps (0 disables).", 0)
     deterministic: bool = doc("Use deterministic algorithms (bitwise-reproducible runs on CPU).", False)
+    nonfinite: Literal["fail", "skip"] = doc(
+        "A step whose loss or gradient norm is NaN/Inf: fail (stop with exit 1, naming the step; the parameters "
+        "are those before it) | skip (drop the update, count it, go on; fail after max_skipped_steps).", "fail")
+    max_skipped_steps: int = doc("With nonfinite: skip, fail once more than this many steps were skipped.", 10)
 
 
 @dataclass
@@ -100,6 +107,10 @@ class CheckpointSection:
         "dcp",
     )
     max_shard_size: str = doc("Largest safetensors shard in exports, e.g. 2GB or 500MB.", "2GB")
+    allow_config_change: bool = doc(
+        "On resume, accept changes to the optimizer and schedule (lr, schedule, warmup, weight decay, betas, eps, "
+        "clipping) and apply them from the resumed step on. Changes to the model, "
+        "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
 @dataclass
@@ -390,6 +401,77 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
+
+
+# How a resumed run may differ from the checkpoint's config (`resume_changes`). Keys are dotted paths; a key
+# matches an entry equal to it or under it. Everything not listed is safe: applied and announced.
+RESUME_BREAKING = (
+    # What the checkpoint is: other weights, another model or adapter shape, other data or data order.
+    "model.path", "model.overrides", "data.train", "data.weights", "data.shuffle", "data.remainder", "train.seed",
+    "peft.pet_type", "peft.lora_rank", "peft.lora_alpha", "peft.target_modules", "peft.freeze_include",
+    "peft.freeze_exclude", "peft.use_rslora", "peft.use_dora", "peft.pissa", "peft.lora_a_init", "peft.lora_b_init",
+)
+RESUME_OPTIMIZER = (
+    # The update rule and its schedule: a resumed run no longer repeats the one it continues. Allowed with
+    # checkpoint.allow_config_change (--allow-config-change), then applied from the resumed step on.
+    # (train.max_steps / train.epochs are not here: extending or shortening a run is what resuming is for; the
+    # schedule is recomputed for the new length and the change is announced.)
+    "train.lr", "train.min_lr_ratio", "train.schedule", "train.warmup_steps", "train.warmup_ratio",
+    "train.weight_decay", "train.betas", "train.eps", "train.max_grad_norm", "peft.loraplus_lr_ratio",
+)
+RESUME_IGNORED = ("checkpoint.resume", "checkpoint.allow_config_change", "logging.output_dir")
+_PATH_KEYS = ("model.path", "data.train", "data.eval")
+
+
+@dataclass
+class ConfigChanges:
+    """What differs between a checkpoint's config and this run's, by what that means for resuming."""
+
+    breaking: list[str] = field(default_factory=list)
+    optimizer: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name.count(".") == 0:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _normalised(key: str, value: Any) -> Any:
+    import os
+
+    if key in _PATH_KEYS and value:
+        paths = value if isinstance(value, list) else [value]
+        norm = [os.path.normpath(os.path.abspath(p)) if "://" not in str(p) else p for p in paths]
+        return norm if isinstance(value, list) else norm[0]
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
+    """Compare the config a checkpoint was saved with (`TrainConfig.to_dict()`) with this run's."""
+
+    def under(key: str, entries: tuple[str, ...]) -> bool:
+        return any(key == e or key.startswith(e + ".") for e in entries)
+
+    old, new = _flatten(saved), _flatten(current)
+    changes = ConfigChanges()
+    for key in sorted(set(old) | set(new)):
+        if under(key, RESUME_IGNORED):
+            continue
+        before, after = _normalised(key, old.get(key)), _normalised(key, new.get(key))
+        if before == after:
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        bucket = (changes.breaking if under(key, RESUME_BREAKING)
+                  else changes.optimizer if under(key, RESUME_OPTIMIZER) else changes.other)
+        bucket.append(line)
+    return changes
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

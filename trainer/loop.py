@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from formats.schema import IGNORE_INDEX
 from formats.tokenizer_id import tokenizer_fingerprint
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
@@ -53,6 +54,7 @@ class RunResult:
     export_dir: str | None = None
     trainable_params: int = 0
     total_params: int = 0
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was dropped (non-finite)
 
     @property
     def final_loss(self) -> float | None:
@@ -97,12 +99,25 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
                     name_map=checkpoint_name_map if lora else None)
     if lora:
         init_adapters(model, config.peft, config.train.seed)
+    _refuse_nonfinite_weights(model, info, config.model.path)
     if config.peft.neftune_noise_alpha is not None:
         install_neftune(model, config.peft.neftune_noise_alpha)
     counts = count_parameters(model, info.world_size if info.distributed else 1)
     log.info("trainable parameters: %d of %d (%.3f%%)%s", counts.trainable_params, counts.total_params,
              counts.trainable_pct, f"; LoRA on {len(wrapped)} modules" if lora else "")
     return model
+
+
+def _refuse_nonfinite_weights(model: torch.nn.Module, info: DistInfo, source: str) -> None:
+    """NaN/Inf in the weights would train to an all-NaN export with exit 0: refuse them before step 1."""
+    bad = []
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    if all_reduce_sum(float(len(bad)), info) > 0:
+        where = f": {', '.join(bad[:5])}" if bad else " (in another rank's shard)"
+        raise ValueError(f"{source}: the weights hold NaN or Inf{where}; refusing to train on them")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -173,11 +188,29 @@ def _steps_for(dataset: PackedIterableDataset, config: TrainConfig) -> int:
     return max(1, math.ceil(config.train.epochs * per_epoch))
 
 
-def _step_batches(loader_iter: Iterator[dict[str, Any]], accum: int) -> list[dict[str, Any]]:
+def _step_batches(loader_iter: Iterator[dict[str, Any]], accum: int, run: Run) -> list[dict[str, Any]]:
     batches = [next(loader_iter) for _ in range(accum)]
     if not batches[-1]["loader"]["last_in_step"]:
         raise RuntimeError("loader and trainer disagree on grad_accum_steps: a step ended mid-way")
+    for batch in batches:
+        _check_ids(batch, run)
     return batches
+
+
+def _check_ids(batch: dict[str, Any], run: Run) -> None:
+    """Token ids and labels outside the vocabulary would index past the embedding (an IndexError deep in the
+    model, or silent garbage on GPU): name the dataset row instead. Two reductions over the host batch."""
+    vocab = run.model.config.vocab_size
+    ids, labels = batch["input_ids"], batch["labels"]
+    bad_ids = (ids < 0) | (ids >= vocab)
+    bad_labels = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
+    if not bool(bad_ids.any() or bad_labels.any()):
+        return
+    row = int(((bad_ids | bad_labels).any(dim=1)).nonzero()[0])
+    path = run.dataset.infos[int(batch["sample_source"][row])].path
+    raise ValueError(f"{path}: row {int(batch['sample_row'][row])} holds token ids or labels outside the model's "
+                     f"vocabulary of {vocab} (0..{vocab - 1}); was it packed for another model? `dataprep verify` "
+                     "checks a dataset's rows")
 
 
 def train(
@@ -237,6 +270,7 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         rank=info.rank,
         world_size=info.world_size,
         expected_tokenizer_fingerprint=_model_tokenizer_fingerprint(config.model.path),
+        verify=config.data.verify == "full",
     )
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
@@ -279,9 +313,26 @@ def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunRe
     run.model.train()
     try:
         for step in steps:
-            raw = _step_batches(loader_iter, config.train.grad_accum_steps)
+            raw = _step_batches(loader_iter, config.train.grad_accum_steps, run)
             try:
                 stats = train_step(run, raw)
+            except NonFiniteStep as exc:
+                if config.train.nonfinite == "skip" and len(result.skipped_steps) < config.train.max_skipped_steps:
+                    log.warning("step %d: %s; update skipped (%d so far)", step + 1, exc, len(result.skipped_steps) + 1)
+                    _skip_step(run, raw)
+                    result.steps = step + 1
+                    result.skipped_steps.append(step + 1)
+                    logger.write({"step": step + 1, "skipped": "nonfinite", "loss": exc.loss,
+                                  "grad_norm": exc.grad_norm})
+                    checkpointer.step_done(step + 1)
+                    continue
+                checkpointer.save_after_failure(step)
+                skipped = f" after skipping {len(result.skipped_steps)} such steps" if result.skipped_steps else ""
+                raise RuntimeError(
+                    f"step {step + 1}: {exc}: training diverged or the data/weights hold NaN/Inf{skipped}. The "
+                    f"parameters are those after step {step}; lower train.lr, check the data, or set "
+                    "train.nonfinite: skip"
+                ) from None
             except Exception:
                 log.exception("rank %d: step %d failed in forward/backward", info.rank, step + 1)
                 checkpointer.save_after_failure(step)
@@ -331,14 +382,31 @@ def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
         run.optimizer.zero_grad(set_to_none=True)
         raise
     grad_norm = _clip(run.trainable, run.config.train.max_grad_norm)
+    loss_value = float(all_reduce_sum(loss_sum.cpu(), info) / denom)  # the same on every rank
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(loss_value, grad_norm)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (step() below moves to the next one)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.dataset.mark_consumed(raw[-1])
-    loss_value = all_reduce_sum(loss_sum.cpu(), info) / denom
-    return StepStats(loss=float(loss_value), grad_norm=grad_norm, lr=lr, trainable_tokens=int(global_tokens),
+    return StepStats(loss=loss_value, grad_norm=grad_norm, lr=lr, trainable_tokens=int(global_tokens),
                      flops=flops)
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient norm is NaN/Inf; raised before the update, so the parameters are untouched."""
+
+    def __init__(self, loss: float, grad_norm: float) -> None:
+        self.loss, self.grad_norm = loss, grad_norm
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
+
+
+def _skip_step(run: Run, raw: list[dict[str, Any]]) -> None:
+    """train.nonfinite: skip drops the update but consumes the batch and the schedule step, as if it ran."""
+    run.scheduler.step()
+    run.dataset.mark_consumed(raw[-1])
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:

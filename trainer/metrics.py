@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +87,9 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            # NaN/Inf are not JSON: they are written as null (the record says why, e.g. "skipped").
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
             self._file.flush()
         if self._tb is not None:
             step = record.get("step", 0)
