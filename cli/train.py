@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 import click
@@ -37,6 +39,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
     3 stopped by SIGTERM/SIGINT after saving a checkpoint (run the same command again to continue).
     """
     setup_logging(verbose)
+    import logging
+
+    logging.getLogger("trainer.progress").setLevel(logging.INFO)  # per-step lines without a terminal
     from trainer.config import ConfigError, load_config
 
     try:
@@ -57,12 +62,12 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
         result = train(config)
     except StopRequested as exc:
         click.echo(f"interrupted: {exc}", err=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"to continue, run the same command again: {resume_command()}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except (ValueError, RuntimeError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
-    import os
-
     if int(os.environ.get("RANK", "0")) != 0:
         return
     first = result.losses[0] if result.losses else None
@@ -79,8 +84,17 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
         "params_trainable": result.trainable_params,
         "output_dir": result.output_dir,
         "export_dir": result.export_dir,
+        "loss_plot": result.plot,
     }
     emit_summary("trainer run", summary, as_json)
+
+
+def resume_command() -> str:
+    """The command line that continues this run (`--resume auto` is the default, so it is this one)."""
+    args = list(sys.argv[1:])
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: the launcher's own arguments are not visible here
+        return "torchrun ... -m cli.trainer " + shlex.join(args) + "  (the same torchrun options as before)"
+    return shlex.join(["trainer", *args])
 
 
 @click.command("config")

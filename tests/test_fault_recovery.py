@@ -95,6 +95,8 @@ def test_sigkill_then_resume_is_bitwise_identical(setup, reference, repo_root):
     assert len(_losses(out)) < STEPS  # it really died mid-run
     _run(_cmd(model_dir, data_dir, out), repo_root)  # --resume auto is the default
     assert _losses(out) == _losses(reference)  # exact float equality, every step
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))  # steps after the last checkpoint are not logged twice
     a = load_file(reference / "export" / "model.safetensors")
     b = load_file(out / "export" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a), "parameters differ after resume"

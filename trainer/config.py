@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.reporting import ReportTo
+
 
 class ConfigError(ValueError):
     """The config file or an override is invalid; the message names the key."""
@@ -165,8 +167,14 @@ class PeftSection:
 class LoggingSection:
     output_dir: str = doc("Run directory: resolved config, metrics.jsonl, checkpoints, export.", "runs/default")
     log_every: int = doc("Log metrics every N steps.", 1)
-    tensorboard: bool = doc("Also write TensorBoard events when tensorboard is installed.", False)
-    progress_bar: bool = doc("Show a progress bar on rank 0.", True)
+    report_to: list[ReportTo] = doc(
+        "Where metrics go besides metrics.jsonl: auto (TensorBoard when installed) | none | tensorboard | wandb | "
+        "mlflow | swanlab; a list for several. Named clients must be installed; wandb runs offline and MLflow "
+        "into output_dir/mlruns unless their usual environment variables say otherwise.", factory=lambda: ["auto"])
+    progress_bar: bool = doc(
+        "A progress bar on rank 0 when stderr is a terminal; without a terminal (or with false) one plain line "
+        "per logged step instead.", True)
+    plot: bool = doc("At the end, draw loss, eval loss and lr to output_dir/loss.png (needs matplotlib).", True)
 
 
 @dataclass
@@ -209,6 +217,7 @@ KNOWN_ALIASES = {
     "lora_plus_scale": "loraplus_lr_ratio",
     "neftune_noise": "neftune_noise_alpha",
     "init_lora_weights": "lora_a_init",
+    "tensorboard": "report_to",
 }
 
 
@@ -249,7 +258,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            value = [value] if args and args[0] is str and isinstance(value, str) else value
+            element_is_str = bool(args) and (args[0] is str or typing.get_origin(args[0]) is Literal)
+            value = [value] if element_is_str and isinstance(value, str) else value
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value

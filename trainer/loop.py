@@ -30,10 +30,11 @@ from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
 from trainer.loss import summed_cross_entropy
-from trainer.metrics import StepLogger, StepStats, matmul_params, training_flops
+from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.reporting import open_reporters
 from trainer.signals import StopFlag, StopRequested
 from trainer.weights import load_hf_weights, materialize
 
@@ -55,6 +56,7 @@ class RunResult:
     trainable_params: int = 0
     total_params: int = 0
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was dropped (non-finite)
+    plot: str | None = None  # output_dir/loss.png when drawn
 
     @property
     def final_loss(self) -> float | None:
@@ -292,6 +294,9 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
     checkpointer.save_final(result.steps)
     export_dir = checkpointer.export_final()
     result.export_dir = str(export_dir) if export_dir else None
+    if info.is_main and config.logging.plot and (out_dir / "metrics.jsonl").exists():
+        plot = plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        result.plot = str(plot) if plot else None
     if info.is_main:
         summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
         summary["final_loss"] = result.final_loss
@@ -304,10 +309,11 @@ def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunRe
                on_step: Callable[[dict[str, Any]], None] | None) -> None:
     """The loop: one optimizer step, then each part decides whether it is its turn (log, eval, save, stop)."""
     config, info = run.config, run.info
-    logger = StepLogger(out_dir=Path(config.logging.output_dir), is_main=info.is_main, device=info.device,
-                        log_every=config.logging.log_every, tensorboard=config.logging.tensorboard,
-                        progress_bar=config.logging.progress_bar, start_step=steps.start,
-                        total_steps=steps.stop, on_step=on_step)
+    out_dir = Path(config.logging.output_dir)
+    reporters = open_reporters(config.logging.report_to, out_dir, out_dir.name, config.to_dict()) if info.is_main else []
+    logger = StepLogger(out_dir=out_dir, is_main=info.is_main, device=info.device,
+                        log_every=config.logging.log_every, progress_bar=config.logging.progress_bar,
+                        start_step=steps.start, total_steps=steps.stop, reporters=reporters, on_step=on_step)
     loader_iter = iter(_make_loader(run.dataset, config.data.num_workers))
     run_start = time.perf_counter()
     run.model.train()
