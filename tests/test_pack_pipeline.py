@@ -66,7 +66,7 @@ def test_round_trip_every_accepted_record_is_recovered_exactly(tmp_path, shared_
     assert summary["tokens"] == sum(len(v[0]) for v in expected.values())
     assert summary["trainable_tokens"] == sum(int((v[1] != -100).sum()) for v in expected.values())
     assert ds.manifest["tokenizer"]["pad_id"] == 151643 and ds.manifest["template"] == "chatml"
-    assert ds.manifest["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert ds.manifest["tokenizer"]["fingerprint"].startswith("tok1:")
     assert ds.num_shards == 3
     assert verify_dataset(tmp_path / "ds").ok
 

@@ -174,9 +174,12 @@ class PackedIterableDataset(IterableDataset):
                     f"re-pack it with --seq-length {seq_length}"
                 )
             if tokenizer_fp is not None and info.tokenizer_fingerprint != tokenizer_fp:
+                scheme = (info.tokenizer_fingerprint or "").split(":")[0]
+                older = (f" (its fingerprint is of the older '{scheme}' kind: re-pack it with this sftkit)"
+                         if scheme != tokenizer_fp.split(":")[0] else "")
                 raise DatasetMismatchError(
                     f"{info.path}: tokenized with tokenizer {info.tokenizer_fingerprint or '<unknown>'}, "
-                    f"but the model's tokenizer is {tokenizer_fp}; re-pack it with the model's tokenizer"
+                    f"but the model's tokenizer is {tokenizer_fp}; re-pack it with the model's tokenizer{older}"
                 )
             if info.seq_length != first.seq_length:
                 raise DatasetMismatchError(
