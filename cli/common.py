@@ -49,11 +49,19 @@ def setup_logging(verbose: int = 0) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
+    """Counts with thousands separators; ids, seeds and versions as written; yes/no and '-' for flags and
+    unset values instead of Python's True/False/None."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
+    if isinstance(value, int):
+        return str(value) if key.endswith(("_id", "id", "seed", "version", "step")) else f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) or "-"
     return str(value)
 
 
@@ -74,7 +82,7 @@ def emit_summary(title: str, summary: Mapping[str, Any], as_json: bool) -> None:
                 lines.append(f"{' ' * indent}{key}:" + ("" if value else " none"))
                 walk(value, indent + 2)
             else:
-                lines.append(f"{' ' * indent}{key + ':':<24} {_fmt(value)}")
+                lines.append(f"{' ' * indent}{key + ':':<24} {_fmt(value, str(key))}")
 
     walk(summary, 0)
     click.echo("\n".join(lines), err=True)

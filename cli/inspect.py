@@ -17,9 +17,12 @@ def _length_histogram(ds, limit_rows: int) -> list[tuple[int, int, int]]:
     )
     if lengths.size == 0:
         return []
-    edges = np.linspace(0, ds.seq_length, _HIST_BINS + 1).astype(int)
+    # Bins over the lengths that occur, not 0..seq_length: short documents in long rows would leave most empty.
+    low, high = int(lengths.min()), int(lengths.max()) + 1
+    bins = max(1, min(_HIST_BINS, high - low))
+    edges = np.unique(np.linspace(low, high, bins + 1).astype(int))
     counts, _ = np.histogram(lengths, bins=edges)
-    return [(int(edges[k]), int(edges[k + 1]), int(counts[k])) for k in range(_HIST_BINS)]
+    return [(int(edges[k]), int(edges[k + 1]) - 1, int(counts[k])) for k in range(len(counts))]
 
 
 def render_row(row, decode, ignore_index: int = IGNORE_INDEX) -> str:
@@ -80,7 +83,6 @@ def inspect(
 
     Exit codes: 0 ok, 1 unreadable dataset or row out of range, 2 usage error.
     """
-    from dataprep.errors import DataError
     from formats.reader import open_dataset
 
     setup_logging(verbose)
@@ -107,6 +109,9 @@ def inspect(
         "created": m.get("created"),
         "fingerprint": ds.fingerprint,
     }
+    if row_index is not None:  # asked for one row: show that row, not the whole summary before it
+        _show_row(ds, directory, row_index, tokenizer_path)
+        return
     hist = _length_histogram(ds, hist_rows)
     if as_json:
         summary["doc_length_histogram"] = [{"from": a, "to": b, "count": c} for a, b, c in hist]
@@ -116,20 +121,25 @@ def inspect(
         click.echo("document lengths:", err=True)
         for a, b, c in hist:
             click.echo(f"  {a:>6}-{b:<6} {c:>9,} {'#' * round(40 * c / peak)}", err=True)
-    if row_index is not None:
-        if not -len(ds) <= row_index < len(ds):
-            raise DataError(f"row {row_index} out of range (dataset has {len(ds)} rows)", source=directory)
-        from dataprep.tokenizer import load_tokenizer
 
-        path = tokenizer_path or m["tokenizer"].get("path")
-        if not path:
-            raise DataError("the manifest stores no tokenizer path; pass --tokenizer", source=directory)
-        try:
-            tok = load_tokenizer(path)
-        except FileNotFoundError as exc:
-            raise DataError(
-                f"cannot load tokenizer {path} ({exc}); pass --tokenizer", source=directory
-            ) from exc
-        if tok.fingerprint != ds.tokenizer_fingerprint:
-            click.echo(f"warning: tokenizer {path} differs from the one the data was packed with", err=True)
-        click.echo(render_row(ds.row(row_index), tok.decode))
+
+def _show_row(ds, directory: str, row_index: int, tokenizer_path: str | None) -> None:
+    from dataprep.errors import DataError
+
+    m = ds.manifest
+    if not -len(ds) <= row_index < len(ds):
+        raise DataError(f"row {row_index} out of range (dataset has {len(ds)} rows)", source=directory)
+    from dataprep.tokenizer import load_tokenizer
+
+    path = tokenizer_path or m["tokenizer"].get("path")
+    if not path:
+        raise DataError("the manifest stores no tokenizer path; pass --tokenizer", source=directory)
+    try:
+        tok = load_tokenizer(path)
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"cannot load tokenizer {path} ({exc}); pass --tokenizer", source=directory
+        ) from exc
+    if tok.fingerprint != ds.tokenizer_fingerprint:
+        click.echo(f"warning: tokenizer {path} differs from the one the data was packed with", err=True)
+    click.echo(render_row(ds.row(row_index), tok.decode))

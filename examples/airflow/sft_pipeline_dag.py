@@ -52,6 +52,8 @@ with DAG(
         "partition_by": Param("record", enum=["record", "file"]),
         "train_config": Param("", type="string", description="trainer YAML config; empty: defaults + the sets below."),
         "max_steps": Param(20, type="integer", minimum=1),
+        "nproc_per_node": Param(1, type="integer", minimum=1,
+                                description="Training processes on the worker (GPUs); > 1 runs trainer under torchrun."),
         "train_sets": Param(
             ["data.micro_batch_size=2", "train.lr=3e-3", "checkpoint.export=false"],
             type="array",
@@ -110,7 +112,11 @@ with DAG(
         task_id="train",
         cwd="{{ params.repo_dir }}",
         bash_command=(
+            "{% if params.nproc_per_node > 1 %}"
+            f"{BIN}torchrun --standalone --nproc-per-node {{{{ params.nproc_per_node }}}} -m cli.trainer run "
+            "{% else %}"
             f"{BIN}trainer run "
+            "{% endif %}"
             "{{ ('--config ' ~ params.train_config) if params.train_config else '' }} "
             "--set model.path={{ params.model }} "
             f"--set 'data.train=[{MERGED}]' --set logging.output_dir={WORK}/run "

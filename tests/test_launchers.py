@@ -1,0 +1,60 @@
+"""The cluster launch example runs: examples/slurm/finetune.sbatch on this machine, with stand-ins for srun and
+scontrol (one node, two processes), a real torchrun rendezvous and a real `trainer run` behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in for one node: drop srun's own options, run the command once.
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1 ;;
+  requeue*|"requeue $2") echo "$@" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_slurm_script_launches_a_two_process_run(tmp_path, repo_root):
+    model_dir = make_tokenizer_and_model(tmp_path, layers=1)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=40, seq_length=64)
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fakes / name).write_text(text)
+        (fakes / name).chmod(0o755)
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{fakes}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=str(repo_root), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01]", SLURM_NNODES="1",
+               NPROC_PER_NODE="2", RDZV_PORT=str(_free_port()), SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+    sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
+            "train.max_steps=3", "data.micro_batch_size=1"]
+    proc = subprocess.run(["bash", "examples/slurm/finetune.sbatch", *[x for s in sets for x in ("--set", s)]],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert "step 3/3" in proc.stderr  # plain per-step lines in the job log
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "max_steps: 3" in resolved
+    assert not (tmp_path / "scontrol.log").exists()  # finished: nothing to requeue
