@@ -291,17 +291,22 @@ def _is_plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    return data
+
+
 def _read_marker(path: Path) -> dict[str, Any]:
     """COMPLETE.json, checked for shape: anything else is a damaged or foreign checkpoint, not a crash."""
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}; the save did not finish)")
-    try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{marker}: unreadable ({exc})") from None
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{marker}: not a JSON object")
+    record = _read_json_object(marker)
     if record.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{marker}: checkpoint version {record.get('version')!r} is not {CHECKPOINT_VERSION} "
@@ -369,13 +374,7 @@ def _check_safetensors_header(file: Path) -> None:
 def read_trainer_state(path: Path) -> TrainerState:
     """trainer_state.json as a TrainerState; a missing key, an unknown key or a wrong type is a CheckpointError."""
     file = path / STATE_FILE
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: not a JSON object")
-    raw = dict(raw)
+    raw = _read_json_object(file)
     raw.pop("version", None)
     types = {"step": int, "scheduler": dict, "data": dict, "config": dict, "world_size": int,
              "global_batch_size": int}

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,7 +98,8 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
         model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
     )
     materialize(model, info.device)
-    load_hf_weights(model, config.model.path, show_progress=info.is_main and config.logging.progress_bar,
+    show_progress = info.is_main and config.logging.progress_bar and sys.stderr.isatty()
+    load_hf_weights(model, config.model.path, show_progress=show_progress,
                     name_map=checkpoint_name_map if lora else None)
     if lora:
         init_adapters(model, config.peft, config.train.seed)
