@@ -124,3 +124,13 @@ def test_resume_changes_are_sorted_by_what_they_break():
     assert changes.breaking == ["peft.lora_rank: 8 -> 16"]  # model.path: the same directory, spelled otherwise
     assert changes.optimizer == ["train.lr: 0.001 -> 0.002"]
     assert changes.other == ["logging.log_every: 1 -> 5", "train.max_steps: None -> 9"]
+
+
+def test_errors_name_the_source_of_the_bad_value(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 3e-4\n  grad_accum_steps: 0\n")
+    with pytest.raises(ConfigError, match=r"^--set train.lr=fast: train.lr: expected a number"):
+        load_config(path, ["train.lr=fast", "train.grad_accum_steps=1"])
+    with pytest.raises(ConfigError, match=r"cfg.yaml: train.grad_accum_steps must be >= 1"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set data.micro_batch=2: unknown key 'data.micro_batch'"):
+        load_config(path, ["train.grad_accum_steps=1", "data.micro_batch=2"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -361,8 +362,6 @@ def validate(config: TrainConfig) -> None:
 
 
 def _validate_peft(p: PeftSection) -> None:
-    import re
-
     if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
         raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
     if p.pet_type is None:
@@ -409,8 +408,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         config = _build(TrainConfig, raw, "")
         validate(config)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+        raise ConfigError(f"{_source_of(str(exc), path, overrides or [])}: {exc}") from None
     return config
+
+
+_KEY_IN_MESSAGE = re.compile(r"^(?:unknown key ')?([A-Za-z_]\w*\.[\w.]+)")
+
+
+def _source_of(message: str, path: Path | None, overrides: list[str]) -> str:
+    """Whom an error is about: the `--set` that gave the key it names, else the config file (or the defaults)."""
+    found = _KEY_IN_MESSAGE.match(message)
+    key = found.group(1) if found else None
+    for item in reversed(overrides):  # the last --set of a key is the one that counts
+        name = item.split("=", 1)[0].strip()
+        if key is not None and (key == name or key.startswith(name + ".")):
+            return f"--set {item}"
+    return str(path) if path is not None else "config"
 
 
 # How a resumed run may differ from the checkpoint's config (`resume_changes`). Keys are dotted paths; a key
