@@ -67,8 +67,8 @@ def main() -> None:
          "dataprep", "pack", str(conversations), "-o", str(packed), "--tokenizer", str(model),
          "--seq-length", "256", "--overwrite")
     step("verify: re-hash every shard, check every row's labels and documents", "dataprep", "verify", str(packed))
-    step("inspect: manifest summary and the first row with trained spans marked",
-         "dataprep", "inspect", str(packed), "--row", "0")
+    step("inspect: manifest summary and document-length histogram", "dataprep", "inspect", str(packed))
+    step("inspect: the first row with trained spans marked", "dataprep", "inspect", str(packed), "--row", "0")
 
     # 5. Full-parameter fine-tuning; the config is examples/finetune_tiny.yaml (`trainer config` documents every key).
     run_dir = OUT / "run"
@@ -82,7 +82,8 @@ def main() -> None:
     for step_no, loss in losses:
         print(f"step {step_no:4d}  loss {loss:7.4f}  {'#' * max(1, round(50 * loss / top))}")
     first_loss, last_loss = losses[0][1], losses[-1][1]
-    print(f"\nloss fell from {first_loss:.3f} to {last_loss:.3f}; exported model: {run_dir / 'export'}")
+    print(f"\nloss fell from {first_loss:.3f} to {last_loss:.3f}; exported model: {run_dir / 'export'}; "
+          f"plot: {run_dir / 'loss.png'}")
     if not last_loss < first_loss:
         print("demo failed: the loss did not fall", file=sys.stderr)
         sys.exit(1)
