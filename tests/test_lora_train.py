@@ -180,3 +180,43 @@ def test_merge_lora_command(tiny, tmp_path):
     (tmp_path / "bad").mkdir()
     bad = runner.invoke(main, args[:4] + [str(tmp_path / "bad"), "-o", str(tmp_path / "m2")])
     assert bad.exit_code == 1 and "adapter_config.json" in bad.stderr and not (tmp_path / "m2").exists()
+
+
+def _targets(model_dir, spec, **extra):
+    model = _meta_model(model_dir)
+    cfg = PeftSection(pet_type="lora", target_modules=spec, **extra)
+    wrapped = apply_lora(model, cfg)
+    apply_freeze(model, cfg)
+    return wrapped, sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_target_modules_in_peft_conventions(tiny):
+    _, model_dir, _ = tiny
+    regex, _ = _targets(model_dir, ".*q_proj|.*v_proj")
+    assert len(regex) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in regex)  # 2 layers
+    assert _targets(model_dir, ["q_proj", "v_proj"])[0] == regex  # a YAML list: PEFT's suffix match
+    assert _targets(model_dir, "q_proj|v_proj")[0] == regex  # plain names joined by |: the same
+    linear, _ = _targets(model_dir, "all-linear")
+    assert len(linear) == 2 * 7 and "lm_head" not in linear  # q k v o gate up down per layer, not the head
+    assert load_config(None, ["peft.pet_type=lora", "peft.target_modules=[q_proj, v_proj]"]).peft.target_modules \
+        == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"read as names nope \(suffix match\)\) matches no Linear"):
+        _targets(model_dir, ["nope"])
+
+
+def test_mindformers_qwen3_guide_names_configure_the_same_run_as_hf_names(tiny):
+    """MindFormers' Qwen3 LoRA guide, verbatim: Megatron-style fused names, freeze everything but LoRA."""
+    _, model_dir, _ = tiny
+    guide = _targets(model_dir, ".*word_embeddings|.*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2",
+                     freeze_include=["*"], freeze_exclude=["*lora*"])
+    hf = _targets(model_dir, ".*embed_tokens|.*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj")
+    assert guide == hf
+    assert "model.embed_tokens" in guide[0] and all("lora" in n for n in guide[1])
+
+
+def test_modules_to_save_train_in_full_beside_the_adapters(tiny):
+    _, model_dir, _ = tiny
+    _, trainable = _targets(model_dir, ["q_proj"], modules_to_save=["norm"])
+    assert "model.norm.weight" in trainable and "model.layers.0.self_attn.q_proj.lora_A" in trainable
+    with pytest.raises(ValueError, match="modules_to_save: nothing_here match"):
+        _targets(model_dir, ["q_proj"], modules_to_save=["nothing_here"])

@@ -131,15 +131,23 @@ class PeftSection:
         "Embedding adapters always start as PEFT's: A zeros, B normal(0, 1).",
         "zeros",
     )
-    target_modules: str = doc(
-        "Regex fully matching module names to adapt, e.g. '.*q_proj|.*v_proj' or 'model\\.layers\\.[0-3]\\..*'. "
-        "MindFormers names are accepted (wq wk wv wo -> q_proj k_proj v_proj o_proj; w1 w2 w3 -> gate_proj "
-        "down_proj up_proj; tok_embeddings -> embed_tokens). Linear layers and embed_tokens can be targeted.",
+    target_modules: str | list[str] = doc(
+        "Modules to adapt, in PEFT's conventions: a list of names matched as suffixes ([q_proj, v_proj]), "
+        "'all-linear' (every Linear but lm_head), plain names joined by | (q_proj|v_proj, also suffixes), or any "
+        "other string as a regex matching the whole name ('.*q_proj|.*v_proj', 'model\\.layers\\.[0-3]\\..*'). "
+        "MindFormers and Megatron names are read as HF names (wq wk wv wo, w1 w2 w3, tok_embeddings, "
+        "word_embeddings; linear_qkv = q/k/v_proj, linear_proj = o_proj, linear_fc1 = gate+up_proj, linear_fc2 = "
+        "down_proj). Linear layers and embed_tokens can be targeted.",
         ".*q_proj|.*k_proj|.*v_proj|.*o_proj",
     )
     freeze_include: list[str] = doc(
         "Globs over parameter names to freeze, on top of the base weights LoRA freezes anyway "
         "(e.g. 'model.embed_tokens.*' in a full fine-tuning run).", factory=list,
+    )
+    modules_to_save: list[str] = doc(
+        "PEFT's modules_to_save: modules trained in full beside the adapters and saved with them, by name suffix "
+        "(e.g. [lm_head] or [embed_tokens]); the same as freeze_exclude globs over their parameters.",
+        factory=list,
     )
     freeze_exclude: list[str] = doc(
         "Globs over parameter names never frozen; exclude wins over include. With LoRA, base parameters matched "
@@ -383,10 +391,12 @@ def _validate_peft(p: PeftSection) -> None:
         raise ConfigError("peft.pissa and peft.use_dora cannot be combined (a PiSSA export is converted to plain LoRA)")
     if p.lora_a_init == "zeros" and p.lora_b_init == "zeros" and not p.pissa:
         raise ConfigError("peft.lora_a_init and peft.lora_b_init are both zeros: the adapters would get no gradient")
+    from trainer.peft_targets import check_target_spec
+
     try:
-        re.compile(p.target_modules)
-    except re.error as exc:
-        raise ConfigError(f"peft.target_modules: not a valid regex ({exc})") from None
+        check_target_spec(p.target_modules)
+    except ValueError as exc:
+        raise ConfigError(f"peft.target_modules: {exc}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

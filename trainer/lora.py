@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -30,29 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import PeftSection
+from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
 
 log = logging.getLogger(__name__)
 
-# MindFormers / Meta-Llama module names -> the Hugging Face names our model uses.
-MINDFORMERS_ALIASES = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w2": "down_proj",
-    "w3": "up_proj",
-    "attention": "self_attn",
-    "feed_forward": "mlp",
-    "tok_embeddings": "embed_tokens",
-}
-_ALIAS_RE = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(MINDFORMERS_ALIASES) + r")(?![A-Za-z0-9_])")
 ADAPTER_MARK = ".lora_"
-
-
-def translate_targets(pattern: str) -> str:
-    """Rewrite MindFormers module names in a target regex to the HF names (`.*wq|.*wv` -> `.*q_proj|.*v_proj`)."""
-    return _ALIAS_RE.sub(lambda m: MINDFORMERS_ALIASES[m.group(1)], pattern)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -153,15 +134,14 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
     """Replace every targeted Linear/Embedding with its LoRA wrapper; returns the wrapped module names."""
     from trainer.weights import hf_name
 
-    pattern = translate_targets(cfg.target_modules)
-    regex = re.compile(pattern)
+    matches, reading = target_matcher(cfg.target_modules)
     scaling = lora_scaling(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     wrapped = []
     for name, module in candidates:
         key = hf_name(name)
-        if not regex.fullmatch(key):
+        if not matches(key, isinstance(module, nn.Linear)):
             continue
         if isinstance(module, nn.Embedding):
             if cfg.use_dora:
@@ -179,9 +159,8 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
         wrapped.append(key)
     if not wrapped:
         examples = ", ".join(hf_name(n) for n, _ in candidates[:6])
-        shown = pattern if pattern == cfg.target_modules else f"{cfg.target_modules} (read as {pattern})"
-        raise ValueError(f"peft.target_modules '{shown}' matches no Linear or Embedding module (names look like: "
-                         f"{examples}, ...)")
+        raise ValueError(f"peft.target_modules {cfg.target_modules!r} (read as {reading}) matches no Linear or "
+                         f"Embedding module (names look like: {examples}, ...)")
     return wrapped
 
 
@@ -190,6 +169,9 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
     lora = cfg.pet_type == "lora"
     matched_include: set[str] = set()
     matched_exclude: set[str] = set()
+    # modules_to_save (PEFT's name) are freeze_exclude globs over the named modules' parameters.
+    saved = {f"{m}.*": m for m in cfg.modules_to_save} | {f"*.{m}.*": m for m in cfg.modules_to_save}
+    excludes = [*cfg.freeze_exclude, *saved]
     for name, param in model.named_parameters():
         key = base_name(name)
         frozen = lora and ADAPTER_MARK not in name
@@ -197,19 +179,20 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
             if fnmatch.fnmatchcase(key, glob):
                 frozen = True
                 matched_include.add(glob)
-        for glob in cfg.freeze_exclude:
+        for glob in excludes:
             if fnmatch.fnmatchcase(key, glob):
                 frozen = False
-                matched_exclude.add(glob)
+                matched_exclude.add(saved.get(glob, glob))
         if not frozen and ".base_layer." in name:
             raise ValueError(f"peft.freeze_exclude: {key} is the base weight of a LoRA-adapted module; train it "
                              "either by its adapter or in full (drop it from target_modules), not both")
         param.requires_grad_(not frozen)
-    for kind, globs, matched in (("include", cfg.freeze_include, matched_include),
-                                 ("exclude", cfg.freeze_exclude, matched_exclude)):
+    for kind, globs, matched in (("freeze_include", cfg.freeze_include, matched_include),
+                                 ("freeze_exclude", cfg.freeze_exclude, matched_exclude),
+                                 ("modules_to_save", cfg.modules_to_save, matched_exclude)):
         unused = [g for g in globs if g not in matched]
         if unused:
-            raise ValueError(f"peft.freeze_{kind}: {', '.join(unused)} match(es) no parameter")
+            raise ValueError(f"peft.{kind}: {', '.join(unused)} match(es) no parameter")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("peft.freeze_include froze every parameter: nothing left to train")
 
@@ -319,7 +302,7 @@ def install_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.Removab
 def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
     """Surgery + freezing on the (meta) model, before sharding; returns the wrapped module names."""
     wrapped = apply_lora(model, cfg) if cfg.pet_type == "lora" else []
-    if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude:
+    if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
         apply_freeze(model, cfg)
     return wrapped
 
