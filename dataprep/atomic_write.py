@@ -1,16 +1,19 @@
 """Write a file so that readers see either the old file, nothing, or the complete new file.
 
 A pipeline that is killed mid-write must not leave a half-written JSONL that the next step happily
-trains on; so we write to a temporary file in the same directory and `os.replace` it into place last.
+trains on. The idiom itself lives in `formats.atomic` (one home for every writer); this module keeps the
+names dataprep's writers use and the CLI's wording of the "already exists" check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
+
+from formats.atomic import atomic_write, remove_stale
 
 
 def check_writable(path: str, overwrite: bool) -> None:
@@ -23,26 +26,11 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool = False) -> Iterator[BinaryIO]:
-    """Yield a binary file; on clean exit it becomes `path`, on any exception it is removed."""
+    """Yield a binary file; on clean exit it becomes `path`, on any exception it is removed.
+
+    Temp files that earlier, killed writers of `path` left behind are removed first (and logged).
+    """
     check_writable(path, overwrite)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    """mkstemp creates 0600 files; give the output the permissions a plain open() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    remove_stale(Path(path).absolute())
+    with atomic_write(path, overwrite=True) as out:
+        yield out

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from numba import njit
 from tqdm import tqdm
 
@@ -32,13 +34,23 @@ from dataprep.errors import DataError
 from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
 from dataprep.partition import Partition, PartitionCounter, select_records, select_sources
 from dataprep.provenance import build_provenance, describe_difference, describe_inputs
+from formats.atomic import pid_alive, remove_stale, temp_name
 from formats.errors import FormatError
-from formats.schema import DEFAULT_BATCH_ROWS, DEFAULT_SHARD_ROWS, IGNORE_INDEX
-from formats.writer import DatasetWriter, check_target
+from formats.lock import locked
+from formats.schema import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_SHARD_ROWS,
+    IGNORE_INDEX,
+    MAX_SEQ_LENGTH,
+    bounded_batch_rows,
+)
+from formats.writer import DatasetWriter, check_target, remove_stale_temp_dirs
 
 log = logging.getLogger(__name__)
 
 _WRITE_CHUNK_ROWS = 1024
+_WRITE_CHUNK_BYTES = 256 << 20
+DUPLICATE_SUFFIX = "#dup"
 
 
 @dataclasses.dataclass
@@ -68,8 +80,13 @@ class PackOptions:
     partition: Partition | None = None
 
     def __post_init__(self) -> None:
-        if self.seq_length < 2:
-            raise ValueError("seq_length must be at least 2")
+        if not 2 <= self.seq_length <= MAX_SEQ_LENGTH:
+            raise ValueError(
+                f"seq_length must be between 2 and {MAX_SEQ_LENGTH}, got {self.seq_length} "
+                "(every row stores seq_length tokens and labels, 8 bytes each, however short its documents)"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
 
@@ -190,6 +207,53 @@ def spill_samples(samples: Iterable[Any], directory: Path, seq_length: int, prog
     return spill
 
 
+def unique_doc_ids(spill: _Spill) -> dict[int, str]:
+    """New ids for samples whose id an earlier sample already has, so every document id in the dataset is
+    unique (verify and merge require it): {sample index: id}. Empty in the usual case.
+
+    Repeated ids come from inputs given twice, records that repeat an explicit `id`, or a split piece
+    `x#0` meeting a record whose own id is `x#0`. The k-th repeat (k >= 1) of `x` becomes `x#dupk` (more
+    suffixes if that is taken too); the count is reported in the packing stats and logged. Runs on the
+    memory-mapped spilled ids with Arrow's hash kernels, a few bytes per sample.
+    """
+    n = spill.n
+    if n < 2:
+        return {}
+    names = spill.open_arrays()[2]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = spill.name_ends
+    ids = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(names)))
+    if pc.count_distinct(ids).as_py() == n:
+        return {}
+    codes = pc.dictionary_encode(ids).indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    occurrence = np.empty(n, dtype=np.int64)
+    occurrence[order] = np.arange(n) - group_start
+    repeats = np.nonzero(occurrence > 0)[0]
+    bases = ids.take(pa.array(repeats)).to_pylist()
+    wanted = [f"{b}{DUPLICATE_SUFFIX}{occurrence[i]}" for b, i in zip(bases, repeats.tolist(), strict=True)]
+    clashes = pc.is_in(pa.array(wanted, pa.large_string()), value_set=ids).to_numpy(zero_copy_only=False)
+    taken = set(wanted)  # distinct: "#dup<k>" at the end says which base and k made each
+    for j in np.nonzero(clashes)[0]:  # an input id that already looks like x#dupk: rare
+        new = wanted[j]
+        while new in taken or pc.is_in(pa.array([new], pa.large_string()), value_set=ids)[0].as_py():
+            new += DUPLICATE_SUFFIX
+        taken.add(new)
+        wanted[j] = new
+    renames = dict(zip(repeats.tolist(), wanted, strict=True))
+    example = next(iter(renames.items()))
+    log.warning(
+        "%d sample(s) repeat the id of an earlier sample (e.g. %r); renamed with a %s<k> suffix (e.g. %r) so ids "
+        "stay unique -- check for inputs given twice or repeated record ids",
+        len(renames), ids[example[0]].as_py(), DUPLICATE_SUFFIX, example[1],
+    )
+    return renames
+
+
 def write_packed(
     spill: _Spill,
     out_dir: str | Path,
@@ -229,7 +293,10 @@ def write_packed(
     name_starts = np.concatenate([[0], spill.name_ends[:-1]]).astype(np.int64)
     names_bytes = names.tobytes() if len(names) < (1 << 28) else None
     items, offsets = packing.items, packing.bin_offsets
-    chunk = max(_WRITE_CHUNK_ROWS, options.batch_rows)
+    batch_rows = bounded_batch_rows(options.batch_rows, S)
+    # Rows in flight are seq_length wide however short their documents: bound the gather buffer in bytes.
+    chunk = max(1, min(max(_WRITE_CHUNK_ROWS, batch_rows), _WRITE_CHUNK_BYTES // (8 * S)))
+    renames = unique_doc_ids(spill)
     out_ids = np.empty((chunk, S), dtype=np.int32)
     out_labels = np.empty((chunk, S), dtype=np.int32)
     with DatasetWriter(
@@ -237,7 +304,7 @@ def write_packed(
         S,
         pad_id,
         shard_rows=options.shard_rows,
-        batch_rows=options.batch_rows,
+        batch_rows=batch_rows,
         compression=options.compression,
         overwrite=options.overwrite,
     ) as writer:
@@ -252,6 +319,8 @@ def write_packed(
                 ids = [names_bytes[name_starts[d] : spill.name_ends[d]].decode() for d in docs]
             else:
                 ids = [names[name_starts[d] : spill.name_ends[d]].tobytes().decode() for d in docs]
+            if renames:
+                ids = [renames.get(int(d), doc_id) for d, doc_id in zip(docs, ids, strict=True)]
             writer.write_rows(
                 out_ids[: b1 - b0],
                 out_labels[: b1 - b0],
@@ -263,6 +332,7 @@ def write_packed(
         bar.close()
         stats.update(extra_stats or {})
         stats["samples_out"] = int(len(lengths))
+        stats["duplicate_ids_renamed"] = len(renames)
         stats["pack_seconds"] = round(pack_seconds, 4)
         manifest = writer.finish(
             tokenizer=tokenizer_info,
@@ -281,19 +351,18 @@ def write_packed(
     return manifest
 
 
-def _remove_dead_spills(out: Path) -> None:
-    """A killed run leaves its spill directory behind; remove those whose process is gone."""
+def _remove_dead_spills(out: Path) -> int:
+    """Leftovers of killed runs: spill and temp directories (`.<out>.tmp-<token>`, and the older
+    `.<out>.spill-<pid>` naming) whose writer is gone. The caller holds the dataset's lock."""
+    removed = remove_stale(out.parent / f".{out.name}", assume_dead=True).count
     prefix = f".{out.name}.spill-"
     for entry in out.parent.glob(prefix + "*"):
         pid = entry.name[len(prefix) :]
-        if pid.isdigit() and entry.is_dir():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                log.info("removing %s left by an interrupted run", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-            except PermissionError:
-                pass
+        if pid.isdigit() and entry.is_dir() and not pid_alive(int(pid)):
+            log.warning("removing %s left by an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _reusable(out: Path, provenance: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
@@ -302,7 +371,7 @@ def _reusable(out: Path, provenance: dict[str, Any], overwrite: bool) -> dict[st
     if overwrite or not out.exists():
         return None
     from formats.manifest import read_manifest
-    from formats.reader import open_dataset
+    from formats.verify import verify_dataset
 
     try:
         manifest = read_manifest(out)
@@ -317,11 +386,12 @@ def _reusable(out: Path, provenance: dict[str, Any], overwrite: bool) -> dict[st
             f"({describe_difference(old if isinstance(old, dict) else None, provenance)}); "
             "pass --overwrite to replace it"
         )
-    try:
-        open_dataset(out)  # sizes and footers of every shard: cheap, catches a deleted or truncated shard
-    except FormatError as exc:
+    # Reusing is a promise that the output is what this command would write: check every byte and row.
+    problems = verify_dataset(out).problems
+    if problems:
+        shown = "; ".join(problems[:2]) + (f" (and {len(problems) - 2} more)" if len(problems) > 2 else "")
         raise FileExistsError(
-            f"{out} was made from the same inputs and options but is damaged ({exc}); "
+            f"{out} was made from the same inputs and options but is damaged ({shown}); "
             "pass --overwrite to rebuild it"
         ) from None
     return manifest
@@ -346,6 +416,7 @@ def pack_summary(manifest: dict[str, Any], out: str | Path, seconds: float, reus
             "dropped": stats.get("dropped", {}),
             "truncated": stats.get("truncated", {}),
             "split_records": stats.get("split_records", 0),
+            "duplicate_ids_renamed": stats.get("duplicate_ids_renamed", 0),
             "samples_out": manifest["num_docs"],
             "rows": manifest["num_rows"],
             "lower_bound_rows": stats["lower_bound_rows"],
@@ -373,8 +444,24 @@ def pack_dataset(
 
     Fails (DataError / FileExistsError) before writing anything when the inputs or options are bad; any failure
     later leaves no `out_dir` (or the previous one untouched). An existing output made from the same inputs
-    and options is reused (`summary["reused"]`), one made differently is refused unless `options.overwrite`.
+    and options is reused (`summary["reused"]`) after a full verification, one made differently (or damaged)
+    is refused unless `options.overwrite`. The whole run holds `out_dir`'s lock (formats.lock): a second
+    pack or merge into it fails at once naming this one. Leftovers of killed runs are cleaned up first (a
+    dataset a killed `--overwrite` had moved aside is put back) and counted in `leftovers_removed`.
     """
+    out = Path(out_dir).absolute()
+    with locked(out, command=options.command, what="dataset"):
+        stale = remove_stale_temp_dirs(out, assume_dead=True)
+        summary = _pack_locked(inputs, out, tokenizer_path, options)
+    summary["leftovers_removed"] = stale.count + summary.get("leftovers_removed", 0)
+    if stale.restored:
+        summary["restored_from"] = stale.restored
+    return summary
+
+
+def _pack_locked(
+    inputs: Sequence[str], out: Path, tokenizer_path: str | Path, options: PackOptions
+) -> dict[str, Any]:
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
     from dataprep.sources import expand_inputs
     from dataprep.templates import get_template
@@ -382,7 +469,6 @@ def pack_dataset(
     from dataprep.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    out = Path(out_dir).absolute()
     part = options.partition
     where = f" (partition {part} by {part.by})" if part else ""
     sources = [s.name for s in expand_inputs(list(inputs))]
@@ -432,9 +518,8 @@ def pack_dataset(
         tokenize_stats,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_spills(out)
-    spill_dir = out.with_name(f".{out.name}.spill-{os.getpid()}")
-    shutil.rmtree(spill_dir, ignore_errors=True)
+    cleaned = _remove_dead_spills(out)
+    spill_dir = temp_name(out.parent / f".{out.name}")
     spill_dir.mkdir()
     log.info("packing %d input(s) into %s%s", len(sources), out, where)
     stage = "read/tokenize"
@@ -482,7 +567,9 @@ def pack_dataset(
         raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
-    return pack_summary(manifest, out, time.perf_counter() - started, reused=False)
+    summary = pack_summary(manifest, out, time.perf_counter() - started, reused=False)
+    summary["leftovers_removed"] = cleaned
+    return summary
 
 
 def _partition_job_key(options: PackOptions, tokenizer_fingerprint: str, inputs: Sequence[str]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import xxhash
 
+from formats.atomic import write_bytes_atomic
 from formats.errors import FormatError
 from formats.schema import (
     CHECKSUM_ALGORITHM,
@@ -62,6 +63,53 @@ def missing_shard_message(file: Path) -> str:
             "(the part directory of this merged dataset was deleted or moved; re-run `dataprep merge`)"
         )
     return f"{file}: shard listed in the manifest is missing"
+
+
+def _lists_shard(directory: Path, name: str, cache: dict[Path, set[str]]) -> bool:
+    """Whether `directory` is a dataset whose manifest lists a shard called `name`."""
+    if directory not in cache:
+        try:
+            cache[directory] = {s["file"] for s in read_manifest(directory)["shards"]}
+        except FormatError:
+            cache[directory] = set()
+    return name in cache[directory]
+
+
+def shard_file_problem(
+    directory: str | Path, shard: Mapping[str, Any], cache: dict[Path, set[str]] | None = None
+) -> str | None:
+    """Why the shard file a manifest entry names must not be read, or None when it may.
+
+    A shard must be a regular file in the dataset directory. A symbolic link leading outside it is followed
+    only when `dataprep merge --link symlink` made it: the entry records it as its `origin` and the target is
+    a shard listed by the manifest of the directory it lies in. Anything else (a link to an arbitrary file,
+    a device such as /dev/zero) is refused, so crafted links cannot make training read or merge hard-link
+    files that belong to no dataset.
+    """
+    directory = Path(directory)
+    file = directory / shard["file"]
+    if file.is_symlink():
+        try:
+            target = file.resolve(strict=True)
+        except (FileNotFoundError, RuntimeError, OSError):
+            return missing_shard_message(file)
+        if not target.is_relative_to(directory.resolve()):
+            origin = shard.get("origin")
+            made_by_merge = (
+                isinstance(origin, str)
+                and (directory / origin).resolve() == target
+                and _lists_shard(target.parent, target.name, cache if cache is not None else {})
+            )
+            if not made_by_merge:
+                return (
+                    f"{file}: shard is a symbolic link to {target}, outside the dataset directory and not a "
+                    "shard merged from a part; refusing to read it (copy the file in, or re-run `dataprep merge`)"
+                )
+    if not file.exists():
+        return missing_shard_message(file)
+    if not file.is_file():
+        return f"{file}: shard listed in the manifest is not a regular file"
+    return None
 
 
 def build_manifest(
@@ -204,15 +252,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> Path:
     """Write index.json via temp file + fsync + rename so a reader never sees half a manifest."""
-    path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(Path(directory) / MANIFEST_NAME, data)
 
 
 def dataset_fingerprint(manifest: Mapping[str, Any]) -> str:

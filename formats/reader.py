@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from formats.errors import FormatError
-from formats.manifest import dataset_fingerprint, hash_file, missing_shard_message, read_manifest
+from formats.manifest import dataset_fingerprint, hash_file, read_manifest, shard_file_problem
 from formats.schema import row_schema
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,12 @@ class PackedDataset:
         plain = m.get("compression", "none") == "none"
         batch_starts: list[int] = [0]
         self._batch_loc: list[tuple[int, int]] = []  # global batch -> (shard, batch in shard)
+        listed: dict[Path, set[str]] = {}
         for s, shard in enumerate(m["shards"]):
             file = self.path / shard["file"]
-            if not file.is_file():
-                raise FormatError(missing_shard_message(file))
+            problem = shard_file_problem(self.path, shard, listed)
+            if problem is not None:
+                raise FormatError(problem)
             size = file.stat().st_size
             if size != shard["bytes"]:
                 raise FormatError(

@@ -20,6 +20,16 @@ COMPRESSIONS = ("none", "zstd")
 # zstd-compressed, large enough that the per-batch metadata stays negligible.
 DEFAULT_BATCH_ROWS = 64
 DEFAULT_SHARD_ROWS = 16384
+# Rows are stored whole (seq_length int32 input ids and labels each), so a row costs 8 * seq_length bytes on
+# disk and in every buffer however short its documents: 2**20 tokens (8 MiB a row) is the longest we accept.
+MAX_SEQ_LENGTH = 1 << 20
+# Bytes of rows a record batch may hold; for long rows the batch gets fewer rows so write buffers stay bounded.
+MAX_BATCH_BYTES = 64 << 20
+
+
+def bounded_batch_rows(batch_rows: int, seq_length: int) -> int:
+    """`batch_rows`, lowered for very long rows so one record batch holds at most MAX_BATCH_BYTES of rows."""
+    return max(1, min(int(batch_rows), MAX_BATCH_BYTES // (8 * int(seq_length))))
 
 
 def row_schema(seq_length: int) -> pa.Schema:

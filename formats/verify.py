@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from formats.errors import FormatError
-from formats.manifest import hash_file, missing_shard_message, read_manifest
+from formats.manifest import hash_file, read_manifest, shard_file_problem
 from formats.schema import IGNORE_INDEX, row_schema
 
 _MAX_PER_KIND = 5
@@ -57,18 +58,54 @@ class _Problems:
         return out
 
 
+def _matrix(arr: pa.Array, seq_length: int) -> np.ndarray:
+    """A fixed-size-list column as an [n, seq_length] view of its values (zero-copy for uncompressed shards)."""
+    values = arr.values.slice(arr.offset * seq_length, len(arr) * seq_length)
+    return values.to_numpy(zero_copy_only=False).reshape(-1, seq_length)
+
+
 def _check_batch(
-    rb: pa.RecordBatch, seq_length: int, pad_id: int, where: str, first_row: int, problems: _Problems
+    rb: pa.RecordBatch,
+    seq_length: int,
+    pad_id: int,
+    where: str,
+    first_row: int,
+    problems: _Problems,
+    vocab_size: int | None = None,
 ) -> tuple[int, int, int]:
-    """Check one record batch's rows; returns (tokens, docs, trainable)."""
+    """Check one record batch's rows; returns (tokens, docs, trainable).
+
+    The invariants the trainer relies on: token ids in [0, vocab_size); labels -100 or the next input token;
+    no label at a document's last position (so none crosses into the next document); documents positive and
+    summing to at most seq_length; padding untrained and holding pad_id.
+    """
     S = seq_length
     for col in rb.columns:
         if col.null_count:
             problems.add("nulls", f"{where}: rows {first_row}..{first_row + rb.num_rows - 1} contain nulls")
             return 0, 0, 0
     n = rb.num_rows
-    ids = rb.column(0).flatten().to_numpy(zero_copy_only=False).reshape(n, S)
-    labels = rb.column(1).flatten().to_numpy(zero_copy_only=False).reshape(n, S)
+    ids = _matrix(rb.column(0), S)
+    labels = _matrix(rb.column(1), S)
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bad_rows = np.nonzero(np.any((ids < 0) | (ids >= (vocab_size or np.iinfo(np.int32).max)), axis=1))[0]
+        limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative"
+        for r in bad_rows:
+            row = ids[r]
+            pos = int(np.nonzero((row < 0) | (row >= (vocab_size or np.iinfo(np.int32).max)))[0][0])
+            problems.add(
+                "token_id_range",
+                f"{where} row {first_row + r}: token id {int(row[pos])} at position {pos} is not in {limit}",
+            )
+    bad_label = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (vocab_size or np.iinfo(np.int32).max)))
+    for r in np.nonzero(np.any(bad_label, axis=1))[0]:
+        pos = int(np.nonzero(bad_label[r])[0][0])
+        problems.add(
+            "label_range",
+            f"{where} row {first_row + r}: label {int(labels[r, pos])} at position {pos} is neither "
+            f"{IGNORE_INDEX} nor a token id",
+        )
     dl = rb.column(2)
     di = rb.column(3)
     offsets = dl.offsets.to_numpy().astype(np.int64)
@@ -124,8 +161,52 @@ def _check_batch(
     return int(sums.sum()), len(lengths), int(np.count_nonzero(labels != IGNORE_INDEX))
 
 
-def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
-    """Check everything; never raises for a bad dataset, the problems are listed in the report instead."""
+def _vocab_size(manifest: dict, vocab_size: int | None) -> int | None:
+    if vocab_size is not None:
+        return int(vocab_size)
+    recorded = manifest.get("tokenizer", {}).get("vocab_size")
+    return int(recorded) if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
+
+
+def _check_shard_file(path: Path, shard: dict, problems: _Problems, listed: dict) -> Path | None:
+    """Presence, containment, size and checksum of one shard; the file when its bytes can be trusted."""
+    file = path / shard["file"]
+    problem = shard_file_problem(path, shard, listed)
+    if problem is not None:
+        problems.add("missing_shard", problem)
+        return None
+    size = file.stat().st_size
+    if size != shard["bytes"]:
+        problems.add("size", f"{file}: size {size} bytes, manifest says {shard['bytes']}")
+    digest = hash_file(file)
+    if digest != shard["checksum"]:
+        problems.add("checksum", f"{file}: checksum {digest} does not match manifest {shard['checksum']}")
+        return None
+    return file
+
+
+def verify_checksums(path: str | Path, *, progress: bool = False) -> list[str]:
+    """Re-hash every shard against the manifest (and check it is present, inside the dataset and of the
+    recorded size); returns the problems, empty when every byte is as packed. Reads each shard once."""
+    problems = _Problems()
+    try:
+        manifest = read_manifest(path)
+    except FormatError as exc:
+        return [str(exc)]
+    listed: dict = {}
+    for shard in tqdm(manifest["shards"], desc="checksums", unit="shard", disable=not progress):
+        _check_shard_file(Path(path), shard, problems, listed)
+    if not manifest["shards"]:
+        problems.add("empty", f"{path}: the manifest lists no shards (an empty dataset)")
+    return problems.finish()
+
+
+def verify_dataset(path: str | Path, progress: bool = False, *, vocab_size: int | None = None) -> VerifyReport:
+    """Check everything; never raises for a bad dataset, the problems are listed in the report instead.
+
+    `vocab_size` bounds the token ids (default: the tokenizer vocab size the manifest records, if any); the
+    trainer passes its model's embedding size.
+    """
     report = VerifyReport(path=str(path))
     problems = _Problems()
     try:
@@ -136,20 +217,16 @@ def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
     S = manifest["seq_length"]
     pad_id = manifest["tokenizer"]["pad_id"]
     batch_rows = manifest["batch_rows"]
+    vocab = _vocab_size(manifest, vocab_size)
     schema = row_schema(S)
     id_chunks: list[pa.Array] = []
     shards = manifest["shards"]
+    if not shards:
+        problems.add("empty", f"{path}: the manifest lists no shards (an empty dataset)")
+    listed: dict = {}
     for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress):
-        file = Path(path) / shard["file"]
-        if not file.is_file():
-            problems.add("missing_shard", missing_shard_message(file))
-            continue
-        size = file.stat().st_size
-        if size != shard["bytes"]:
-            problems.add("size", f"{file}: size {size} bytes, manifest says {shard['bytes']}")
-        digest = hash_file(file)
-        if digest != shard["checksum"]:
-            problems.add("checksum", f"{file}: checksum {digest} does not match manifest {shard['checksum']}")
+        file = _check_shard_file(Path(path), shard, problems, listed)
+        if file is None:
             continue  # contents are untrustworthy; row checks would only add noise
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
@@ -165,7 +242,7 @@ def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
                     problems.add(
                         "batch", f"{file}: record batch {b} has {rb.num_rows} rows, expected {batch_rows}"
                     )
-                t, d, tr = _check_batch(rb, S, pad_id, str(file), rows, problems)
+                t, d, tr = _check_batch(rb, S, pad_id, str(file), rows, problems, vocab)
                 rows += rb.num_rows
                 tokens += t
                 docs += d
@@ -199,3 +276,29 @@ def verify_dataset(path: str | Path, progress: bool = False) -> VerifyReport:
         )
     report.problems = problems.finish()
     return report
+
+
+VerifyLevel = Literal["full", "checksums", "off"]
+
+
+def require_valid(
+    path: str | Path, *, vocab_size: int | None = None, level: VerifyLevel = "full", progress: bool = False
+) -> list[str]:
+    """Raise FormatError (one line: the first problems and how many) unless the dataset passes `level`.
+
+    full: checksums and every row invariant (`verify_dataset`); checksums: bytes only (`verify_checksums`);
+    off: nothing. Returns the (empty) problem list so callers can log what was checked.
+    """
+    if level == "off":
+        return []
+    if level == "checksums":
+        found = verify_checksums(path, progress=progress)
+    elif level == "full":
+        found = verify_dataset(path, progress, vocab_size=vocab_size).problems
+    else:
+        raise ValueError(f"level must be full, checksums or off, got {level!r}")
+    if found:
+        shown = "; ".join(found[:3])
+        more = f" (and {len(found) - 3} more; `dataprep verify {path}` lists them)" if len(found) > 3 else ""
+        raise FormatError(f"{path}: dataset fails verification: {shown}{more}")
+    return found

@@ -1,15 +1,15 @@
 """Write packed rows into Arrow IPC shards, then publish the dataset atomically.
 
-Everything goes into a sibling temp directory (`<out>.tmp-<pid>`); shards are fsynced and hashed, the manifest
-is written last, and only then is the temp directory renamed onto `<out>`. A crash at any point leaves either
-no `<out>` or the previous complete one -- never a directory that looks like a finished dataset.
+Everything goes into a sibling temp directory (`<out>.tmp-<token>`); shards are fsynced and hashed, the manifest
+is written last, and only then is the temp directory renamed onto `<out>` (formats.atomic.publish_dir: the
+previous dataset is moved aside, not deleted, until the new one is in place). A crash at any point leaves a
+complete dataset -- the previous one or the new one, at `<out>` or moved aside where the next write restores it
+-- and never a directory that looks like a finished dataset but is not.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from formats.atomic import StaleReport, fsync_path, remove_stale, temp_name
+from formats.atomic import publish_dir as atomic_publish_dir
 from formats.errors import FormatError
 from formats.manifest import ShardInfo, build_manifest, hash_file, write_manifest
 from formats.schema import (
@@ -31,25 +33,6 @@ from formats.schema import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory entry to disk: a rename is durable only once its directory is synced."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_target(out_dir: str | Path, overwrite: bool) -> None:
@@ -67,35 +50,26 @@ def check_target(out_dir: str | Path, overwrite: bool) -> None:
 
 
 def temp_dir_for(out_dir: Path) -> Path:
-    """The sibling directory a dataset is assembled in; stale ones of dead processes are removed on start."""
-    return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    """A fresh sibling directory name to assemble a dataset in (`<out>.tmp-<pid>-<host>-<random>`)."""
+    return temp_name(out_dir, "tmp")
 
 
-def remove_stale_temp_dirs(out_dir: Path) -> None:
-    pattern = re.compile(re.escape(out_dir.name) + r"\.(tmp|old)-(\d+)$")
-    parent = out_dir.parent
-    if not parent.is_dir():
-        return
-    for entry in parent.iterdir():
-        m = pattern.match(entry.name)
-        if m and entry.is_dir() and not _pid_alive(int(m.group(2))):
-            log.info("removing leftover %s from an interrupted write", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+def is_dataset_dir(path: Path) -> bool:
+    """Whether `path` holds a manifest: the test for a complete copy when restoring after a crash."""
+    return (path / MANIFEST_NAME).is_file()
+
+
+def remove_stale_temp_dirs(out_dir: Path, *, assume_dead: bool = False) -> StaleReport:
+    """Put back a complete dataset a dead writer had moved aside, and remove dead writers' leftovers."""
+    return remove_stale(out_dir, is_complete=is_dataset_dir, assume_dead=assume_dead)
 
 
 def publish_dir(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename a finished temp directory (manifest already inside) onto `out_dir`, replacing an old dataset
-    only if `overwrite`; the old one is moved aside first so a crash never leaves neither."""
-    fsync_path(tmp_dir)
-    old = None
+    only if `overwrite`; the old one is removed only after the new one is in place (formats.atomic)."""
     if out_dir.exists():
         check_target(out_dir, overwrite)  # it may have appeared while we were writing
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    fsync_path(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic_publish_dir(tmp_dir, out_dir, replace=overwrite)
 
 
 class DatasetWriter:
@@ -130,11 +104,9 @@ class DatasetWriter:
         self.overwrite = overwrite
         self.schema = row_schema(self.seq_length)
         self._options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+        self.stale = remove_stale_temp_dirs(self.out_dir)
         self._check_target()
-        self._remove_stale_temp_dirs()
         self.tmp_dir = temp_dir_for(self.out_dir)
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
         self.shards: list[ShardInfo] = []
         self._sink: pa.NativeFile | None = None
@@ -146,9 +118,6 @@ class DatasetWriter:
     # -- target handling -------------------------------------------------------------------------------
     def _check_target(self) -> None:
         check_target(self.out_dir, self.overwrite)
-
-    def _remove_stale_temp_dirs(self) -> None:
-        remove_stale_temp_dirs(self.out_dir)
 
     # -- buffering -------------------------------------------------------------------------------------
     def _reset_buffer(self) -> None:

@@ -171,7 +171,7 @@ def test_cli_pack_inspect_verify_and_exit_codes(tmp_path, shared_data, qwen):
     assert (
         not (tmp_path / "b").exists()
         and not list(tmp_path.glob("*.spill-*"))
-        and not list(tmp_path.glob(".b.spill-*"))
+        and not list(tmp_path.glob(".b.*"))
     )
 
     shown = invoke("inspect", out, "--row", "0")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from formats.atomic import write_text_atomic
 from trainer.reporting import ReportTo
 
 
@@ -509,10 +510,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> ConfigChan
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config (defaults filled in) so a run records exactly what it ran with."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def describe() -> str:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import xxhash
 from tqdm import tqdm
 
+from formats.atomic import atomic_write, remove_stale, write_bytes_atomic
 from formats.errors import FormatError
 from formats.manifest import dataset_fingerprint, validate_manifest
 from formats.schema import MANIFEST_NAME
@@ -65,31 +66,26 @@ def _read_manifest(fs: pafs.FileSystem, root: str, url: str) -> tuple[bytes, dic
 
 def _download(fs: pafs.FileSystem, src: str, dest: Path, shard: dict, url: str) -> None:
     """Stream one shard to a temp file while hashing it; rename into place only if the checksum matches."""
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     h = xxhash.xxh3_128()
     size = 0
+    where = f"{url.rstrip('/')}/{shard['file']}"
+    remove_stale(dest)  # partial downloads of killed fetches
     try:
-        with fs.open_input_stream(src) as fin, open(tmp, "wb") as fout:
+        with fs.open_input_stream(src) as fin, atomic_write(dest) as fout:
             while chunk := fin.read(_CHUNK):
                 h.update(chunk)
                 fout.write(chunk)
                 size += len(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        where = f"{url.rstrip('/')}/{shard['file']}"
-        if size != shard["bytes"]:
-            raise FormatError(f"{where}: downloaded {size} bytes, manifest says {shard['bytes']}")
-        if h.hexdigest() != shard["checksum"]:
-            raise FormatError(
-                f"{where}: checksum {h.hexdigest()} does not match manifest {shard['checksum']} "
-                "(corrupt or replaced shard)"
-            )
-        os.replace(tmp, dest)
+            # Raising inside the block removes the temp file: only a verified shard is renamed into place.
+            if size != shard["bytes"]:
+                raise FormatError(f"{where}: downloaded {size} bytes, manifest says {shard['bytes']}")
+            if h.hexdigest() != shard["checksum"]:
+                raise FormatError(
+                    f"{where}: checksum {h.hexdigest()} does not match manifest {shard['checksum']} "
+                    "(corrupt or replaced shard)"
+                )
     except (OSError, pa.ArrowException) as exc:
-        raise FormatError(f"{url.rstrip('/')}/{shard['file']}: download failed ({exc})") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        raise FormatError(f"{where}: download failed ({exc})") from exc
 
 
 def fetch_dataset(url: str, cache_dir: str | Path | None = None) -> Path:
@@ -108,8 +104,6 @@ def fetch_dataset(url: str, cache_dir: str | Path | None = None) -> Path:
         if dest.is_file() and dest.stat().st_size == shard["bytes"]:
             continue  # completed by an earlier (interrupted) fetch or a concurrent one: renamed only if verified
         _download(fs, f"{root}/{shard['file']}", dest, shard, url)
-    tmp = local / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_bytes(raw)
-    os.replace(tmp, local / MANIFEST_NAME)
+    write_bytes_atomic(local / MANIFEST_NAME, raw)
     log.info("%s: fetched %d shards into %s", url, len(shards), local)
     return local

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from formats.atomic import publish_dir
 from formats.tokenizer_id import TOKENIZER_FILES
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -257,16 +258,10 @@ def load_pretrained(
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Put a finished temporary directory where `out_dir` is, replacing an old one.
 
-    The old directory is moved aside before the rename and deleted after it, so a crash at any moment
-    leaves either the old complete directory or the new one, never neither and never a mix.
+    formats.atomic.publish_dir: the tree is fsynced, the old directory is moved aside before the rename and
+    deleted after it, so a crash at any moment leaves the old complete directory or the new one.
     """
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out_dir)
 
 
 def parse_size(size: int | str) -> int:
