@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the data or the run failed (bad record, corrupt shard, 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -30,6 +31,22 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (DataError, FormatError, FileNotFoundError, FileExistsError)
 
 
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed system call: the file, what went wrong, and for a full or read-only disk what it
+    means for the output (writers publish by rename, so nothing half-written is left that looks complete)."""
+    if exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = " ".join(str(exc).split())  # Arrow's messages span lines
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (disk full: nothing was published and the partial output was removed; free space and rerun)"
+    elif exc.errno == errno.EROFS:
+        text += " (read-only filesystem: choose a writable output location)"
+    elif exc.errno == errno.EACCES:
+        text += " (permission denied: choose an output location you can write)"
+    return text
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one clear line on stderr and exit code 1, instead of a traceback."""
 
@@ -39,6 +56,9 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except _expected_errors() as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+        except OSError as exc:  # disk full, read-only or vanished output, permissions
+            click.echo(f"error: {os_error_message(exc)}", err=True)
             sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]

@@ -47,7 +47,7 @@ Examples:
 @click.option("--system", "system", metavar="TEXT", help="System prompt added to records that have none.")
 @click.option("--take", type=click.IntRange(min=1), metavar="N", help="Stop after the first N converted records.")
 @click.option("--shuffle", is_flag=True, help="Shuffle the output (after --take). Spills to a temp file next to OUTPUT.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shuffle.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for --shuffle.")
 @click.option(
     "--on-error",
     type=click.Choice(["fail", "skip"]),

@@ -7,6 +7,8 @@ import sys
 import click
 
 from cli.common import emit_summary, handle_errors, setup_logging
+from cli.convert import FORMAT_CHOICES
+from formats.schema import MAX_SEQ_LENGTH
 
 TEMPLATE_CHOICES = ["auto", "hf", "chatml", "llama3", "llama2", "vicuna", "alpaca", "plain"]
 
@@ -35,7 +37,12 @@ Examples:
     type=click.Path(exists=True),
     help="Tokenizer directory or file (tokenizer.json / tokenizer.model / vocab.json+merges.txt).",
 )
-@click.option("--seq-length", required=True, type=click.IntRange(min=2), help="Tokens per packed row.")
+@click.option(
+    "--seq-length",
+    required=True,
+    type=click.IntRange(min=2, max=MAX_SEQ_LENGTH),
+    help=f"Tokens per packed row (at most {MAX_SEQ_LENGTH}: every row stores all of them).",
+)
 @click.option(
     "--template",
     type=click.Choice(TEMPLATE_CHOICES),
@@ -84,7 +91,7 @@ Examples:
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Seed for the shuffle before packing and of the rows.",
@@ -100,6 +107,7 @@ Examples:
 @click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompts included.")
 @click.option(
     "--input-format",
+    type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
     default="auto",
     show_default=True,
     help="Input record format (see `dataprep convert --help`).",
@@ -197,7 +205,7 @@ def pack(
         overlong=overlong,
         mask_history=mask_history,
         train_on_prompt=train_on_prompt,
-        input_format=input_format,
+        input_format=input_format.lower(),
         system=system,
         on_error=on_error,
         num_proc=num_proc,

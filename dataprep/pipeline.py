@@ -563,7 +563,7 @@ def _pack_locked(
             extra=extra,
         )
     except Exception as exc:
-        log.error("pack of %s failed in stage %s%s: %s", out, stage, where, exc)
+        log.info("pack of %s failed in stage %s%s: %s", out, stage, where, exc)
         raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)

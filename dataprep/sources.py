@@ -137,20 +137,86 @@ def read_records(source: InputSource, progress: Progress | None = None) -> Itera
 # ---------------------------------------------------------------- files
 
 
+def zstd_frames_problem(f: BinaryIO) -> str | None:
+    """Why the zstd file `f` ends before its last frame does, or None when every frame is whole.
+
+    python-zstandard's stream reader returns end-of-file quietly when the input stops at a block boundary,
+    so a truncated file would lose its tail without a word. The frame format (RFC 8878) lets us walk the
+    frame and block headers without decompressing: a few bytes read per 128 KiB block.
+    """
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    pos = 0
+    frame = 0
+    while pos < size:
+        f.seek(pos)
+        magic = f.read(4)
+        if len(magic) < 4:
+            return f"frame {frame} starts at byte {pos} but the file ends after {size} bytes"
+        number = int.from_bytes(magic, "little")
+        if 0x184D2A50 <= number <= 0x184D2A5F:  # skippable frame: 4-byte length, then that many bytes
+            length = f.read(4)
+            if len(length) < 4:
+                return f"skippable frame at byte {pos} is cut short"
+            pos += 8 + int.from_bytes(length, "little")
+        elif magic == _ZSTD_MAGIC:
+            descriptor = f.read(1)
+            if not descriptor:
+                return f"frame {frame} at byte {pos} is cut short in its header"
+            fhd = descriptor[0]
+            single_segment = (fhd >> 5) & 1
+            fcs_flag = fhd >> 6
+            fcs_size = (1 if single_segment else 0) if fcs_flag == 0 else (2, 4, 8)[fcs_flag - 1]
+            header = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + fcs_size
+            checksum = 4 if (fhd >> 2) & 1 else 0
+            pos += header
+            while True:
+                f.seek(pos)
+                block = f.read(3)
+                if len(block) < 3:
+                    return f"frame {frame} is cut short: the file ends after {size} bytes, inside it (truncated file)"
+                bits = int.from_bytes(block, "little")
+                last, kind, block_size = bits & 1, (bits >> 1) & 3, bits >> 3
+                if kind == 3:
+                    return f"frame {frame} has a corrupt block header at byte {pos}"
+                pos += 3 + (1 if kind == 1 else block_size)
+                if last:
+                    break
+            pos += checksum
+        else:
+            return f"bytes at offset {pos} are not a zstd frame (corrupt or concatenated with other data)"
+        if pos > size:
+            return f"frame {frame} needs {pos} bytes but the file has {size} (truncated file)"
+        frame += 1
+    return None
+
+
 def _open_stream(path: str) -> tuple[BinaryIO, BinaryIO]:
-    """(decompressed stream, underlying file); the file's position drives the progress bar."""
+    """(decompressed stream, underlying file); the file's position drives the progress bar.
+
+    A zstd file is checked for whole frames first: its decompressor would otherwise end early in silence.
+    gzip raises by itself when its stream ends early.
+    """
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned pair
     magic = raw.read(4)
     raw.seek(0)
     if magic[:2] == _GZIP_MAGIC:
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if magic == _ZSTD_MAGIC:
+        problem = zstd_frames_problem(raw)
+        if problem is not None:
+            raw.close()
+            raise DataError(f"cannot decompress: {problem}", reason="unreadable")
+        raw.seek(0)
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
     return raw, raw
 
 
 def _chunks(source: InputSource, progress: Progress | None) -> Iterator[bytes]:
-    stream, raw = _open_stream(source.path or "")
+    try:
+        stream, raw = _open_stream(source.path or "")
+    except DataError as exc:
+        raise DataError(exc.message, source=source.name, reason=exc.reason) from None
     try:
         seen = 0
         while True:

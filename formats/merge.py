@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from formats.errors import FormatError
+from formats.lock import locked
 from formats.manifest import (
     ShardInfo,
     build_manifest,
@@ -43,6 +44,7 @@ from formats.manifest import (
 )
 from formats.reader import open_dataset
 from formats.schema import shard_file_name
+from formats.verify import verify_checksums
 from formats.writer import check_target, publish_dir, remove_stale_temp_dirs, temp_dir_for
 
 log = logging.getLogger(__name__)
@@ -245,14 +247,30 @@ def merge_datasets(
     """Build one dataset at `out_dir` over the shards of `parts`; returns a summary dict.
 
     Idempotent like `pack`: an existing output merged from the same parts (same content fingerprints, same
-    link mode) is reused; another is refused unless `overwrite`. Raises FormatError for incompatible parts.
+    link mode) and passing its checksums is reused; another is refused unless `overwrite`. Raises
+    FormatError for incompatible parts, and LockHeldError when another pack or merge writes `out_dir`.
     """
+    out = Path(out_dir).absolute()
+    with locked(out, command=command, what="dataset"):
+        stale = remove_stale_temp_dirs(out, assume_dead=True)
+        summary = _merge_locked(parts, out, link, overwrite, allow_partial, command)
+    summary["leftovers_removed"] = stale.count
+    return summary
+
+
+def _merge_locked(
+    parts: Sequence[str | Path],
+    out: Path,
+    link: str,
+    overwrite: bool,
+    allow_partial: bool,
+    command: Sequence[str] | None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     if link not in LINK_MODES:
         raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
     if not parts:
         raise ValueError("need at least one part to merge")
-    out = Path(out_dir).absolute()
     paths = [Path(p).absolute() for p in parts]
     seen: set[Path] = set()
     for p in paths:
@@ -278,10 +296,11 @@ def merge_datasets(
                 f"{out} already exists and was not merged from these parts (or they changed since); "
                 "pass --overwrite to replace it"
             )
-        try:
-            open_dataset(out)
-        except FormatError as exc:
-            raise FileExistsError(f"{out} was merged from these parts but is damaged ({exc}); pass --overwrite") from None
+        problems = verify_checksums(out)
+        if problems:
+            raise FileExistsError(
+                f"{out} was merged from these parts but is damaged ({problems[0]}); pass --overwrite"
+            ) from None
         log.info("%s already holds the merge of these parts; reusing it", out)
         return merge_summary(old, out, time.perf_counter() - started, reused=True)
     check_target(out, overwrite)
@@ -291,9 +310,7 @@ def merge_datasets(
     packing = _merged_packing(manifests, manifests[0]["seq_length"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out)
     tmp = temp_dir_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         shards: list[ShardInfo] = []
