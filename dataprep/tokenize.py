@@ -30,6 +30,7 @@ from itertools import islice
 import numpy as np
 
 from dataprep.errors import DataError
+from dataprep.limits import cap_message_chars, overlong_char_limit
 from dataprep.templates import ChatTemplate, get_template
 from dataprep.tokenizer import Tokenizer
 from formats.schema import IGNORE_INDEX
@@ -321,6 +322,8 @@ class _Processor:
         self.options = options
         self.template = get_template(options.template, tok)
         self.encoder = _Encoder(tok, self.template, options)
+        # A message this long cannot fit; cut it before tokenizing so memory follows seq_length (dataprep.limits).
+        self.char_limit = None if options.max_length is None else overlong_char_limit(tok, options.max_length)
 
     def process(self, chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample], TokenizeStats]:
         stats = TokenizeStats()
@@ -329,6 +332,7 @@ class _Processor:
         todo: list[tuple[str, list[dict]]] = []
         for index, record in chunk:
             rid, messages = _messages_of(record, index)
+            messages = cap_message_chars(messages, self.char_limit)
             if not messages:
                 stats.dropped["empty"] += 1
             elif not any(m["role"] == "assistant" for m in messages) and not self.options.train_on_prompt:

@@ -1,4 +1,4 @@
-"""The one home of the filesystem idioms every writer in sftkit relies on (see docs/CONTRACTS.md).
+"""The one home of the filesystem idioms every writer in sftkit relies on (see CONTRACTS.md).
 
 - `atomic_write` / `write_bytes_atomic`: a file appears whole or not at all (temp in the same directory,
   fsync, rename, fsync the directory).
