@@ -34,7 +34,7 @@ from dataprep.errors import DataError
 from dataprep.packing import ALGORITHMS, pack_lengths, packing_stats
 from dataprep.partition import Partition, PartitionCounter, select_records, select_sources
 from dataprep.provenance import build_provenance, describe_difference, describe_inputs
-from formats.atomic import pid_alive, remove_stale, temp_name
+from formats.atomic import pid_alive, remove_stale, temp_name, with_filename
 from formats.errors import FormatError
 from formats.lock import locked
 from formats.schema import (
@@ -562,6 +562,9 @@ def _pack_locked(
             },
             extra=extra,
         )
+    except OSError as exc:  # disk full, output gone read-only: name where pack was writing
+        log.info("pack of %s failed in stage %s%s: %s", out, stage, where, exc)
+        raise with_filename(exc, out) from exc
     except Exception as exc:
         log.info("pack of %s failed in stage %s%s: %s", out, stage, where, exc)
         raise

@@ -151,11 +151,25 @@ def atomic_write(path: str | Path, *, overwrite: bool = True, buffering: int = 1
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not exc.filename:  # a write to the file object: say which file
+            raise with_filename(exc, path) from exc
         raise
     fsync_path(directory)
+
+
+def with_filename(exc: OSError, path: str | Path) -> OSError:
+    """`exc` naming `path` (writes through a file object, and Arrow's writers, raise without a file name)."""
+    if exc.filename:
+        return exc
+    code = exc.errno
+    if code is None:
+        m = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+        code = int(m.group(1)) if m else None
+    reason = os.strerror(code) if code is not None else " ".join(str(exc).split())
+    return OSError(code, reason, str(path))
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
