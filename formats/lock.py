@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
 INSIDE_LOCK_NAME = ".sftkit.lock"
+_STALE_GRACE_S = 0.5
 
 
 class LockHeldError(FormatError):
@@ -157,10 +159,19 @@ def _acquire(path: Path, me: LockHolder, what: str, directory: Path) -> int:
             os.ftruncate(fd, 0)
             os.pwrite(fd, orjson.dumps(dataclasses.asdict(me)), 0)
             os.fsync(fd)
+            if not _same_file(fd, path):  # broken as stale by another process while we wrote: start over
+                os.close(fd)
+                continue
             return fd
         holder = read_holder(path)
         os.close(fd)
         if holder is not None and holder.host == me.host and not pid_alive(holder.pid):
+            # A new holder writes its own record right after taking the lock; give it that moment before
+            # concluding that only a dead writer's descendant holds it.
+            time.sleep(_STALE_GRACE_S)
+            again = read_holder(path)
+            if again is None or again != holder:
+                continue
             # A descendant that inherited the descriptor keeps the flock although the writer is dead.
             log.warning("%s: lock held by a process that inherited it from %s, which is gone; breaking it",
                         directory, holder.describe())

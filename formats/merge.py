@@ -175,6 +175,7 @@ def _merged_packing(manifests: Sequence[Mapping[str, Any]], seq_length: int) -> 
         "dropped": _sum_counts([st.get("dropped", {}) for st in stats]),
         "truncated": _sum_counts([st.get("truncated", {}) for st in stats]),
         "split_records": sum(st.get("split_records", 0) for st in stats),
+        "duplicate_ids_renamed": sum(st.get("duplicate_ids_renamed", 0) for st in stats),
         "pack_seconds": round(sum(st.get("pack_seconds", 0.0) for st in stats), 4),
         "read_tokenize_seconds": round(sum(st.get("read_tokenize_seconds") or 0.0 for st in stats), 3),
     }
