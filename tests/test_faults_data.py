@@ -131,6 +131,8 @@ CRASH_AT_RENAME = textwrap.dedent("""
     del sys.argv[1:3]
     real = os.replace
     def replace(src, dst, *a, **k):
+        if when == "before" and os.path.basename(str(dst)) == target:
+            os.kill(os.getpid(), signal.SIGKILL)
         real(src, dst, *a, **k)
         moved_aside = os.path.basename(str(src)) == target and ".old-" in str(dst)
         moved_in = os.path.basename(str(dst)) == target and ".tmp-" in str(src)
@@ -183,6 +185,36 @@ def test_crash_after_the_new_dataset_is_in_place_leaves_it_and_the_next_run_remo
     summary = json.loads(again.stdout)
     assert summary["reused"] is True and summary["leftovers_removed"] == 2  # the old copy and the spill
     assert not list(tmp_path.glob("ds.*"))
+
+
+def test_a_convert_killed_before_its_rename_leaves_a_temp_file_the_next_convert_removes(tmp_path):
+    src = conversations(tmp_path / "conv.jsonl", n=200)
+    out = tmp_path / "o.jsonl"
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AT_RENAME, "o.jsonl", "before", "convert", str(src), "-o",
+                              str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL and not out.exists()
+    (left,) = tmp_path.glob(".o.jsonl.tmp-*")
+    assert left.stat().st_size > 0  # the whole converted output, never renamed into place
+    again = run("convert", str(src), "-o", str(out), "-v")
+    assert again.returncode == 0 and "removed 1 leftover" in again.stderr
+    assert len(out.read_text().splitlines()) == 200 and not list(tmp_path.glob(".o.jsonl.*"))
+
+
+def test_checkpoint_style_leftovers_are_removed_only_when_their_writer_is_gone(tmp_path):
+    """What the trainer calls for `checkpoints/step-*.tmp-*` (formats.atomic.remove_stale_in)."""
+    from formats.atomic import new_token, remove_stale_in
+
+    legacy = tmp_path / "step-00000010.tmp-1a2b3c4d"  # older name: no pid, so only a lock holder may remove it
+    dead = tmp_path / f"step-00000020.tmp-{dead_pid()}-{host_tag()}-99"
+    live = tmp_path / f"step-00000030.tmp-{new_token()}"
+    done = tmp_path / "step-00000040"
+    for d in (legacy, dead, live, done):
+        d.mkdir()
+        (d / "model.bin").write_bytes(b"x" * 1000)
+    assert remove_stale_in(tmp_path, "step-*.tmp-*") == [str(dead)]
+    assert legacy.exists() and live.exists()
+    assert remove_stale_in(tmp_path, "step-*.tmp-*", assume_dead=True) == [str(legacy), str(live)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000040"]
 
 
 def test_publish_dir_and_remove_stale_library_contract(tmp_path):
