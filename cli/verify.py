@@ -11,22 +11,31 @@ from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
 
 @click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("directory", type=click.Path())
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Token ids must be below N (the model's embedding rows); default: the tokenizer's size in the manifest.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
 @handle_errors
-def verify(directory: str, as_json: bool, verbose: int) -> None:
+def verify(directory: str, vocab_size: int | None, as_json: bool, verbose: int) -> None:
     """Re-hash every shard and check every row of the dataset in DIRECTORY.
 
-    Checks the manifest (format version, schema, counts), each shard's size and xxh3 checksum, and each row:
-    labels are -100 at every document's last position and in the padding, padding holds pad_id, documents
-    fit in seq_length, and source ids are unique and as many as the manifest says.
+    Checks the manifest (format version, schema, counts); each shard's presence inside the dataset (no links
+    out of it but those `merge --link symlink` made), size and xxh3 checksum; and each row: token ids inside
+    the vocabulary, every label -100 or the next token, -100 at every document's last position and in the
+    padding, padding holds pad_id, documents fit in seq_length, and source ids are unique and as many as the
+    manifest says.
 
     Exit codes: 0 the dataset is intact, 1 any problem (each one is listed), 2 usage error.
     """
     from formats.verify import verify_dataset
 
     setup_logging(verbose)
-    report = verify_dataset(directory, progress=sys.stderr.isatty() and not as_json)
+    report = verify_dataset(directory, progress=sys.stderr.isatty() and not as_json, vocab_size=vocab_size)
     summary = {
         "dataset": directory,
         "ok": report.ok,

@@ -362,6 +362,8 @@ def test_row_invariants_out_of_vocab_negative_ids_and_labels_crossing_documents(
     assert not any("token id 99" in p for p in wider.problems) and any("token id -5" in p for p in wider.problems)
     result = run("verify", str(path))
     assert result.returncode == 1 and "token id 99" in result.stderr
+    narrow = run("verify", str(_crafted(tmp_path, [GOOD_ROW])), "--vocab-size", "5")
+    assert narrow.returncode == 1 and "token id 5 at position 4 is not in [0, 5)" in narrow.stderr
 
 
 def test_same_size_shard_edits_fail_checksums_and_pack_does_not_reuse_a_corrupt_output(tmp_path, qwen):
