@@ -142,4 +142,12 @@ def _show_row(ds, directory: str, row_index: int, tokenizer_path: str | None) ->
         ) from exc
     if tok.fingerprint != ds.tokenizer_fingerprint:
         click.echo(f"warning: tokenizer {path} differs from the one the data was packed with", err=True)
-    click.echo(render_row(ds.row(row_index), tok.decode))
+    row = ds.row(row_index)
+    top = int(row.input_ids.max()) if len(row.input_ids) else 0
+    if top >= tok.vocab_size or (len(row.input_ids) and int(row.input_ids.min()) < 0):
+        raise DataError(
+            f"row {row_index} holds token ids outside tokenizer {path}'s vocabulary of {tok.vocab_size} "
+            "(packed with another tokenizer, or a damaged shard: run `dataprep verify`)",
+            source=directory,
+        )
+    click.echo(render_row(row, tok.decode))

@@ -50,7 +50,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needl
     last = lines[-1]
     for needle in needles:
         assert needle in last, result.stderr
-    if code == 1:  # warnings (e.g. about a recovery) may precede it; the error itself is one line, last
+    if code == 1:  # warnings (a recovery, another tokenizer) may precede it; the error is one line, last
         assert last.startswith("error: ") and [x for x in lines if x.startswith("error")] == [last], result.stderr
     return last
 
@@ -497,6 +497,14 @@ def test_an_empty_shard_list_is_a_verification_problem_not_a_crash(tmp_path):
         require_valid(path, level="checksums")
     result = run("verify", str(path))
     assert result.returncode == 1 and "lists no shards" in result.stderr
+
+
+def test_inspect_with_a_smaller_tokenizer_is_one_line_not_an_index_error(tmp_path, qwen, shared_data):
+    src = conversations(tmp_path / "conv.jsonl", n=5)
+    assert run(*pack_args(src, tmp_path / "ds", qwen)).returncode == 0
+    llama2 = str(shared_data / "tokenizers" / "llama2")
+    result = run("inspect", str(tmp_path / "ds"), "--row", "0", "--tokenizer", llama2)
+    assert_one_line_error(result, 1, "outside tokenizer", "vocabulary of 32000")
 
 
 def _can_mount() -> bool:
