@@ -137,7 +137,14 @@ def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, in
     lineno = 1
     offset = 0
     carry = b""
+    pending: list[bytes] = []  # chunks of one long line with no newline yet: joined once, not once per chunk
     for chunk in _prepend(head, chunks):
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        if pending:
+            carry += b"".join(pending)
+            pending = []
         text = carry + chunk if carry else chunk
         cut = text.rfind(b"\n") + 1
         carry = text[cut:]
@@ -146,6 +153,8 @@ def jsonl_cuts(head: bytes, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, in
             yield piece, lineno, offset
             lineno += piece.count(b"\n")
             offset += cut
+    if pending:
+        carry += b"".join(pending)
     if carry.strip():  # a last line without a trailing newline (PaddleNLP's files end like this)
         yield carry, lineno, offset
 
