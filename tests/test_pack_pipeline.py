@@ -143,7 +143,7 @@ def test_cli_pack_inspect_verify_and_exit_codes(tmp_path, shared_data, qwen):
     assert manifest["tokenizer"]["path"] == str(Path(qwen).absolute())
 
     again = invoke("pack", tiny, "-o", out, "--tokenizer", qwen, "--seq-length", "1024", "--compression", "zstd")
-    assert again.exit_code == 0 and "reused:                  True" in again.output  # same inputs + options
+    assert again.exit_code == 0 and "reused:                  yes" in again.output  # same inputs + options
     differs = invoke("pack", tiny, "-o", out, "--tokenizer", qwen, "--seq-length", "1024")
     assert differs.exit_code == 1 and "already exists" in differs.output and "compression 'zstd' -> 'none'" in differs.output
     assert (
