@@ -277,6 +277,42 @@ def remove_stale(
     return report
 
 
+_LEFTOVER_RE = re.compile(r"(?P<base>.+?)\.(?:tmp|old)-(?P<token>\d+-[0-9a-f]{8}-[0-9a-f]+|\d+|[0-9a-f]{8})$")
+
+
+def remove_stale_under(
+    directory: str | Path, *, is_complete: Callable[[Path], bool] | None = None, assume_dead: bool = False
+) -> StaleReport:
+    """`remove_stale` for every target in `directory` that has leftovers: one call for a checkpoint root.
+
+    Finds every `<name>.tmp-*` / `<name>.old-*` (and `.<name>.tmp-*` temp files) in `directory`, then for each
+    name puts back a complete moved-aside copy when `<name>` is missing and removes the other leftovers of
+    dead writers. With `assume_dead` (the caller holds the directory's lock) older token-less names such as
+    `step-00000020.tmp-1a2b3c4d` count as leftovers too.
+    """
+    directory = Path(directory)
+    total = StaleReport()
+    if not directory.is_dir():
+        return total
+    bases: set[str] = set()
+    for entry in directory.iterdir():
+        m = _LEFTOVER_RE.fullmatch(entry.name)
+        if m is None:
+            continue
+        base = m.group("base")
+        if "-" not in m.group("token") and not m.group("token").isdigit():  # legacy random-only token
+            if assume_dead:
+                _remove(entry)
+                total.removed.append(str(entry))
+            continue
+        bases.add(base[1:] if base.startswith(".") and entry.is_file() else base)
+    for base in sorted(bases):
+        report = remove_stale(directory / base, is_complete=is_complete, assume_dead=assume_dead)
+        total.removed.extend(report.removed)
+        total.restored = total.restored or report.restored
+    return total
+
+
 def remove_stale_in(
     directory: str | Path, pattern: str, *, assume_dead: bool = False, keep: Callable[[Path], bool] | None = None
 ) -> list[str]:

@@ -217,6 +217,24 @@ def test_checkpoint_style_leftovers_are_removed_only_when_their_writer_is_gone(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000040"]
 
 
+def test_a_checkpoint_root_is_cleaned_in_one_call_and_a_moved_aside_checkpoint_comes_back(tmp_path):
+    """What the trainer calls on `checkpoints/` under its lock (formats.atomic.remove_stale_under)."""
+    from formats.atomic import remove_stale_under
+
+    token = f"{dead_pid()}-{host_tag()}-77"
+    aside = temp_name(tmp_path / "step-00000020", "old", token)  # killed between publish_dir's two renames
+    aside.mkdir()
+    (aside / "COMPLETE.json").write_text("{}")
+    temp_name(tmp_path / "step-00000020", "tmp", token).mkdir()  # its complete replacement, never renamed
+    (tmp_path / "step-00000010.tmp-1a2b3c4d").mkdir()  # an older save's name (random token only)
+    (tmp_path / f".latest.tmp-{token}").write_text("{")
+    (tmp_path / "latest").write_text("{}")
+    report = remove_stale_under(tmp_path, is_complete=lambda p: (p / "COMPLETE.json").is_file(), assume_dead=True)
+    assert report.restored and report.count == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000020"]
+    assert (tmp_path / "step-00000020" / "COMPLETE.json").is_file()
+
+
 def test_publish_dir_and_remove_stale_library_contract(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
