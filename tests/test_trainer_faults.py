@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,39 @@ def test_token_ids_outside_the_vocabulary_name_the_row(setup, repo_root, tmp_pat
                 ids[5] = 10**6
             writer.write_row(ids, np.array(row.labels, dtype=np.int32), list(row.doc_lengths), list(row.doc_ids))
         writer.finish(tokenizer=dict(src.manifest["tokenizer"]), template="chatml")
-    line = _error_line(_run(_cmd(model_dir, out, tmp_path / "run", "data.shuffle=false", "train.max_steps=8",
-                                 "data.micro_batch_size=1", "train.grad_accum_steps=1"), repo_root, 1))
+    # data.verify: full (the default) finds it before step 1 ...
+    line = _error_line(_run(_cmd(model_dir, out, tmp_path / "run"), repo_root, 1))
+    assert "row 3: token id 1000000 at position 5 is not in [0, 300)" in line
+    # ... and without the row check the batch check still names the row before the embedding sees it.
+    line = _error_line(_run(_cmd(model_dir, out, tmp_path / "run2", "data.verify=checksums", "data.shuffle=false",
+                                 "train.max_steps=8", "data.micro_batch_size=1", "train.grad_accum_steps=1"),
+                            repo_root, 1))
     assert f"{out}: row 3 holds token ids" in line
+
+
+def test_a_second_run_on_the_same_output_dir_fails_fast_naming_the_first(setup, repo_root, tmp_path):
+    import time
+
+    root, model_dir, data_dir = setup
+    out = tmp_path / "locked"
+    leftover = out / "checkpoints" / "step-00000002.tmp-99999999-deadbeef-0"  # a save whose writer died
+    leftover.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    first = subprocess.Popen(_cmd(model_dir, data_dir, out, "train.max_steps=100000"), cwd=repo_root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:] if first.stderr else ""
+            time.sleep(0.05)
+        config_before = (out / "config.resolved.yaml").read_text()
+        second = _run(_cmd(model_dir, data_dir, out, "train.lr=0.5"), repo_root, 1)
+        line = _error_line(second)
+        assert f"pid {first.pid}" in line and "trainer output directory" in line
+        assert (out / "config.resolved.yaml").read_text() == config_before  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGTERM)  # the first run stops at a step boundary, saves, exits 3
+        first.wait(timeout=300)
+    assert first.returncode == 3
+    assert not leftover.exists()  # the dead save was removed by the run that held the lock
+    assert not (out / ".sftkit.lock").exists()  # released on exit

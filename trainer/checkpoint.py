@@ -8,7 +8,8 @@ Layout of `<output_dir>/checkpoints/`:
         trainer_state.json    step, scheduler, data-loader state, config
         rng-rank00000.safetensors  per-rank RNG states (tensors + JSON metadata: no pickle)
         COMPLETE.json         written last by rank 0: every file's size and xxh3 checksum
-    step-00000020.tmp-XXXX/   a save in progress (or one that died): never resumed from
+    step-00000020.tmp-<pid>-<host>-<rand>/  a save in progress (or one that died): never resumed from;
+                              removed on the next start, which holds the output directory's lock
     latest                    name of the newest complete checkpoint, replaced atomically
 
 A checkpoint is written into a temporary directory and renamed into place only after every rank has
@@ -34,7 +35,6 @@ import random
 import re
 import shutil
 import stat
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from formats.atomic import fsync_path, publish_dir, remove_stale_under, temp_name, write_text_atomic
 from formats.manifest import hash_file
-from formats.writer import fsync_path
 from trainer.config import TrainConfig, resume_changes
 from trainer.distributed import DistInfo, barrier
 from trainer.weights import export_hf
@@ -79,12 +79,7 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def _rng_file(path: Path, rank: int) -> Path:
@@ -245,7 +240,7 @@ def save_checkpoint(
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:08d}"
     # Every rank must write into the same temporary directory: rank 0 names it and broadcasts the name.
-    name = [f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"]
+    name = [temp_name(final, "tmp").name]
     if info.distributed:
         import torch.distributed as dist
 
@@ -269,10 +264,9 @@ def save_checkpoint(
         }
         _write_json_atomic(tmp / MARKER, {"version": CHECKPOINT_VERSION, "step": step,
                                           "world_size": info.world_size, "files": files})
-        fsync_path(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A checkpoint of the same step from an earlier attempt is replaced whole, and only once this one is in
+        # place (publish_dir moves the old one aside first), so a crash here never leaves neither.
+        publish_dir(tmp, final)
         _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
         fsync_path(root)
         _prune(root, keep)
@@ -504,6 +498,9 @@ class Checkpointer:
         one); return the step to continue from (0 for a fresh start)."""
         choice = [None]
         if self.info.is_main:
+            # This process holds the output directory's lock, so every leftover save is a dead writer's.
+            remove_stale_under(checkpoints_dir(self.out_dir), is_complete=lambda p: (p / MARKER).is_file(),
+                               assume_dead=True)
             found = resolve_resume(self.config.checkpoint.resume, self.out_dir)
             choice = [str(found) if found else None]
         if self.info.distributed:

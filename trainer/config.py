@@ -59,9 +59,10 @@ class DataSection:
         0,
     )
     shuffle: bool = doc("Shuffle rows each epoch (deterministic in seed and epoch).", True)
-    verify: Literal["full", "off"] = doc(
-        "Before training, re-hash every shard against its manifest checksum (full) so a corrupt or edited "
-        "shard stops the run instead of being trained on; off skips it (xxh3 reads at disk speed).", "full")
+    verify: Literal["full", "checksums", "off"] = doc(
+        "Before training, check the data so a corrupt, edited or crafted dataset stops the run instead of being "
+        "trained on: full re-hashes every shard and checks every row (ids in the model's vocabulary, labels "
+        "inside their document, lengths, padding); checksums only re-hashes; off trusts the data.", "full")
     remainder: Literal["drop", "pad"] = doc(
         "Rows that do not fill a global batch at epoch end: drop | pad (pad rows are never trained).", "drop")
 

@@ -10,6 +10,7 @@ One optimizer step on every rank:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,8 +24,10 @@ from typing import Any
 
 import torch
 
+from formats.lock import locked
 from formats.schema import IGNORE_INDEX
 from formats.tokenizer_id import tokenizer_fingerprint
+from formats.verify import require_valid
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
@@ -251,12 +254,22 @@ class Run:
 
 
 def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
+    out_dir = Path(config.logging.output_dir)
+    with contextlib.ExitStack() as stack:
+        if info.is_main:
+            # One run per output directory: a second `trainer run` on it fails here, naming this one, before it
+            # touches the config, metrics or checkpoints (only rank 0 locks: ranks on one host would conflict).
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(locked(out_dir, inside=True, what="trainer output directory"))
+        return _train_locked(config, info, on_step, out_dir)
+
+
+def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None,
+                  out_dir: Path) -> RunResult:
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    out_dir = Path(config.logging.output_dir)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.resolved.yaml")
     barrier(info)
 
@@ -274,8 +287,8 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
         rank=info.rank,
         world_size=info.world_size,
         expected_tokenizer_fingerprint=_model_tokenizer_fingerprint(config.model.path),
-        verify=config.data.verify == "full",
     )
+    _verify_data(dataset, config, info, model.config.vocab_size)
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
@@ -423,6 +436,18 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _verify_data(dataset: PackedIterableDataset, config: TrainConfig, info: DistInfo, vocab_size: int) -> None:
+    """`data.verify` before step 1, once per node (local rank 0: the shards are on that node's disk or cache)."""
+    if config.data.verify != "off" and info.local_rank == 0:
+        start = time.perf_counter()
+        for dataset_info in dataset.infos:
+            require_valid(dataset_info.path, vocab_size=vocab_size, level=config.data.verify,
+                          progress=info.is_main and config.logging.progress_bar and sys.stderr.isatty())
+        log.info("data.verify %s: %d dataset(s) checked in %.1f s", config.data.verify, len(dataset.infos),
+                 time.perf_counter() - start)
+    barrier(info)
 
 
 def _model_tokenizer_fingerprint(model_dir: str) -> str | None:
