@@ -27,7 +27,8 @@ Examples:
 """,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Output file (written atomically); - writes the records to standard output.")
 @click.option(
     "--input-format",
     type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
@@ -98,6 +99,8 @@ def convert(
     from dataprep.sources import expand_inputs
 
     setup_logging(verbose)
+    if output == "-" and as_json:
+        raise click.UsageError("-o - writes the records to standard output, so --json cannot share it")
     if rejects and on_error != "skip":
         raise click.UsageError("--rejects needs --on-error skip (with fail, the first bad record stops the run)")
     try:

@@ -22,6 +22,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -259,6 +260,14 @@ def _rebatch(items: Iterator[bytes], size: int = 4096) -> Iterator[list[bytes]]:
         yield batch
 
 
+STDOUT = "-"  # `-o -`: write the records to standard output
+
+
+def _spill_dir(output: str) -> str:
+    """Temporary files (shuffle spill, worker output) go beside the output, or in the working directory."""
+    return os.path.dirname(os.path.abspath("." if output == STDOUT else output))
+
+
 def convert_files(
     inputs: Sequence[str],
     output: str,
@@ -268,19 +277,22 @@ def convert_files(
     """Convert `inputs` to `output` (and skipped records to `options.rejects`), all or nothing.
 
     The output and rejects files appear only when the whole run succeeded: a failed or interrupted run
-    leaves the previous files (or none), never a partial one that looks complete.
+    leaves the previous files (or none), never a partial one that looks complete. `output` "-" streams to
+    standard output instead (a pipe cannot be published atomically: a failed run is then said by the exit code).
     """
     stats = stats if stats is not None else ConvertStats()
     style = output_styles.get_style(options.output_style)
     sources = expand_inputs(inputs)
-    check_writable(output, options.overwrite)
+    to_stdout = output == STDOUT
+    if not to_stdout:
+        check_writable(output, options.overwrite)
     if options.rejects:
         if os.path.abspath(options.rejects) == os.path.abspath(output):
             raise ValueError("the rejects file must differ from the output file")
         check_writable(options.rejects, options.overwrite)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(atomic_output(output, options.overwrite))
+        out = sys.stdout.buffer if to_stdout else stack.enter_context(atomic_output(output, options.overwrite))
         on_reject = None
         if options.rejects:
             rejects = stack.enter_context(atomic_output(options.rejects, options.overwrite))
@@ -293,7 +305,7 @@ def convert_files(
             from dataprep import convert_parallel  # here: multiprocessing is only for --num-proc
 
             bar = stack.enter_context(contextlib.closing(_Bar(sources, options, stats)))
-            spill_dir = os.path.dirname(os.path.abspath(output))
+            spill_dir = _spill_dir(output)
             blobs = convert_parallel.converted_blobs(sources, options, stats, style, on_reject, bar.update, spill_dir)
         else:
             if options.num_proc != 1:
@@ -302,7 +314,7 @@ def convert_files(
             blobs = (output_styles.serialize(style, c.records, c.sources, c.fmt) for c in batches)
         if options.shuffle:
             items = (item for blob in blobs for item in output_styles.split_items(style, blob))
-            spilled = shuffled(items, options.seed, spill_dir=os.path.dirname(os.path.abspath(output)))
+            spilled = shuffled(items, options.seed, spill_dir=_spill_dir(output))
             blobs = (output_styles.join_items(style, batch) for batch in _rebatch(spilled))
         # Nothing here creates reference cycles, and with millions of short-lived dicts the cyclic
         # collector would spend its time re-scanning the batch in flight; it is back on when we return.

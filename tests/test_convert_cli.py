@@ -108,3 +108,14 @@ def test_console_script_runs_as_a_process(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["records_out"] == 60
     assert len(out.read_text(encoding="utf-8").splitlines()) == 60
+
+
+def test_dash_output_streams_records_to_stdout(tmp_path, repo_root):
+    src = write(tmp_path / "in.jsonl", [GOOD, GOOD])
+    proc = subprocess.run([sys.executable, "-m", "cli.dataprep", "convert", str(src), "-o", "-"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(repo_root), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["messages"][1]["content"] for r in records] == ["a", "a"]
+    assert "records_out" in proc.stderr and not (tmp_path / "-").exists()
+    assert invoke(str(src), "-o", "-", "--json").exit_code == 2  # stdout cannot hold both
