@@ -336,33 +336,20 @@ def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunRe
         for step in steps:
             raw = _step_batches(loader_iter, config.train.grad_accum_steps, run)
             try:
-                stats = train_step(run, raw)
+                stats: StepStats | None = train_step(run, raw)
             except NonFiniteStep as exc:
-                if config.train.nonfinite == "skip" and len(result.skipped_steps) < config.train.max_skipped_steps:
-                    log.warning("step %d: %s; update skipped (%d so far)", step + 1, exc, len(result.skipped_steps) + 1)
-                    _skip_step(run, raw)
-                    result.steps = step + 1
-                    result.skipped_steps.append(step + 1)
-                    logger.write({"step": step + 1, "skipped": "nonfinite", "loss": exc.loss,
-                                  "grad_norm": exc.grad_norm})
-                    checkpointer.step_done(step + 1)
-                    continue
-                checkpointer.save_after_failure(step)
-                skipped = f" after skipping {len(result.skipped_steps)} such steps" if result.skipped_steps else ""
-                raise RuntimeError(
-                    f"step {step + 1}: {exc}: training diverged or the data/weights hold NaN/Inf{skipped}. The "
-                    f"parameters are those after step {step}; lower train.lr, check the data, or set "
-                    "train.nonfinite: skip"
-                ) from None
+                stats = None
+                _handle_nonfinite(run, checkpointer, result, logger, raw, step, exc)  # skips (counted) or raises
             except Exception:
                 log.exception("rank %d: step %d failed in forward/backward", info.rank, step + 1)
                 checkpointer.save_after_failure(step)
                 raise
             done = step + 1
             result.steps = done
-            result.losses.append(stats.loss)
-            result.trained_tokens += stats.trainable_tokens
-            logger.step_done(done, stats, run.dataset.state_dict()["epoch"])
+            if stats is not None:
+                result.losses.append(stats.loss)
+                result.trained_tokens += stats.trainable_tokens
+                logger.step_done(done, stats, run.dataset.state_dict()["epoch"])
             if _eval_due(config, done):
                 eval_loss = evaluate(run.model, config.data.eval, config, info, run.dataset.seq_length)
                 result.eval_losses.append((done, eval_loss))
@@ -424,10 +411,24 @@ class NonFiniteStep(RuntimeError):
         super().__init__(f"loss {loss}, gradient norm {grad_norm}")
 
 
-def _skip_step(run: Run, raw: list[dict[str, Any]]) -> None:
-    """train.nonfinite: skip drops the update but consumes the batch and the schedule step, as if it ran."""
-    run.scheduler.step()
-    run.dataset.mark_consumed(raw[-1])
+def _handle_nonfinite(run: Run, checkpointer: Checkpointer, result: RunResult, logger: StepLogger,
+                      raw: list[dict[str, Any]], step: int, exc: NonFiniteStep) -> None:
+    """Step `step + 1` was not finite. `train.nonfinite: skip` drops its update but consumes its batch and its
+    schedule step, as if it ran, and counts it (up to max_skipped_steps); otherwise the run stops, exit 1."""
+    train = run.config.train
+    if train.nonfinite == "skip" and len(result.skipped_steps) < train.max_skipped_steps:
+        log.warning("step %d: %s; update skipped (%d so far)", step + 1, exc, len(result.skipped_steps) + 1)
+        run.scheduler.step()
+        run.dataset.mark_consumed(raw[-1])
+        result.skipped_steps.append(step + 1)
+        logger.write({"step": step + 1, "skipped": "nonfinite", "loss": exc.loss, "grad_norm": exc.grad_norm})
+        return
+    checkpointer.save_after_failure(step)
+    skipped = f" after skipping {len(result.skipped_steps)} such steps" if result.skipped_steps else ""
+    raise RuntimeError(
+        f"step {step + 1}: {exc}: training diverged or the data/weights hold NaN/Inf{skipped}. The parameters are "
+        f"those after step {step}; lower train.lr, check the data, or set train.nonfinite: skip"
+    ) from None
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
