@@ -8,8 +8,9 @@ from concurrent.futures.process import BrokenProcessPool
 import click
 
 from cli.common import emit_summary, handle_errors, setup_logging
+from dataprep.input_formats import ALIASES, FORMATS  # light: conversation + errors only
 
-FORMAT_CHOICES = ["auto", "alpaca", "self-instruct", "src-tgt", "sharegpt", "mindformers", "messages", "openai"]
+FORMAT_CHOICES = ["auto", *FORMATS, *ALIASES]
 
 log = logging.getLogger("dataprep.convert")
 
@@ -35,7 +36,7 @@ Examples:
     default="auto",
     show_default=True,
     help="Input record format; auto detects it per file from the first record. "
-    "mindformers = sharegpt, openai = messages.",
+    "mindformers / llamafactory = sharegpt, openai = messages.",
 )
 @click.option(
     "--output-style",
@@ -55,6 +56,14 @@ Examples:
     default="fail",
     show_default=True,
     help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
+)
+@click.option(
+    "--on-unknown-field",
+    type=click.Choice(["keep", "fail"]),
+    default="keep",
+    show_default=True,
+    help="Input fields no reader maps: keep them under \"extra\" (counted by name in the summary), or "
+    "treat the record as bad (then --on-error decides).",
 )
 @click.option("--rejects", type=click.Path(dir_okay=False), metavar="FILE", help="With --on-error skip: write skipped records (JSONL with location and reason).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and --rejects) if they exist.")
@@ -80,6 +89,7 @@ def convert(
     shuffle: bool,
     seed: int,
     on_error: str,
+    on_unknown_field: str,
     rejects: str | None,
     overwrite: bool,
     num_proc: int,
@@ -90,7 +100,9 @@ def convert(
 
     INPUT is a JSON array or JSON Lines file (optionally .gz / .zst), a glob (quote it), a Hugging Face
     save_to_disk directory, or hf:NAME[:SPLIT] for a locally cached hub dataset (no network is used).
-    The default output is JSON Lines, one {"id", "messages": [{"role", "content"}, ...]} per line.
+    The default output is JSON Lines, one {"id", "tools"?, "extra"?, "messages": [{"role", "content",
+    "reasoning_content"?, "tool_calls"?, "tool_call_id"?, "name"?, "train"?}, ...]} per line (the form
+    transformers' apply_chat_template takes; see docs/CONTRACTS.md).
     Ids come from the input's "id" field, else FILE:LINE (JSON Lines) or FILE[INDEX] (arrays, datasets).
 
     Exit codes: 0 ok, 1 bad data (the message names file and line/record), 2 usage error.
@@ -111,6 +123,7 @@ def convert(
         input_format=input_format.lower(),
         system=system,
         on_error=on_error,
+        on_unknown_field=on_unknown_field,
         take=take,
         shuffle=shuffle,
         seed=seed,

@@ -24,117 +24,25 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
 from tqdm import tqdm
 
-from dataprep import conversation as cv
-from dataprep import input_formats as fmts
-from dataprep import output_styles
+from dataprep import convert_parallel, output_styles
 from dataprep.atomic_write import atomic_output, check_writable
 from dataprep.convert_batch import NO_LIMIT, Converted, SourceState, convert_batch
-from dataprep.errors import DataError
+from dataprep.convert_options import ConvertOptions, ConvertStats
+from dataprep.rejects import OnReject, Reject, handle_bad_record
 from dataprep.shuffle import shuffled
-from dataprep.sources import BadRecord, InputSource, RecordBatch, expand_inputs, read_batches
+from dataprep.sources import BadRecord, InputSource, expand_inputs, read_batches
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("fail", "skip")
+__all__ = ["ConvertOptions", "ConvertStats", "Reject", "convert_files", "iter_conversations", "iter_converted"]
 # Below this much input a progress bar is noise.
 PROGRESS_MIN_BYTES = 32 << 20
-
-
-@dataclass
-class ConvertOptions:
-    """What to read and how. `progress=None` shows a bar only on a terminal and for large inputs."""
-
-    input_format: str = "auto"
-    system: str | None = None
-    on_error: str = "fail"
-    take: int | None = None
-    shuffle: bool = False
-    seed: int = 0
-    output_style: str = output_styles.MESSAGES
-    overwrite: bool = False
-    rejects: str | None = None
-    progress: bool | None = None
-    num_proc: int = 1
-
-    def __post_init__(self) -> None:
-        self.input_format = fmts.canonical_format_name(self.input_format)
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
-        if self.take is not None and self.take < 1:
-            raise ValueError(f"take must be at least 1, got {self.take}")
-        output_styles.get_style(self.output_style)
-        if self.num_proc < 0:
-            raise ValueError(f"num_proc must be 0 (one per CPU) or more, got {self.num_proc}")
-        if self.num_proc == 0:
-            self.num_proc = os.cpu_count() or 1
-
-
-@dataclass
-class ConvertStats:
-    """Counts for the end-of-run summary; every record read is either output or skipped under a reason.
-
-    One self-instruct task with k instances is one record in and up to k records out.
-    """
-
-    files: int = 0
-    records_in: int = 0
-    records_out: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    formats: Counter = field(default_factory=Counter)
-    bytes_in: int = 0
-    take_reached: bool = False
-    seconds: float = 0.0
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        rate = self.records_in / self.seconds if self.seconds > 0 else 0.0
-        return {
-            "inputs": self.files,
-            "input_formats": dict(self.formats),
-            "records_in": self.records_in,
-            "records_out": self.records_out,
-            "skipped_total": self.skipped_total,
-            "skipped": dict(self.skipped),
-            "stopped_at_take": self.take_reached,
-            "input_mb": round(self.bytes_in / 1e6, 3),
-            "seconds": round(self.seconds, 3),
-            "records_per_second": round(rate, 1),
-        }
-
-
-@dataclass(frozen=True)
-class Reject:
-    """One skipped record, as written to `--rejects` (a JSONL line)."""
-
-    source: str
-    line: int | None
-    record: int | None
-    reason: str
-    error: str
-    raw: Any = None
-    text: str | None = None
-
-    def to_json(self) -> bytes:
-        doc: dict[str, Any] = {"source": self.source, "line": self.line, "record": self.record, "reason": self.reason, "error": self.error}
-        if self.text is not None:
-            doc["text"] = self.text
-        else:
-            doc["raw"] = self.raw
-        return orjson.dumps(doc, default=str, option=orjson.OPT_APPEND_NEWLINE)
-
-
-OnReject = Callable[[Reject], None]
 
 
 def _progress_bar(sources: list[InputSource], options: ConvertOptions) -> tqdm | None:
@@ -192,12 +100,17 @@ def iter_converted(
             state = SourceState(source.name, source.stem, forced)
             for batch in read_batches(source, progressed):
                 limit = NO_LIMIT if take is None else take - stats.records_out
-                conv = convert_batch(state, batch.records, batch.lines, batch.first_index, system, fail, limit, keep_sources=keep_sources)
+                conv = convert_batch(state, batch.records, batch.lines, batch.first_index, system, fail, limit,
+                                     keep_sources=keep_sources, on_unknown_field=options.on_unknown_field)
+                if conv.unknown_fields:
+                    stats.unknown_fields.update(conv.unknown_fields)
                 if conv.detected:
                     stats.formats[conv.fmt] += 1
                 stats.records_in += conv.used
                 for i, err, raw in conv.errors:
-                    _handle_error(err, source.name, batch, i, raw, fail, stats, on_reject)
+                    bad = type(raw) is BadRecord
+                    handle_bad_record(err, source.name, batch.line(i), batch.index(i), fail, stats.skipped, on_reject,
+                                      raw=None if bad else raw, text=raw.text if bad else None)
                 stats.records_out += len(conv.records)
                 if conv.records:
                     yield conv
@@ -206,23 +119,6 @@ def iter_converted(
                     return
     finally:
         bar.close()
-
-
-def _handle_error(
-    err: DataError, source: str, batch: RecordBatch, i: int, raw: Any, fail: bool, stats: ConvertStats, on_reject: OnReject | None
-) -> None:
-    """Apply the on-error policy to one bad record: raise it located, or count it and pass it on."""
-    line, record = batch.line(i), batch.index(i)
-    if err.source is None:
-        err = cv.located(err, source, line, record)
-    if fail:
-        raise err from None
-    stats.skipped[err.reason] += 1
-    if on_reject is not None:
-        if type(raw) is BadRecord:
-            on_reject(Reject(source, line, record, err.reason, str(err), text=raw.text))
-        else:
-            on_reject(Reject(source, line, record, err.reason, str(err), raw=raw))
 
 
 def iter_conversations(
@@ -302,8 +198,6 @@ def convert_files(
 
         blobs: Iterable[bytes]
         if options.num_proc != 1 and not options.take and not options.shuffle:
-            from dataprep import convert_parallel  # here: multiprocessing is only for --num-proc
-
             bar = stack.enter_context(contextlib.closing(_Bar(sources, options, stats)))
             spill_dir = _spill_dir(output)
             blobs = convert_parallel.converted_blobs(sources, options, stats, style, on_reject, bar.update, spill_dir)

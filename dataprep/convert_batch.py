@@ -12,8 +12,9 @@ line through a branch that is taken once per unusual record, not once per record
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from dataprep import conversation as cv
 from dataprep import input_formats as fmts
@@ -24,6 +25,11 @@ log = logging.getLogger("dataprep.convert")
 
 # `limit` meaning "no limit" (a plain int keeps the per-record comparison cheap).
 NO_LIMIT = 1 << 62
+
+# What convert does with input fields no reader maps (docs/CONTRACTS.md): keep them under "extra" and
+# count them by name, or refuse the record (then the on-error policy decides: stop, or skip and count).
+OnUnknownField = Literal["keep", "fail"]
+ON_UNKNOWN_FIELD: tuple[str, ...] = ("keep", "fail")
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Converted:
     errors: list[tuple[int, DataError, Any]] = field(default_factory=list)
     placeholders: list[int] = field(default_factory=list)
     detected: bool = False
+    unknown_fields: Counter = field(default_factory=Counter)
 
 
 def convert_batch(
@@ -68,12 +75,15 @@ def convert_batch(
     limit: int = NO_LIMIT,
     token: str | None = None,
     keep_sources: bool = False,
+    on_unknown_field: OnUnknownField = "keep",
 ) -> Converted:
     """Convert `records` (a RecordBatch's) under the source's format, detecting it on the first good one.
 
     Ids without an input id: `stem:LINE` when `base` is None (JSON Lines; `lines` gives each record's
     line), else `stem[base + i]`; with `token` set, `base` is unknown and `stem[<token>]` is written
     with the batch index remembered in `placeholders`. `keep_sources` fills `Converted.sources`.
+    Unmapped input fields are counted in `Converted.unknown_fields`; with `on_unknown_field="fail"` such a
+    record is a bad record (reason "unknown_field").
     """
     out = Converted(fmt=state.fmt)
     converted = out.records
@@ -98,6 +108,8 @@ def convert_batch(
                 try:
                     messages = converter(raw)
                 except DataError:
+                    break
+                if type(messages) is not list:  # tools or unmapped fields: the careful path
                     break
                 rid = raw.get("id")
                 if rid is None:
@@ -133,10 +145,11 @@ def convert_batch(
                 out.detected = True
                 log.info("%s: detected input format %s", state.name, fmt)
             fallback = _derived_id(stem, lines, base, token, i)
+            unknown = out.unknown_fields
             if special:
-                pairs = _expand_self_instruct(raw, system, fallback)
+                pairs = _expand_self_instruct(raw, system, fallback, on_unknown_field, unknown)
             else:
-                pairs = [(_convert_one(converter, raw, system, fallback), raw)]
+                pairs = [(_convert_one(converter, raw, system, fallback, on_unknown_field, unknown), raw)]
         except DataError as err:
             out.errors.append((i, err, raw))
             if fail:
@@ -167,23 +180,42 @@ def _derived_id(stem: str, lines: list[int] | None, base: int | None, token: str
     return f"{stem}[{token}]"
 
 
-def _convert_one(converter: Any, raw: Any, system: str | None, fallback_id: str) -> dict[str, Any]:
-    messages = converter(raw)  # validated by the converter; a system turn first keeps it valid
-    if system:
-        messages = cv.add_system(messages, system)
+def _convert_one(converter: Any, raw: Any, system: str | None, fallback_id: str,
+                 on_unknown_field: OnUnknownField = "keep", unknown: Counter | None = None) -> dict[str, Any]:
+    body = converter(raw)  # validated by the converter; a system turn first keeps it valid
     rid = raw.get("id")
     if rid is None:
         rid = fallback_id
     elif type(rid) is not str:
         rid = fmts.record_id(raw)  # an integer id as text, or a wrong-type error
-    return {"id": rid, "messages": messages}
+    if type(body) is list:
+        return {"id": rid, "messages": cv.add_system(body, system) if system else body}
+    names = body.pop(cv.UNKNOWN_NAMES, None)
+    if names:
+        if on_unknown_field == "fail":
+            shown = ", ".join(sorted(set(names)))
+            raise DataError(
+                f"fields no reader maps: {shown} (--on-unknown-field keep stores them under '{cv.EXTRA}')",
+                reason=cv.UNKNOWN_FIELD,
+            )
+        if unknown is not None:
+            unknown.update(names)
+    messages = body.pop("messages")
+    # "messages" last: every record then ends with "]}", which output_styles.serialize relies on
+    return {"id": rid, **body, "messages": cv.add_system(messages, system) if system else messages}
 
 
-def _expand_self_instruct(raw: Any, system: str | None, fallback_id: str) -> list[tuple[dict[str, Any], Any]]:
+def _expand_self_instruct(raw: Any, system: str | None, fallback_id: str, on_unknown_field: OnUnknownField = "keep",
+                          unknown: Counter | None = None) -> list[tuple[dict[str, Any], Any]]:
     """(record, source record) pairs for one seed task: one per instance, all converted before any is
     kept, so a bad instance skips the whole task rather than half of it."""
     items = fmts.expand_self_instruct(raw)
     alpaca = fmts.alpaca_messages
     if len(items) == 1:
-        return [(_convert_one(alpaca, items[0], system, fallback_id), items[0])]
-    return [(_convert_one(alpaca, item, system, f"{fallback_id}-{k}"), item) for k, item in enumerate(items)]
+        return [(_convert_one(alpaca, items[0], system, fallback_id, on_unknown_field, unknown), items[0])]
+    found: Counter = Counter()
+    pairs = [(_convert_one(alpaca, item, system, f"{fallback_id}-{k}", on_unknown_field, found), item)
+             for k, item in enumerate(items)]
+    if unknown is not None:  # a task's fields count once, not once per instance
+        unknown.update({name: 1 for name in found})
+    return pairs

@@ -50,9 +50,9 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataprep import conversation as cv
 from dataprep import output_styles
 from dataprep.convert_batch import Converted, SourceState, convert_batch
+from dataprep.convert_options import ConvertOptions, ConvertStats
 from dataprep.errors import DataError
 from dataprep.json_stream import (
     ArrayScanner,
@@ -62,6 +62,7 @@ from dataprep.json_stream import (
     parse_array_chunk,
     parse_jsonl,
 )
+from dataprep.rejects import OnReject, handle_bad_record
 from dataprep.sources import ARRAY, FILE, InputSource, open_file, plain_offset, read_batches
 
 log = logging.getLogger("dataprep.convert")
@@ -121,6 +122,7 @@ class ChunkResult:
     placeholders: list[int] = field(default_factory=list)
     newlines: int | None = None  # array chunks: newlines in the text, when asked (ChunkJob.count_lines)
     relative_lines: bool = False
+    unknown_fields: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class WorkerConfig:
     style: str
     token: str
     spill_dir: str | None = None
+    on_unknown_field: str = "keep"
 
 
 _config: WorkerConfig | None = None
@@ -169,7 +172,7 @@ def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkRes
         base = job.base if job.base is not None else 0
         token = None if job.base is not None else config.token
     conv = convert_batch(state, batch.records, batch.lines, base, config.system, config.fail, token=token,
-                         keep_sources=style.needs_sources)
+                         keep_sources=style.needs_sources, on_unknown_field=config.on_unknown_field)  # type: ignore[arg-type]
     blob = output_styles.serialize(style, conv.records, conv.sources, conv.fmt)
     if token is not None and blob.count(token.encode()) != len(conv.placeholders):
         return ChunkResult(ok=False, why="token")  # the data itself contains the token
@@ -182,7 +185,8 @@ def convert_chunk(job: ChunkJob, config: WorkerConfig | None = None) -> ChunkRes
         blob = b""
     array = job.kind == JOB_ARRAY
     newlines = job.text.count(b"\n") if array and job.count_lines else None
-    return ChunkResult(True, "", blob, spill, conv.used, len(conv.records), problems, conv.placeholders, newlines, array)
+    return ChunkResult(True, "", blob, spill, conv.used, len(conv.records), problems, conv.placeholders, newlines, array,
+                       dict(conv.unknown_fields))
 
 
 def _problem(batch: RecordBatch, i: int, err: DataError, raw: Any) -> Problem:
@@ -226,8 +230,9 @@ class _SourceRun:
 class _Run:
     """The state of one parallel conversion; `blobs()` yields output blobs in input order."""
 
-    def __init__(self, sources: list[InputSource], options: Any, stats: Any, style: output_styles.OutputStyle,
-                 on_reject: Callable[[Any], None] | None, progress: Callable[[int], None], spill_dir: str) -> None:
+    def __init__(self, sources: list[InputSource], options: ConvertOptions, stats: ConvertStats,
+                 style: output_styles.OutputStyle, on_reject: OnReject | None, progress: Callable[[int], None],
+                 spill_dir: str) -> None:
         self.sources = sources
         self.options = options
         self.stats = stats
@@ -236,7 +241,8 @@ class _Run:
         self.progress = progress
         self.fail = options.on_error == "fail"
         self.spill_parent = spill_dir
-        self.config = WorkerConfig(options.system, self.fail, style.name, _new_token())
+        self.config = WorkerConfig(options.system, self.fail, style.name, _new_token(),
+                                   on_unknown_field=options.on_unknown_field)
         self.forced = None if options.input_format == "auto" else options.input_format
         self.queue: deque[_Entry] = deque()
         self.max_in_flight = 2 * options.num_proc + 2
@@ -381,6 +387,8 @@ class _Run:
         base = run.next_index if run.indexed else None
         stats = self.stats
         stats.records_in += result.records_in
+        if result.unknown_fields:
+            stats.unknown_fields.update(result.unknown_fields)
         for problem in result.problems:
             if result.relative_lines and problem.line is not None:
                 problem.line += self._line(run) - 1
@@ -409,17 +417,9 @@ class _Run:
 
     def _problem(self, run: _SourceRun, problem: Problem, base: int | None) -> None:
         record = None if base is None else base + problem.index
-        err = cv.located(DataError(problem.message, reason=problem.reason), run.source.name, problem.line, record)
-        if self.fail:
-            raise err
-        self.stats.skipped[err.reason] += 1
-        if self.on_reject is not None:
-            from dataprep.convert import Reject
-
-            if problem.text is not None:
-                self.on_reject(Reject(run.source.name, problem.line, record, err.reason, str(err), text=problem.text))
-            else:
-                self.on_reject(Reject(run.source.name, problem.line, record, err.reason, str(err), raw=problem.raw))
+        err = DataError(problem.message, reason=problem.reason)
+        handle_bad_record(err, run.source.name, problem.line, record, self.fail, self.stats.skipped, self.on_reject,
+                          raw=problem.raw, text=problem.text)
 
     def _recover(self, entry: _Entry) -> Iterator[bytes]:
         """An array chunk did not parse: re-read it and every later chunk of that file here, carefully."""
@@ -460,11 +460,12 @@ class _Run:
 
     def _inline(self, run: _SourceRun, batch: RecordBatch, base: int | None) -> ChunkResult:
         conv = convert_batch(run.state, batch.records, batch.lines, base, self.options.system, self.fail,
-                             keep_sources=self.style.needs_sources)
+                             keep_sources=self.style.needs_sources, on_unknown_field=self.options.on_unknown_field)
         self._note_detection(conv)
         blob = output_styles.serialize(self.style, conv.records, conv.sources, conv.fmt)
         problems = [_problem(batch, i, err, raw) for i, err, raw in conv.errors]
-        return ChunkResult(True, "", blob, None, conv.used, len(conv.records), problems)
+        return ChunkResult(True, "", blob, None, conv.used, len(conv.records), problems,
+                           unknown_fields=dict(conv.unknown_fields))
 
     def _inline_job(self, run: _SourceRun, job: ChunkJob) -> ChunkResult:
         batch = parse_jsonl(job.name, job.text, job.first_line)
@@ -496,10 +497,10 @@ def _fill_indexes(blob: bytes, token: str, indexes: list[int]) -> bytes:
 
 def converted_blobs(
     sources: list[InputSource],
-    options: Any,
-    stats: Any,
+    options: ConvertOptions,
+    stats: ConvertStats,
     style: output_styles.OutputStyle,
-    on_reject: Callable[[Any], None] | None,
+    on_reject: OnReject | None,
     progress: Callable[[int], None],
     spill_dir: str,
 ) -> Iterator[bytes]:

@@ -1,8 +1,9 @@
 """Per-record converters from the instruction formats users actually have to canonical messages.
 
 Each converter takes one parsed record and returns its `messages` list, already validated
-(`conversation.validate_messages` rules), or raises DataError (without a location; the caller adds file
-and line). The format is detected once per file from its first record,
+(`conversation.validate_messages` rules), or -- when the record has tools or fields the format does not
+map -- a record body {"messages", "tools"?, "extra"?, UNKNOWN_NAMES?} (`with_extra`); it raises DataError
+(without a location; the caller adds file and line). The bare list keeps the common case as cheap as it was. The format is detected once per file from its first record,
 because real files are homogeneous and per-record guessing would silently turn a broken Alpaca record
 (say, a typo in "output") into "some other format".
 
@@ -13,9 +14,12 @@ Formats:
   becomes one Alpaca record (expanded before conversion, see `expand_self_instruct`).
 - `src-tgt`: PaddleNLP/ERNIEKit src/tgt, both strings (one turn) or equal-length lists (multi-turn),
   optional context.system.
-- `sharegpt`: ShareGPT / MindFormers `conversations` [{from, value}] with from = human|user, gpt|assistant,
-  system; optional top-level `system`.
-- `messages`: OpenAI-style / canonical `messages` [{role, content}]; content may be a list of text parts.
+- `sharegpt`: ShareGPT / MindFormers / LLaMA-Factory `conversations` [{from, value}] with from =
+  human|user, gpt|assistant, system, function_call (value: JSON call(s)), observation|tool; optional
+  top-level `system` and `tools` (a list or JSON text).
+- `messages`: OpenAI-style / canonical `messages` [{role, content, tool_calls, ...}] and `tools`; content
+  may be a list of text parts; OpenAI fine-tuning's `weight` 0/1 becomes `train`.
+An assistant content that starts with `<think>...</think>` is split into `reasoning_content` + content.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ SHAREGPT = "sharegpt"
 MESSAGES = "messages"
 FORMATS = (ALPACA, SELF_INSTRUCT, SRC_TGT, SHAREGPT, MESSAGES)
 # Names users reach for; they map onto the formats above.
-ALIASES = {"mindformers": SHAREGPT, "conversations": SHAREGPT, "openai": MESSAGES, "paddlenlp": SRC_TGT}
+ALIASES = {"mindformers": SHAREGPT, "llamafactory": SHAREGPT, "conversations": SHAREGPT, "openai": MESSAGES,
+           "paddlenlp": SRC_TGT}
 
 SHAREGPT_ROLES = {
     "human": cv.USER,
@@ -41,7 +46,67 @@ SHAREGPT_ROLES = {
     "gpt": cv.ASSISTANT,
     "assistant": cv.ASSISTANT,
     "system": cv.SYSTEM,
+    "function_call": cv.ASSISTANT,  # LLaMA-Factory: an assistant turn that calls tools
+    "observation": cv.TOOL,  # LLaMA-Factory: a tool result
+    "tool": cv.TOOL,
+    "function": cv.TOOL,
 }
+
+
+# Input fields each format maps; anything else is kept under `extra` and counted (`with_extra`).
+ALPACA_FIELDS = frozenset({"id", "instruction", "input", "output", "system", "history", cv.EXTRA})
+SELF_INSTRUCT_FIELDS = frozenset({"id", "instruction", "instances"})
+SRC_TGT_FIELDS = frozenset({"id", "src", "tgt", "context", cv.EXTRA})
+SHAREGPT_FIELDS = frozenset({"id", "conversations", "system", "tools", cv.EXTRA})
+SHAREGPT_TURN_FIELDS = frozenset({"from", "value"})
+MESSAGES_FIELDS = cv.RECORD_FIELDS
+# OpenAI's fine-tuning files mark an assistant message to skip with "weight": 0; it maps onto `train`.
+MESSAGE_INPUT_FIELDS = cv.MESSAGE_FIELDS | {"weight"}
+
+
+def assistant_message(content: str, reasoning: str | None = None) -> dict[str, Any]:
+    """An assistant turn; a leading `<think>...</think>` block becomes `reasoning_content`."""
+    if reasoning is None:
+        reasoning, content = cv.split_think(content)
+    out: dict[str, Any] = {"role": cv.ASSISTANT, "content": content}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    return out
+
+
+def with_extra(messages: list[dict[str, Any]], raw: dict[str, Any], known: frozenset[str],
+               unknown: list[str] | None = None, tools: list | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+    """The converter's result: the bare messages list in the common case, else a record body with
+    `tools`, the record's unmapped fields under `extra` and their names (record- and message-level, the
+    latter passed in `unknown`) for the counts."""
+    names = list(unknown or ())
+    extra = {k: v for k, v in raw.items() if k not in known and k != cv.EXTRA and k != cv.UNKNOWN_NAMES}
+    names += extra
+    names += raw.get(cv.UNKNOWN_NAMES) or ()  # noted earlier (self-instruct expansion)
+    own = raw.get(cv.EXTRA)
+    if own is not None:
+        if not isinstance(own, dict):
+            raise DataError(f"'{cv.EXTRA}' must be an object, got {type(own).__name__}", reason=cv.WRONG_TYPE)
+        extra = {**own, **extra}
+    if not extra and not names and tools is None:
+        return messages
+    body: dict[str, Any] = {"messages": messages}
+    if tools is not None:
+        body["tools"] = tools
+    if extra:
+        body[cv.EXTRA] = extra
+    if names:
+        body[cv.UNKNOWN_NAMES] = names
+    return body
+
+
+def _turn_extra(turn: dict[str, Any], out: dict[str, Any], known: frozenset[str], prefix: str,
+                unknown: list[str]) -> None:
+    """Keep a turn's unmapped fields under the message's `extra` and note their names."""
+    extra = {k: v for k, v in turn.items() if k not in known}
+    if extra:
+        out[cv.EXTRA] = {**out.get(cv.EXTRA, {}), **extra}
+        unknown += [f"{prefix}.{k}" for k in extra]
 
 
 def canonical_format_name(name: str) -> str:
@@ -115,15 +180,16 @@ def alpaca_prompt_parts(raw: dict[str, Any]) -> tuple[str, str]:
     return instruction, _optional(raw, "input", str) or ""
 
 
-def alpaca_messages(raw: Any) -> list[dict[str, str]]:
-    """Fast path for the shape nearly every Alpaca record has (strings, no system/history); anything
-    else, including every error, goes through `_alpaca_messages_checked`, which gives the precise message.
+def alpaca_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
+    """Fast path for the shape nearly every Alpaca record has (strings, no system/history/extra fields, no
+    `<think>` block); anything else, including every error, goes through `_alpaca_messages_checked`, which
+    gives the precise message.
     """
     try:
         instruction = raw["instruction"]
         output = raw["output"]
         input_text = raw.get("input")
-        unusual = raw.get("system") or raw.get("history")
+        unusual = raw.get("system") or raw.get("history") or not raw.keys() <= ALPACA_FIELDS
     except (KeyError, TypeError, AttributeError):
         return _alpaca_messages_checked(raw)
     if (
@@ -131,6 +197,7 @@ def alpaca_messages(raw: Any) -> list[dict[str, str]]:
         or type(instruction) is not str
         or type(output) is not str
         or (input_text is not None and type(input_text) is not str)
+        or cv.THINK_CLOSE in output
     ):
         return _alpaca_messages_checked(raw)
     prompt = f"{instruction}\n\n{input_text}" if input_text and not input_text.isspace() else instruction
@@ -139,10 +206,10 @@ def alpaca_messages(raw: Any) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _alpaca_messages_checked(raw: Any) -> list[dict[str, str]]:
+def _alpaca_messages_checked(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
     instruction, input_text = alpaca_prompt_parts(raw)
     output = _require(raw, "output", str, "alpaca")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     system = _optional(raw, "system", str)
     if system:
         messages.append(cv.message(cv.SYSTEM, system))
@@ -151,24 +218,26 @@ def _alpaca_messages_checked(raw: Any) -> list[dict[str, str]]:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise DataError(f"history[{k}] must be a [user, assistant] pair of strings", reason=cv.WRONG_TYPE)
         messages.append(cv.message(cv.USER, pair[0]))
-        messages.append(cv.message(cv.ASSISTANT, pair[1]))
+        messages.append(assistant_message(pair[1]))
     prompt = f"{instruction}\n\n{input_text}" if has_input(input_text) else instruction
     messages.append(cv.message(cv.USER, prompt))
-    messages.append(cv.message(cv.ASSISTANT, output))
+    messages.append(assistant_message(output))
     cv.validate_messages(messages)
-    return messages
+    return with_extra(messages, raw, ALPACA_FIELDS)
 
 
 def expand_self_instruct(raw: Any) -> list[dict[str, Any]]:
     """Turn one seed task into Alpaca records, one per instance, so no instance is dropped.
 
     Ids: the task id when it has one instance, else `<id>-<k>`; without a task id the caller derives one.
+    The task's other fields (name, is_classification, ...) go to each record's `extra`.
     """
     instruction = _require(raw, "instruction", str, "self-instruct")
     instances = _require(raw, "instances", list, "self-instruct")
     if not instances:
         raise DataError("'instances' is empty (self-instruct record)", reason=cv.MISSING_FIELD)
     base_id = record_id(raw)
+    task_extra = {k: v for k, v in raw.items() if k not in SELF_INSTRUCT_FIELDS}
     out = []
     for k, inst in enumerate(instances):
         if not isinstance(inst, dict):
@@ -178,13 +247,17 @@ def expand_self_instruct(raw: Any) -> list[dict[str, Any]]:
             "input": _optional(inst, "input", str) or "",
             "output": _require(inst, "output", str, f"self-instruct instances[{k}]"),
         }
+        inst_extra = {f"instances.{key}": v for key, v in inst.items() if key not in ("input", "output")}
+        if task_extra or inst_extra:
+            rec[cv.EXTRA] = {**task_extra, **inst_extra}
+            rec[cv.UNKNOWN_NAMES] = [*task_extra, *inst_extra]
         if base_id is not None:
             rec["id"] = base_id if len(instances) == 1 else f"{base_id}-{k}"
         out.append(rec)
     return out
 
 
-def src_tgt_messages(raw: Any) -> list[dict[str, str]]:
+def src_tgt_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
     src = _src_tgt_field(raw, "src")
     tgt = _src_tgt_field(raw, "tgt")
     if isinstance(src, str) and isinstance(tgt, str):
@@ -205,16 +278,23 @@ def src_tgt_messages(raw: Any) -> list[dict[str, str]]:
             f"'src' and 'tgt' must both be strings or both be lists, got {type(src).__name__} and {type(tgt).__name__}",
             reason=cv.WRONG_TYPE,
         )
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     context = _optional(raw, "context", dict)
     system = _optional(context, "system", str) if context else None
     if system:
         messages.append(cv.message(cv.SYSTEM, system))
     for user, assistant in pairs:
         messages.append(cv.message(cv.USER, user))
-        messages.append(cv.message(cv.ASSISTANT, assistant))
+        messages.append(assistant_message(assistant))
     cv.validate_messages(messages)
-    return messages
+    if raw.keys() <= SRC_TGT_FIELDS and (not context or context.keys() <= {"system"}):
+        return messages
+    unknown = [f"context.{k}" for k in (context or {}) if k != "system"]
+    body = with_extra(messages, raw, SRC_TGT_FIELDS, unknown)
+    if unknown:
+        body = body if isinstance(body, dict) else {"messages": body}
+        body.setdefault(cv.EXTRA, {})["context"] = {k: v for k, v in context.items() if k != "system"}  # type: ignore[union-attr]
+    return body
 
 
 def _src_tgt_field(raw: Any, key: str) -> str | list:
@@ -228,9 +308,35 @@ def _src_tgt_field(raw: Any, key: str) -> str | list:
     return value
 
 
-def sharegpt_messages(raw: Any) -> list[dict[str, str]]:
+def _function_calls(value: Any, k: int) -> list[dict[str, Any]]:
+    """A LLaMA-Factory `function_call` turn's value: one {"name", "arguments"} or a list of them, as JSON
+    text; becomes OpenAI `tool_calls` with `arguments` kept as given (object or JSON string)."""
+    parsed = cv.parse_json_text(value, f"conversations[{k}] (function_call) value", cv.BAD_TOOL_CALL)
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise DataError(f"conversations[{k}] (function_call) needs a JSON object with a 'name'", reason=cv.BAD_TOOL_CALL)
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}})
+    return out
+
+
+def _parse_tools(value: Any) -> list | None:
+    """`tools` as a list or as JSON text (LLaMA-Factory writes a string); empty means none."""
+    if value is None or value == "":
+        return None
+    tools = cv.parse_json_text(value, "'tools'", cv.BAD_TOOLS)
+    cv.validate_tools(tools)
+    return tools or None
+
+
+def sharegpt_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
+    """ShareGPT / MindFormers / LLaMA-Factory: human|user, gpt|assistant, system, function_call (an
+    assistant tool call), observation|tool (its result); a gpt turn right after a function_call turn is a
+    new assistant turn, and two function_call turns in a row stay two calls of one turn each."""
     turns = _require(raw, "conversations", list, "sharegpt")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
+    unknown: list[str] = []
     system = _optional(raw, "system", str)
     if system:
         messages.append(cv.message(cv.SYSTEM, system))
@@ -240,15 +346,29 @@ def sharegpt_messages(raw: Any) -> list[dict[str, str]]:
         if "from" not in turn or "value" not in turn:
             missing = "from" if "from" not in turn else "value"
             raise DataError(f"conversations[{k}] is missing '{missing}'", reason=cv.MISSING_FIELD)
-        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise DataError(
-                f"conversations[{k}] has unknown speaker {turn['from']!r} (expected human/user, gpt/assistant, system)",
+                f"conversations[{k}] has unknown speaker {speaker!r} (expected human/user, gpt/assistant, system, "
+                "function_call, observation/tool)",
                 reason=cv.UNKNOWN_ROLE,
             )
-        messages.append(cv.message(role, turn["value"]))
+        value = turn["value"]
+        if speaker == "function_call":
+            out: dict[str, Any] = {"role": cv.ASSISTANT, "content": "", "tool_calls": _function_calls(value, k)}
+        elif role == cv.ASSISTANT and isinstance(value, str):
+            out = assistant_message(value)
+        else:
+            out = cv.message(role, value)
+        if len(turn) > 2:
+            _turn_extra(turn, out, SHAREGPT_TURN_FIELDS, "conversations", unknown)
+        messages.append(out)
+    tools = _parse_tools(raw.get("tools"))
     cv.validate_messages(messages)
-    return messages
+    if raw.keys() <= SHAREGPT_FIELDS and not unknown and tools is None:
+        return messages
+    return with_extra(messages, raw, SHAREGPT_FIELDS, unknown, tools)
 
 
 def _text_content(content: Any, k: int) -> Any:
@@ -263,21 +383,68 @@ def _text_content(content: Any, k: int) -> Any:
     return "".join(texts)
 
 
-def openai_messages(raw: Any) -> list[dict[str, str]]:
+def _openai_tool_calls(calls: Any, k: int) -> Any:
+    """OpenAI `tool_calls`; the bare {"name", "arguments"} form some datasets write is wrapped in
+    {"type": "function", "function": ...}. Arguments stay as given (object or JSON string)."""
+    if not isinstance(calls, list):
+        return calls  # validation names the wrong type
+    out = []
+    for call in calls:
+        if isinstance(call, dict) and "function" not in call and "name" in call:
+            call = {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+        out.append(call)
+    return out
+
+
+def _openai_turn(turn: dict[str, Any], k: int, unknown: list[str]) -> dict[str, Any]:
+    role = turn["role"]
+    content = _text_content(turn["content"], k) if "content" in turn else None
+    calls = turn.get("tool_calls")
+    if content is None and role == cv.ASSISTANT and calls:
+        content = ""  # OpenAI writes null content beside tool calls; the record keeps strings only
+    if role == cv.ASSISTANT and isinstance(content, str) and turn.get("reasoning_content") is None:
+        out = assistant_message(content)
+    else:
+        out = {"role": role, "content": content}
+    for key in ("reasoning_content", "tool_call_id", "name", "train", cv.EXTRA):
+        if turn.get(key) is not None:
+            out[key] = turn[key]
+    if calls is not None:
+        out["tool_calls"] = _openai_tool_calls(calls, k)
+    if "weight" in turn and "train" not in turn:
+        if turn["weight"] not in (0, 1) or type(turn["weight"]) is bool:
+            raise DataError(f"messages[{k}] 'weight' must be 0 or 1, got {turn['weight']!r}", reason=cv.WRONG_TYPE)
+        out["train"] = turn["weight"] == 1
+    if not turn.keys() <= MESSAGE_INPUT_FIELDS:
+        _turn_extra(turn, out, MESSAGE_INPUT_FIELDS, "messages", unknown)
+    return out
+
+
+def openai_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
+    """OpenAI chat / fine-tuning records and our own output: `messages` with tool calls, tool results,
+    reasoning and `train` flags, record-level `tools` (a list, or JSON text)."""
     turns = _require(raw, "messages", list, "messages")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
+    unknown: list[str] = []
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise DataError(f"messages[{k}] must be an object, got {type(turn).__name__}", reason=cv.WRONG_TYPE)
-        if "role" not in turn or "content" not in turn:
+        if "role" not in turn or ("content" not in turn and not turn.get("tool_calls")):
             missing = "role" if "role" not in turn else "content"
             raise DataError(f"messages[{k}] is missing '{missing}'", reason=cv.MISSING_FIELD)
-        messages.append(cv.message(turn["role"], _text_content(turn["content"], k)))
+        if len(turn) == 2 and turn["role"] != cv.ASSISTANT and "content" in turn:
+            messages.append(cv.message(turn["role"], _text_content(turn["content"], k)))
+        else:
+            messages.append(_openai_turn(turn, k, unknown))
+    tools = _parse_tools(raw.get("tools"))
     cv.validate_messages(messages)
-    return messages
+    if raw.keys() <= MESSAGES_FIELDS and not unknown and tools is None and raw.get(cv.EXTRA) is None:
+        return messages
+    return with_extra(messages, raw, MESSAGES_FIELDS - {cv.EXTRA}, unknown, tools)
 
 
-CONVERTERS: dict[str, Callable[[Any], list[dict[str, str]]]] = {
+Converter = Callable[[Any], "list[dict[str, Any]] | dict[str, Any]"]
+CONVERTERS: dict[str, Converter] = {
     ALPACA: alpaca_messages,
     SELF_INSTRUCT: alpaca_messages,  # applied to the records `expand_self_instruct` makes
     SRC_TGT: src_tgt_messages,

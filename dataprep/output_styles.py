@@ -20,6 +20,7 @@ import orjson
 
 from dataprep import conversation as cv
 from dataprep import input_formats as fmts
+from dataprep.errors import DataError
 
 MESSAGES = "messages"
 MINDFORMERS = "mindformers"
@@ -42,20 +43,40 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 _FROM = {cv.USER: "human", cv.ASSISTANT: "gpt", cv.SYSTEM: "system"}
 
 # Where one serialized record ends and the next begins inside `orjson.dumps(list_of_records)`. Both
-# styles write {"id": str, <list>: [{str: str, ...}, ...]}, so a record ends with "]}" and starts with
-# '{"id":'; those bytes cannot occur inside a JSON string (orjson escapes every '"' there), and the only
-# list inside a record holds objects without an "id" key, so this marks exactly the record boundaries.
+# styles write {"id": str, ..., <list>: [{...}, ...]} with the list last, so a record starts with '{"id":'
+# and ends with "]}"; those bytes cannot occur inside a JSON string (orjson escapes every '"' there).
+# Nested objects with an "id" key after a list (tool calls with unusual fields) could fake a boundary, so
+# `serialize` counts them and falls back to one dump per record when there are more than records - 1.
 _BOUNDARY = b']},{"id":'
 
 
+def _mindformers_turn(m: dict[str, Any], record_id: str) -> dict[str, Any]:
+    if m["role"] not in _FROM or "tool_calls" in m or "reasoning_content" in m:
+        raise DataError(
+            f"record {record_id!r} has tool calls, tool results or reasoning, which --output-style mindformers "
+            "cannot represent; use --output-style messages",
+            reason="unrepresentable",
+        )
+    turn = {"from": _FROM[m["role"]], "value": m["content"]}
+    if cv.EXTRA in m:
+        turn[cv.EXTRA] = m[cv.EXTRA]
+    return turn
+
+
 def mindformers_conversations(record: dict[str, Any], raw: Any, fmt: str | None) -> dict[str, Any]:
-    turns = [{"from": _FROM[m["role"]], "value": m["content"]} for m in record["messages"]]
+    if "tools" in record:
+        _mindformers_turn({"role": cv.TOOL}, record["id"])
+    turns = [_mindformers_turn(m, record["id"]) for m in record["messages"]]
     if fmt in (fmts.ALPACA, fmts.SELF_INSTRUCT):
         # The instruction turn is the last user turn; Alpaca history turns come before it.
         instruction, input_text = fmts.alpaca_prompt_parts(raw)
         last_user = max(i for i, t in enumerate(turns) if t["from"] == "human")
         turns[last_user]["value"] = alpaca_prompt(instruction, input_text)
-    return {"id": record["id"], "conversations": turns}
+    out: dict[str, Any] = {"id": record["id"]}
+    if cv.EXTRA in record:
+        out[cv.EXTRA] = record[cv.EXTRA]
+    out["conversations"] = turns  # last, so the record ends with "]}" (see _BOUNDARY)
+    return out
 
 
 def _messages_objects(records: list[dict[str, Any]], sources: list[Any], fmt: str | None) -> list[dict[str, Any]]:
@@ -104,7 +125,11 @@ def serialize(style: OutputStyle, records: list[dict[str, Any]], sources: list[A
     """
     if not records:
         return b""
-    text = orjson.dumps(style.objects(records, sources, fmt)).replace(_BOUNDARY, b"]}" + style.item_sep + b'{"id":')
+    objects = style.objects(records, sources, fmt)
+    text = orjson.dumps(objects)
+    if text.count(_BOUNDARY) != len(objects) - 1:
+        return style.item_sep.join(orjson.dumps(o) for o in objects) + style.item_end
+    text = text.replace(_BOUNDARY, b"]}" + style.item_sep + b'{"id":')
     return b"".join((memoryview(text)[1:-1], style.item_end))  # one copy, not a slice and a concatenation
 
 

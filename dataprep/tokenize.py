@@ -41,7 +41,7 @@ IGNORE = IGNORE_INDEX  # the packed format's ignore label (formats.schema)
 OVERLONG_POLICIES = ("drop", "truncate", "split")
 _CACHE_MAX_CHARS = 32
 _CACHE_MAX_ENTRIES = 50_000
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -296,7 +296,7 @@ def _messages_of(record: dict, index: int) -> tuple[str, list[dict]]:
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
             raise DataError(
-                f"record {rid!r}: each message needs role system|user|assistant and string content",
+                f"record {rid!r}: each message needs role system|user|assistant|tool and string content",
                 record=index, reason="bad_record",
             )
     return rid, messages

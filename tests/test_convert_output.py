@@ -47,7 +47,10 @@ def test_round_trip_real_data(shared_data, tmp_path):
     assert back == direct  # ids and messages survive a write and a re-read unchanged
     for rec in jsonl_lines(out):
         validate_record(rec)
-        assert set(rec) == {"id", "messages"}
+        # the seed tasks' name and is_classification have no place in a conversation: kept under "extra"
+        seed = "is_classification" in rec.get("extra", {})
+        assert set(rec) == ({"id", "extra", "messages"} if seed else {"id", "messages"})
+    assert stats.unknown_fields == {"name": 175, "is_classification": 175}
     assert len({r["id"] for r in back}) == len(back)
 
 
