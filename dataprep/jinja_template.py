@@ -1,22 +1,30 @@
-"""Template `hf`: the tokenizer's own Jinja chat_template, with an assistant mask derived from it.
+"""Template `hf`: the tokenizer's own Jinja chat_template, with an exact assistant mask derived from it.
 
 Rendering follows what transformers does for `apply_chat_template`: a sandboxed Jinja environment with
 trim_blocks/lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` filter that keeps
-non-ASCII text (ensure_ascii=False) and accepts indent/separators/sort_keys, and the special tokens as variables.
+non-ASCII text (ensure_ascii=False) and accepts indent/separators/sort_keys, the special tokens as variables,
+and `tools` passed through. The token ids of a conversation are those of the WHOLE render, so they equal
+`apply_chat_template(messages, tools=..., tokenize=True)`.
 
 Where the mask comes from:
 1. If the template marks assistant output with `{% generation %}...{% endgeneration %}`, that text is trainable.
-2. Otherwise by prefix rendering. For each assistant message i, render messages[:i] with
-   add_generation_prompt=True (everything before the assistant content: history + assistant header) and
-   messages[:i+1] (history through the end of that turn). The text between the two is the assistant turn;
-   it is trainable up to and including its last end-of-turn token (eos, <|im_end|>, <|eot_id|>, ...); text
-   after that token (e.g. ChatML's "\\n") is scaffolding.
-   Assumption: every such partial rendering is a string prefix of the full rendering. It holds for Llama 2/3,
-   Qwen2/2.5 and ChatML-style templates; templates that render history turns differently from the last
-   (e.g. Qwen3 dropping <think> blocks of earlier turns) break it and get a clear error asking for a built-in
-   template.
-Either way the result is text pieces tagged trainable; special-token strings become their ids and the engine
-turns the pieces into token ids (the mask boundary found by comparing token ids, not character offsets).
+2. Otherwise, for each assistant message i, located in the whole render F:
+   - its start: render messages[:i] (P, the history, which ends with a user or tool turn) and messages[:i]
+     with add_generation_prompt=True (G). P must be a prefix of F. The assistant header is the part of G
+     after P that F also has there (the inference prompt's header); training starts after it.
+   - its end: when messages[:i+1] renders as a prefix of F, the turn ends there and is trainable through its
+     last end-of-turn token (eos, <|im_end|>, <|eot_id|>, <end_of_turn>, ...); text after it (ChatML's "\\n")
+     is scaffolding. Templates that render history differently from the last turn (Qwen3 drops earlier
+     reasoning and shows an empty think block on the last turn; DeepSeek-R1 strips reasoning) break that
+     prefix property; the turn then ends at the first end-of-turn token after its start.
+   - a check: the answer text (after any `</think>`) must lie inside the trained span, else the record
+     gets an error instead of a wrong mask.
+Either way the result is text pieces tagged trainable; the template's own special-token strings become their
+ids, and the engine turns the pieces into token ids (the mask boundary found by comparing token ids).
+
+Special-token strings inside message text (a user pasting "<|im_end|>") are swapped for private-use
+placeholders before rendering and put back as text afterwards, so under `content_specials="text"` they stay
+text (see `chat_types.ContentSpecials`).
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from dataprep.chat_types import ChatTemplate, ContentSpecials, Messages, Piece, Tools, trained
 from dataprep.errors import DataError
-from dataprep.templates import ChatTemplate, Piece
 from dataprep.tokenizer import Tokenizer
 
 GEN_OPEN = "\ue000"
@@ -37,8 +45,9 @@ _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+           sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter (json.dumps keeping non-ASCII text); built-in templates use it too."""
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -73,7 +82,7 @@ def _compile(source: str) -> Any:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = _tojson
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
@@ -125,7 +134,20 @@ def _split_specials(text: str, train: bool, tok: Tokenizer, pattern: re.Pattern 
     return out
 
 
-def hf_template(tok: Tokenizer) -> ChatTemplate:
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _answer_text(m: dict) -> str:
+    content = m.get("content") or ""
+    return content.split("</think>")[-1].strip()
+
+
+def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> ChatTemplate:
     """The tokenizer's own chat_template as a ChatTemplate (see the module docstring for the mask)."""
     if not tok.chat_template:
         raise DataError(
@@ -140,54 +162,111 @@ def hf_template(tok: Tokenizer) -> ChatTemplate:
         eot_strings.append(eos)
     eot_ids = tuple(tok.special_tokens[s] for s in eot_strings if s in tok.special_tokens)
     has_generation = bool(_GENERATION_RE.search(tok.chat_template))
+    # content placeholders: special token k <-> one private-use character of plane 15
+    protect_map = {s: chr(0xF0000 + k) for k, s in enumerate(specials)} if content_specials == "text" else {}
+    restore_map = {v: k for k, v in protect_map.items()}
+    restore_re = re.compile("[" + "".join(restore_map) + "]") if restore_map else None
+
+    def protect(value: Any) -> Any:
+        if isinstance(value, str):
+            return pattern.sub(lambda mt: protect_map[mt.group(0)], value) if pattern.search(value) else value
+        if isinstance(value, dict):
+            return {k: protect(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [protect(v) for v in value]
+        return value
+
+    def restore(text: str) -> str:
+        return restore_re.sub(lambda mt: restore_map[mt.group(0)], text) if restore_re is not None else text
 
     def to_pieces(spans: list[tuple[str, bool]]) -> list[Piece]:
         out: list[Piece] = []
         for text, train in spans:
-            out += _split_specials(text, train, tok, pattern)
+            for value, flag in _split_specials(text, train, tok, pattern):
+                out.append((restore(value), flag) if isinstance(value, str) and restore_re is not None else (value, flag))
         return out
 
-    def render_generation(messages: list[dict]) -> list[Piece]:
-        text = render_chat_template(tok, messages)
+    def render_text(messages: Messages, tools: Tools | None, add_generation_prompt: bool = False) -> str:
+        return render_chat_template(tok, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def render_generation(messages: Messages, tools: Tools | None) -> list[Piece]:
+        text = render_text(messages, tools)
         spans: list[tuple[str, bool]] = []
         pos = 0
+        # {% generation %} blocks follow the assistant messages in order; a turn marked train: false is not trained
+        assistant = iter([trained(m) for m in messages if m["role"] == "assistant"])
         while True:
             a = text.find(GEN_OPEN, pos)
             if a < 0:
                 spans.append((text[pos:], False))
                 break
             b = text.find(GEN_CLOSE, a)
-            spans += [(text[pos:a], False), (text[a + 1 : b], True)]
+            spans += [(text[pos:a], False), (text[a + 1 : b], next(assistant, True))]
             pos = b + 1
         return to_pieces(spans)
 
-    def render_diff(messages: list[dict]) -> list[Piece]:
-        full = render_chat_template(tok, messages)
+    def fail(i: int, why: str) -> DataError:
+        return DataError(
+            f"cannot derive the assistant mask of turn {i} from the tokenizer's chat_template ({why}); "
+            "use a built-in --template",
+            source=str(tok.source), reason="template_mask_unknown",
+        )
+
+    def render_turns(messages: Messages, tools: Tools | None) -> list[Piece]:
+        full = render_text(messages, tools)
         spans: list[tuple[str, bool]] = []
         pos = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            pre = render_chat_template(tok, messages[:i], add_generation_prompt=True)
-            upto = render_chat_template(tok, messages[: i + 1])
-            if not (full.startswith(pre) and full.startswith(upto) and pos <= len(pre) <= len(upto)):
-                raise DataError(
-                    "the tokenizer's chat_template does not render conversation prefixes as prefixes of the whole "
-                    "conversation, so the assistant mask cannot be derived; use a built-in --template",
-                    source=str(tok.source), reason="template_not_prefix_stable",
-                )
-            turn = full[len(pre) : len(upto)]
-            cut = max((turn.rfind(s) + len(s) for s in eot_strings if s in turn), default=len(turn))
-            spans += [(full[pos : len(pre)], False), (turn[:cut], True), (turn[cut:], False)]
-            pos = len(upto)
+            pre = render_text(messages[:i], tools) if i else ""
+            gen = render_text(messages[:i], tools, add_generation_prompt=True) if i else ""
+            if not full.startswith(pre) or len(pre) < pos:
+                raise fail(i, "the conversation before it does not render as a prefix of the whole")
+            start = len(pre) + _common_prefix_len(gen[len(pre):], full[len(pre):]) if gen.startswith(pre) else len(pre)
+            upto = render_text(messages[: i + 1], tools)
+            if full.startswith(upto) and len(upto) >= start:
+                turn = full[start : len(upto)]
+                cut = max((turn.rfind(s) + len(s) for s in eot_strings if s in turn), default=len(turn))
+                end, resume = start + cut, len(upto)
+            else:
+                found = [k for k in (full.find(s, start) for s in eot_strings) if k >= 0]
+                if not found:
+                    raise fail(i, "no end-of-turn token after it")
+                k = min(found)
+                end = k + next(len(s) for s in eot_strings if full.startswith(s, k))
+                resume = end
+            answer = _answer_text(m)
+            if answer and restore(answer) not in restore(full[start:end]):
+                raise fail(i, "its answer text is not where the turn was located")
+            spans += [(full[pos:start], False), (full[start:end], trained(m))]
+            pos = resume if resume >= end else end
+            if resume > end:
+                spans.append((full[end:resume], False))
         spans.append((full[pos:], False))
         return to_pieces(spans)
 
-    def render(messages: list[dict]) -> list[Piece]:
+    def check(messages: Messages) -> None:
         for m in messages:
-            if GEN_OPEN in m["content"] or GEN_CLOSE in m["content"]:
+            text = m.get("content") or ""
+            if GEN_OPEN in text or GEN_CLOSE in text:
                 raise DataError("message contains reserved characters U+E000/U+E001", reason="reserved_chars")
-        return render_generation(messages) if has_generation else render_diff(messages)
 
-    how = "{% generation %} blocks" if has_generation else "prefix rendering"
-    return ChatTemplate("hf", render, eot_ids, f"tokenizer chat_template, mask from {how}")
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        check(messages)
+        if protect_map:
+            messages, tools = protect(messages), protect(tools)
+        return render_generation(messages, tools) if has_generation else render_turns(messages, tools)
+
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        check(messages)
+        if protect_map:
+            messages, tools = protect(messages), protect(tools)
+        text = render_text(messages, tools, add_generation_prompt=True).replace(GEN_OPEN, "").replace(GEN_CLOSE, "")
+        return to_pieces([(text, False)])
+
+    how = "{% generation %} blocks" if has_generation else "the rendered turns"
+    src = tok.chat_template
+    return ChatTemplate("hf", render, eot_ids, f"tokenizer chat_template, mask from {how}", prompt,
+                        renders_reasoning="reasoning_content" in src or "</think>" in src,
+                        renders_tools="tool" in src)

@@ -7,24 +7,35 @@ The engine in `dataprep.tokenize` encodes each run of text between ids as ONE st
 tokenizer produces for the whole rendered string) and places the mask boundary inside a run by encoding the text
 before the boundary and comparing token ids.
 
-Built-ins: chatml (Qwen2/2.5/3), llama3, llama2, vicuna (FastChat v1.1), alpaca (Stanford), plain; `hf` renders
-the tokenizer's own Jinja chat_template (see `dataprep.jinja_template`); `auto` picks one from the tokenizer.
+Built-ins: chatml (Qwen2/2.5, tools included), qwen3 and qwen3-nothink (Qwen3's thinking template, tools
+included), llama3, llama2, vicuna (FastChat v1.1), alpaca (Stanford), plain; `hf` renders the tokenizer's own
+Jinja chat_template (see `dataprep.jinja_template`); `auto` picks one from the tokenizer. The types (pieces,
+ChatTemplate) live in `dataprep.chat_types`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
+from dataprep import chat_types as ct
+from dataprep.chat_types import (
+    BUILTIN_TEMPLATES,
+    FRESH,
+    TEMPLATE_CHOICES,
+    ChatTemplate,
+    Messages,
+    Piece,
+    Tools,
+    trained,
+)
 from dataprep.errors import DataError
+from dataprep.jinja_template import hf_template, render_chat_template, tojson
 from dataprep.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FRESH = None
-Piece = tuple  # (int | str | None, bool)
-Messages = list  # list[dict(role, content)]
+__all__ = ["BUILTIN_TEMPLATES", "FRESH", "TEMPLATE_CHOICES", "ChatTemplate", "Piece", "get_template"]
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -34,18 +45,16 @@ ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 
-BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "vicuna", "alpaca", "plain")
-TEMPLATE_CHOICES = ("auto", "hf", *BUILTIN_TEMPLATES)
-
-
-@dataclass
-class ChatTemplate:
-    """A resolved template: `render(messages) -> pieces`. `end_of_turn` are the ids that close an assistant turn."""
-
-    name: str
-    render: Callable[[Messages], list[Piece]]
-    end_of_turn: tuple[int, ...] = ()
-    description: str = ""
+# Qwen's tool-use system text (the same in Qwen2.5 and Qwen3 chat templates), around the tools list.
+QWEN_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+QWEN_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
 
 
 def _need(tok: Tokenizer, content: str, template: str) -> int:
@@ -68,37 +77,95 @@ def _split_system(messages: Messages) -> tuple[str | None, Messages]:
     return None, messages
 
 
-# ---- chatml -----------------------------------------------------------------------------------------------------
+def _refuse_tools(name: str, messages: Messages, tools: Tools | None) -> None:
+    """Templates with no tool-call format must not drop calls silently."""
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise DataError(
+            f"template {name!r} has no format for tools or tool calls; use --template hf with a tokenizer whose "
+            "chat_template has one, or --template qwen3 / chatml",
+            reason="template_cannot_render_tools",
+        )
+
+
+def _untrained(pieces: list[Piece]) -> list[Piece]:
+    return [(v, False) for v, _ in pieces]
+
+
+def _qwen_call(call: dict[str, Any], string_arguments_as_is: bool) -> str:
+    fn = call.get("function", call)
+    args = fn.get("arguments")
+    text = args if string_arguments_as_is and isinstance(args, str) else tojson(args)
+    return '<tool_call>\n{"name": "' + fn["name"] + '", "arguments": ' + text + "}\n</tool_call>"
+
+
+def _qwen_system(messages: Messages, tools: Tools | None, default_system: str | None) -> tuple[str | None, int]:
+    """The system block's text (None: no system block) and how many messages it consumed."""
+    first_system = bool(messages) and messages[0]["role"] == "system"
+    system = messages[0]["content"] if first_system else default_system
+    if tools:
+        head = (system + "\n\n") if system is not None else ""
+        body = head + QWEN_TOOLS_HEAD + "".join("\n" + tojson(t) for t in tools) + QWEN_TOOLS_TAIL
+        return body, int(first_system)
+    return system, int(first_system)
+
+
+def _qwen_tool_results(messages: Messages, i: int, start: int, end: int) -> list[Piece]:
+    """Consecutive tool turns share one user block of <tool_response> entries (Qwen2.5 and Qwen3)."""
+    out: list[Piece] = []
+    if i == 0 or messages[i - 1]["role"] != "tool":
+        out += [(start, False), ("user", False)]
+    out.append(("\n<tool_response>\n" + messages[i]["content"] + "\n</tool_response>", False))
+    if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+        out += [(end, False), ("\n", False)]
+    return out
+
+
+# ---- chatml (Qwen2 / Qwen2.5) -----------------------------------------------------------------------------------
 
 
 def chatml(tok: Tokenizer, default_system: str | None = None) -> ChatTemplate:
-    """`<|im_start|>role\\ncontent<|im_end|>\\n`; trains content + <|im_end|> (the "\\n" after it is scaffolding).
+    """`<|im_start|>role\\ncontent<|im_end|>\\n`, with tools, tool calls and tool results as Qwen2.5's template
+    renders them; trains the assistant content (and calls) + <|im_end|> (the "\\n" after it is scaffolding).
 
     `default_system` is inserted when a conversation has none, as Qwen2/2.5's own templates do.
     """
     start = _need(tok, "<|im_start|>", "chatml")
     end = _need(tok, "<|im_end|>", "chatml")
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
         out: list[Piece] = []
-        if messages[0]["role"] != "system" and default_system is not None:
-            out += [(start, False), ("system\n" + default_system, False), (end, False), ("\n", False)]
-        for m in messages:
-            if m["role"] == "assistant":
-                out += [(start, False), ("assistant\n", False), (m["content"], True), (end, True), ("\n", False)]
+        system, skip = _qwen_system(messages, tools, default_system)
+        if system is not None:
+            out += [(start, False), ("system\n" + system, False), (end, False), ("\n", False)]
+        for i, m in enumerate(messages):
+            if i < skip:
+                continue
+            role = m["role"]
+            if role == "tool":
+                out += _qwen_tool_results(messages, i, start, end)
+            elif role == "assistant":
+                train = trained(m)
+                if m.get("tool_calls"):
+                    body = ("\n" + m["content"] if m["content"] else "") + "".join(
+                        "\n" + _qwen_call(c, False) for c in m["tool_calls"])
+                    out += [(start, False), ("assistant\n", False), (body[1:], train), (end, train), ("\n", False)]
+                else:
+                    out += [(start, False), ("assistant\n", False), (m["content"], train), (end, train), ("\n", False)]
             else:
-                out += [(start, False), (m["role"] + "\n" + m["content"], False), (end, False), ("\n", False)]
+                out += [(start, False), (role + "\n" + m["content"], False), (end, False), ("\n", False)]
         return out
 
-    return ChatTemplate("chatml", render, (end,), f"ChatML (default system: {default_system!r})")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools)) + [(start, False), ("assistant\n", False)]
+
+    return ChatTemplate("chatml", render, (end,), f"ChatML (default system: {default_system!r})", prompt,
+                        renders_reasoning=False, renders_tools=True)
 
 
 def _default_system_from_chat_template(tok: Tokenizer) -> str | None:
     """The system prompt a ChatML chat_template inserts when a conversation has none (Qwen2/2.5 do; Qwen3 not)."""
     if not tok.chat_template or "<|im_start|>" not in tok.chat_template:
         return None
-    from dataprep.jinja_template import render_chat_template
-
     try:
         text = render_chat_template(tok, [{"role": "user", "content": "x"}], add_generation_prompt=False)
     except Exception:  # a template we cannot render without extra variables: no default then
@@ -109,26 +176,110 @@ def _default_system_from_chat_template(tok: Tokenizer) -> str | None:
     return None
 
 
+# ---- qwen3 ------------------------------------------------------------------------------------------------------
+
+
+def _qwen3_reasoning(m: dict[str, Any]) -> tuple[str, str]:
+    """(reasoning, content) as Qwen3's template derives them: `reasoning_content` when given, else a
+    `<think>` block split off the content."""
+    content = m["content"]
+    if m.get("reasoning_content") is not None:
+        return m["reasoning_content"], content
+    if "</think>" in content:
+        return content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n"), \
+            content.split("</think>")[-1].lstrip("\n")
+    return "", content
+
+
+def _last_query_index(messages: Messages) -> int:
+    """The last user turn that is not a wrapped tool response; assistant turns after it keep their reasoning."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        c = m["content"]
+        if m["role"] == "user" and not (c.startswith("<tool_response>") and c.endswith("</tool_response>")):
+            return i
+    return len(messages) - 1
+
+
+def qwen3(tok: Tokenizer, thinking: bool = True) -> ChatTemplate:
+    """Qwen3's own chat template, rendered piece by piece: no default system prompt; tools in the system turn;
+    an assistant turn after the last user query shows `<think>\\nreasoning\\n</think>\\n\\n` (the last one
+    always, even empty), earlier turns show the answer only (their reasoning is dropped, as the template does);
+    tool calls as `<tool_call>` JSON (string arguments as given); tool results grouped in a user turn.
+    Trains what follows `<|im_start|>assistant\\n`, through `<|im_end|>`.
+
+    `thinking=False` (template `qwen3-nothink`) is the template with enable_thinking=false: the inference
+    prompt ends with an empty think block, so a last turn without reasoning does not train that block."""
+    start = _need(tok, "<|im_start|>", "qwen3")
+    end = _need(tok, "<|im_end|>", "qwen3")
+    empty_think = "<think>\n\n</think>\n\n"
+
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        out: list[Piece] = []
+        system, skip = _qwen_system(messages, tools, None)
+        if system is not None:
+            out += [(start, False), ("system\n" + system, False), (end, False), ("\n", False)]
+        last_query = _last_query_index(messages)
+        n = len(messages)
+        for i, m in enumerate(messages):
+            if i < skip:
+                continue
+            role = m["role"]
+            if role == "tool":
+                out += _qwen_tool_results(messages, i, start, end)
+                continue
+            if role != "assistant":
+                out += [(start, False), (role + "\n" + m["content"], False), (end, False), ("\n", False)]
+                continue
+            reasoning, content = _qwen3_reasoning(m)
+            if i > last_query and (i == n - 1 or reasoning):
+                body = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+            else:
+                body = content
+            for k, call in enumerate(m.get("tool_calls") or ()):
+                if k or content:
+                    body += "\n"
+                body += _qwen_call(call, True)
+            train = trained(m)
+            header = "assistant\n"
+            if not thinking and i == n - 1 and body.startswith(empty_think):
+                header, body = header + empty_think, body[len(empty_think):]
+            out += [(start, False), (header, False), (body, train), (end, train), ("\n", False)]
+        return out
+
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        header = "assistant\n" if thinking else "assistant\n" + empty_think
+        return _untrained(render(messages, tools)) + [(start, False), (header, False)]
+
+    name = "qwen3" if thinking else "qwen3-nothink"
+    return ChatTemplate(name, render, (end,), f"Qwen3 (thinking={'on' if thinking else 'off'})", prompt,
+                        renders_reasoning=True, renders_tools=True)
+
+
 # ---- llama3 -----------------------------------------------------------------------------------------------------
 
 
 def llama3(tok: Tokenizer) -> ChatTemplate:
     """Meta Llama 3 Instruct: bos, then `<|start_header_id|>role<|end_header_id|>\\n\\n` + content.strip() +
-    `<|eot_id|>`. Trains content + <|eot_id|>."""
+    `<|eot_id|>`. Trains content + <|eot_id|>. No tool format (Llama 3.0's template has none)."""
     bos = _need(tok, "<|begin_of_text|>", "llama3")
     sh = _need(tok, "<|start_header_id|>", "llama3")
     eh = _need(tok, "<|end_header_id|>", "llama3")
     eot = _need(tok, "<|eot_id|>", "llama3")
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        _refuse_tools("llama3", messages, tools)
         out: list[Piece] = [(bos, False)]
         for m in messages:
-            train = m["role"] == "assistant"
+            train = trained(m)
             out += [(sh, False), (m["role"], False), (eh, False), ("\n\n", False)]
             out += [(m["content"].strip(), train), (eot, train)]
         return out
 
-    return ChatTemplate("llama3", render, (eot,), "Llama 3 header/eot")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools)) + [(sh, False), ("assistant", False), (eh, False), ("\n\n", False)]
+
+    return ChatTemplate("llama3", render, (eot,), "Llama 3 header/eot", prompt)
 
 
 # ---- llama2 -----------------------------------------------------------------------------------------------------
@@ -145,7 +296,8 @@ def llama2(tok: Tokenizer) -> ChatTemplate:
         raise DataError("template 'llama2' needs bos and eos tokens", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        _refuse_tools("llama2", messages, tools)
         system, rest = _split_system(messages)
         out: list[Piece] = []
         for i, m in enumerate(rest):
@@ -155,10 +307,14 @@ def llama2(tok: Tokenizer) -> ChatTemplate:
                     content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content
                 out += [(bos, False), ("[INST] " + content.strip() + " [/INST]", False)]
             else:
-                out += [(" " + content.strip() + " ", True), (eos, True)]
+                train = trained(m)
+                out += [(" " + content.strip() + " ", train), (eos, train)]
         return out
 
-    return ChatTemplate("llama2", render, (eos,), "Llama 2 [INST] <<SYS>>")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools))
+
+    return ChatTemplate("llama2", render, (eos,), "Llama 2 [INST] <<SYS>>", prompt)
 
 
 # ---- vicuna -----------------------------------------------------------------------------------------------------
@@ -171,7 +327,8 @@ def vicuna(tok: Tokenizer) -> ChatTemplate:
         raise DataError("template 'vicuna' needs an eos token", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        _refuse_tools("vicuna", messages, tools)
         system, rest = _split_system(messages)
         out: list[Piece] = [(bos, False), (FRESH, False)] if bos is not None else []
         text = (VICUNA_SYSTEM if system is None else system) + " "
@@ -181,13 +338,17 @@ def vicuna(tok: Tokenizer) -> ChatTemplate:
                 text += "USER: " + m["content"] + " "
                 pending = True
             else:
-                out += [(text + "ASSISTANT:", False), (" " + m["content"], True), (eos, True)]
+                train = trained(m)
+                out += [(text + "ASSISTANT:", False), (" " + m["content"], train), (eos, train)]
                 text, pending = "", False
         if pending:  # a conversation that ends with a user turn keeps it as (untrained) context
             out.append((text, False))
         return out
 
-    return ChatTemplate("vicuna", render, (eos,), "FastChat vicuna_v1.1")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools)) + [("ASSISTANT:", False)]
+
+    return ChatTemplate("vicuna", render, (eos,), "FastChat vicuna_v1.1", prompt)
 
 
 # ---- alpaca -----------------------------------------------------------------------------------------------------
@@ -202,7 +363,8 @@ def alpaca(tok: Tokenizer) -> ChatTemplate:
         raise DataError("template 'alpaca' needs an eos token", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        _refuse_tools("alpaca", messages, tools)
         system, rest = _split_system(messages)
         out: list[Piece] = [(bos, False), (FRESH, False)] if bos is not None else []
         text = (ALPACA_PREAMBLE if system is None else system) + "\n\n"
@@ -212,13 +374,17 @@ def alpaca(tok: Tokenizer) -> ChatTemplate:
                 text += "### Instruction:\n" + m["content"] + "\n\n### Response:"
                 pending = True
             else:
-                out += [(text, False), (m["content"], True), (eos, True)]
+                train = trained(m)
+                out += [(text, False), (m["content"], train), (eos, train)]
                 text, pending = "\n\n", False
         if pending:
             out.append((text, False))
         return out
 
-    return ChatTemplate("alpaca", render, (eos,), "Stanford Alpaca")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools))
+
+    return ChatTemplate("alpaca", render, (eos,), "Stanford Alpaca", prompt)
 
 
 # ---- plain ------------------------------------------------------------------------------------------------------
@@ -231,20 +397,25 @@ def plain(tok: Tokenizer) -> ChatTemplate:
         raise DataError("template 'plain' needs an eos token", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id
 
-    def render(messages: Messages) -> list[Piece]:
+    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        _refuse_tools("plain", messages, tools)
         system, rest = _split_system(messages)
         out: list[Piece] = [(bos, False)] if bos is not None else []
         for i, m in enumerate(rest):
             content = m["content"]
             if i == 0 and system is not None:
                 content = system + "\n\n" + content
-            train = m["role"] == "assistant"
-            out += [(FRESH, False), (content, train)]
-            if train:
-                out.append((eos, True))
+            if m["role"] == "assistant":
+                train = trained(m)
+                out += [(FRESH, False), (content, train), (eos, train)]
+            else:
+                out += [(FRESH, False), (content, False)]
         return out
 
-    return ChatTemplate("plain", render, (eos,), "prompt + response + eos")
+    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
+        return _untrained(render(messages, tools)) + [(FRESH, False)]
+
+    return ChatTemplate("plain", render, (eos,), "prompt + response + eos", prompt)
 
 
 # ---- resolution -------------------------------------------------------------------------------------------------
@@ -253,13 +424,13 @@ def plain(tok: Tokenizer) -> ChatTemplate:
 def detect_template(tok: Tokenizer) -> str:
     """`auto`: the built-in that matches the tokenizer's chat_template (faster, verified equal in tests), the
     tokenizer's own template (`hf`) when it is of another family, else a built-in picked from special tokens."""
-    ct = tok.chat_template or ""
-    if ct:
-        if "<|im_start|>" in ct and "<|im_end|>" in ct:
-            return "chatml"
-        if "<|start_header_id|>" in ct and "<|eot_id|>" in ct:
+    ct_src = tok.chat_template or ""
+    if ct_src:
+        if "<|im_start|>" in ct_src and "<|im_end|>" in ct_src:
+            return "qwen3" if ("reasoning_content" in ct_src or "</think>" in ct_src) else "chatml"
+        if "<|start_header_id|>" in ct_src and "<|eot_id|>" in ct_src:
             return "llama3"
-        if "[INST]" in ct and "<<SYS>>" in ct:
+        if "[INST]" in ct_src and "<<SYS>>" in ct_src:
             return "llama2"
         return "hf"
     specials = tok.special_tokens
@@ -272,37 +443,78 @@ def detect_template(tok: Tokenizer) -> str:
     return "plain"
 
 
-_PROBES = (
-    [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
-     {"role": "assistant", "content": "Hello."}],
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather, °C",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+_PROBES: tuple[tuple[list[dict[str, Any]], list | None], ...] = (
+    ([{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], None),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+      {"role": "assistant", "content": "Hello."}], None),
+)
+_TOOL_PROBES: tuple[tuple[list[dict[str, Any]], list | None], ...] = (
+    ([{"role": "user", "content": "Paris?"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+          {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+      {"role": "tool", "content": "18"}, {"role": "tool", "content": "24"},
+      {"role": "assistant", "content": "18 and 24."}, {"role": "user", "content": "Thanks"},
+      {"role": "assistant", "content": "Sure.", "tool_calls": [
+          {"type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
+      {"role": "tool", "content": "x"}, {"role": "assistant", "content": "Done."}], [_WEATHER]),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+     [_WEATHER]),
+)
+_REASONING_PROBES: tuple[tuple[list[dict[str, Any]], list | None], ...] = (
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "r1"},
+      {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nd"}], None),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "reasoning_content": "r",
+                                          "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
+      {"role": "tool", "content": "t"}, {"role": "assistant", "content": "e", "reasoning_content": "r3"}], None),
 )
 
 
-def renders_like_chat_template(template: ChatTemplate, tok: Tokenizer) -> bool:
-    """Does a built-in render the same text as the tokenizer's own chat_template on probe conversations?
-    (Catches family variants such as Llama 3.1's date header, which the plain llama3 built-in does not add.)"""
-    from dataprep.jinja_template import render_chat_template
+def _probes_for(tok: Tokenizer) -> list[tuple[list[dict[str, Any]], list | None]]:
+    src = tok.chat_template or ""
+    probes = list(_PROBES)
+    if "tool" in src:
+        probes += _TOOL_PROBES
+    if "reasoning_content" in src or "</think>" in src:
+        probes += _REASONING_PROBES
+    return probes
 
+
+def pieces_text(pieces: list[Piece], tok: Tokenizer) -> str:
+    """The text a list of pieces stands for (special token ids as their strings)."""
     by_id = {i: c for c, i in tok.special_tokens.items()}
-    for probe in _PROBES:
+    return "".join(v if isinstance(v, str) else by_id.get(v, "") for v, _ in pieces if v is not None)
+
+
+def renders_like_chat_template(template: ChatTemplate, tok: Tokenizer) -> bool:
+    """Does a built-in render the same text as the tokenizer's own chat_template on probe conversations
+    (with tools and reasoning when the chat_template mentions them)? (Catches family variants such as
+    Llama 3.1's date header, which the plain llama3 built-in does not add.)"""
+    for messages, tools in _probes_for(tok):
         try:
-            want = render_chat_template(tok, probe)
+            want = render_chat_template(tok, messages, tools=tools)
         except Exception as e:  # a template that needs variables we do not pass: trust the family match
             log.warning("could not render the tokenizer's chat_template to check %s: %s", template.name, e)
             return True
-        got = "".join(v if isinstance(v, str) else by_id.get(v, "") for v, _ in template.render(probe) if v is not None)
+        try:
+            got = pieces_text(template.render(messages, tools), tok)
+        except DataError:
+            return False
         if got != want:
             return False
     return True
 
 
-def get_template(name: str, tok: Tokenizer) -> ChatTemplate:
+def get_template(name: str, tok: Tokenizer, content_specials: ct.ContentSpecials = "text") -> ChatTemplate:
     """Resolve a template name for a tokenizer (`auto` and `hf` included).
 
     `auto` uses the built-in of the tokenizer's family when it renders exactly like the tokenizer's own
-    chat_template (checked on probe conversations), otherwise the chat_template itself (`hf`)."""
+    chat_template (checked on probe conversations), otherwise the chat_template itself (`hf`).
+    `content_specials` matters to `hf` only (built-ins never read special tokens out of message text; the
+    engine's encoding decides): see `chat_types.ContentSpecials`."""
     if name == "auto":
         name = detect_template(tok)
         if name in BUILTIN_TEMPLATES and tok.chat_template:
@@ -314,14 +526,23 @@ def get_template(name: str, tok: Tokenizer) -> ChatTemplate:
             name = "hf"
         log.info("template auto -> %s for tokenizer %s", name, tok.name)
     if name == "hf":
-        from dataprep.jinja_template import hf_template
-
-        return hf_template(tok)
+        return hf_template(tok, content_specials)
     if name == "chatml":
         return chatml(tok, _default_system_from_chat_template(tok))
-    builders = {"llama3": llama3, "llama2": llama2, "vicuna": vicuna, "alpaca": alpaca, "plain": plain}
+    if name == "qwen3-nothink":
+        return qwen3(tok, thinking=False)
+    builders = {"qwen3": qwen3, "llama3": llama3, "llama2": llama2, "vicuna": vicuna, "alpaca": alpaca, "plain": plain}
     if name not in builders:
         raise DataError(
             f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_CHOICES)}", reason="bad_template"
         )
     return builders[name](tok)
+
+
+def inline_reasoning(m: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message with its reasoning put back in front of the content as `<think>...</think>`, for
+    templates that have no place for `reasoning_content` (the form such models saw reasoning in)."""
+    out = {k: v for k, v in m.items() if k != "reasoning_content"}
+    out["content"] = "<think>\n" + m["reasoning_content"] + "\n</think>\n\n" + m["content"]
+    return out
+

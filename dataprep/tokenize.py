@@ -22,23 +22,30 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Literal
 
 import numpy as np
 
+from dataprep.chat_types import CONTENT_SPECIALS, ChatTemplate, ContentSpecials
 from dataprep.errors import DataError
 from dataprep.limits import cap_message_chars, overlong_char_limit
-from dataprep.templates import ChatTemplate, get_template
+from dataprep.templates import get_template, inline_reasoning
 from dataprep.tokenizer import Tokenizer
 from formats.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 IGNORE = IGNORE_INDEX  # the packed format's ignore label (formats.schema)
-OVERLONG_POLICIES = ("drop", "truncate", "split")
+Overlong = Literal["drop", "truncate", "split"]
+OVERLONG_POLICIES: tuple[str, ...] = Overlong.__args__  # type: ignore[attr-defined]
+# Which assistant turns of a multi-turn conversation are trained, and in which rendering (see TokenizeOptions).
+MultiTurn = Literal["whole", "last", "expand"]
+MULTI_TURN: tuple[str, ...] = MultiTurn.__args__  # type: ignore[attr-defined]
 _CACHE_MAX_CHARS = 32
 _CACHE_MAX_ENTRIES = 50_000
 _ROLES = ("system", "user", "assistant", "tool")
@@ -49,19 +56,39 @@ class TokenizeOptions:
     """`overlong`: what to do with a record longer than max_length -- drop it; truncate (drop whole user+assistant
     pairs oldest-first, never the system prompt; a single turn still too long is cut at the end); or split (several
     samples, each system prompt + consecutive whole turns, ids "{id}#{k}").
-    `mask_history`: train only the last assistant turn. `train_on_prompt`: every token is a target."""
+
+    `multi_turn`: "whole" (default) renders the conversation once and trains every assistant turn as that render
+    shows it -- the ids are exactly `apply_chat_template(messages, tools=...)` and no prompt is paid for twice;
+    "last" trains only the last assistant turn of that render; "expand" makes one sample per assistant turn, the
+    conversation up to it rendered as at inference (for templates that render history differently from the last
+    turn, e.g. dropping earlier reasoning), ids "{id}#turn{i}". A message's own `"train": false` always wins;
+    `"train": true` trains an earlier turn under "last" too. `mask_history` is the old name of "last".
+
+    `content_specials`: what a special-token string inside message text becomes ("text", the default: ordinary
+    text, never a control token; "special": the token, as transformers' apply_chat_template does).
+    `train_on_prompt`: every token is a target."""
 
     template: str = "auto"
     max_length: int | None = None
-    overlong: str = "drop"
+    overlong: Overlong = "drop"
     mask_history: bool = False
     train_on_prompt: bool = False
     num_proc: int = 1
     chunk_size: int = 1024
+    multi_turn: MultiTurn = "whole"
+    content_specials: ContentSpecials = "text"
 
     def __post_init__(self) -> None:
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, not {self.overlong!r}")
+        if self.multi_turn not in MULTI_TURN:
+            raise ValueError(f"multi_turn must be one of {MULTI_TURN}, not {self.multi_turn!r}")
+        if self.content_specials not in CONTENT_SPECIALS:
+            raise ValueError(f"content_specials must be one of {CONTENT_SPECIALS}, not {self.content_specials!r}")
+        if self.mask_history:
+            if self.multi_turn == "expand":
+                raise ValueError("mask_history (multi_turn='last') and multi_turn='expand' exclude each other")
+            self.multi_turn = "last"
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("max_length must be at least 2")
         if self.num_proc < 1 or self.chunk_size < 1:
@@ -72,13 +99,19 @@ class TokenizeOptions:
 class TokenizeStats:
     """Counts so nothing is lost silently: `dropped[reason]` records not emitted, `truncated[reason]` records
     emitted shortened ("dropped_turns": whole oldest turns removed; "cut_tail": cut at max_length),
-    `split_records` records emitted as several samples."""
+    `split_records` records emitted as several samples, `expanded_records` records made into one sample per
+    assistant turn (multi_turn="expand"), `content_special_tokens` records whose message text contains a
+    special-token string, `reasoning_inlined` assistant turns whose reasoning went inline as <think>...</think>
+    because the template has no place for reasoning_content."""
 
     records: int = 0
     samples: int = 0
     tokens: int = 0
     trainable_tokens: int = 0
     split_records: int = 0
+    expanded_records: int = 0
+    content_special_tokens: int = 0
+    reasoning_inlined: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
 
@@ -88,6 +121,9 @@ class TokenizeStats:
         self.tokens += other.tokens
         self.trainable_tokens += other.trainable_tokens
         self.split_records += other.split_records
+        self.expanded_records += other.expanded_records
+        self.content_special_tokens += other.content_special_tokens
+        self.reasoning_inlined += other.reasoning_inlined
         self.dropped.update(other.dropped)
         self.truncated.update(other.truncated)
 
@@ -98,6 +134,9 @@ class TokenizeStats:
             "tokens": self.tokens,
             "trainable_tokens": self.trainable_tokens,
             "split_records": self.split_records,
+            "expanded_records": self.expanded_records,
+            "content_special_tokens": self.content_special_tokens,
+            "reasoning_inlined": self.reasoning_inlined,
             "dropped": dict(self.dropped),
             "truncated": dict(self.truncated),
         }
@@ -121,34 +160,35 @@ class _Encoder:
         self.template = template
         self.options = options
         self.cache: dict[tuple[str, bool], list[int]] = {}
+        self.split = options.content_specials == "text"
+
+    def _encode(self, texts: list[str], cont: bool) -> list[list[int]]:
+        return self.tok.encode_batch(texts, continued=cont, split_special_tokens=self.split)
 
     def _cached(self, text: str, cont: bool) -> list[int]:
         key = (text, cont)
         ids = self.cache.get(key)
         if ids is None:
-            ids = self.tok.encode_batch([text], continued=cont)[0]
+            ids = self._encode([text], cont)[0]
             if len(self.cache) >= _CACHE_MAX_ENTRIES:  # many distinct short texts: keep memory flat
                 self.cache.clear()
             self.cache[key] = ids
         return ids
 
     def encode_many(
-        self, conversations: list[list[dict]], untrained: bool = False, names: list[str] | None = None
+        self, conversations: list[tuple[list[dict], list | None]], names: list[str] | None = None
     ) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Token ids and trained [start, end) ranges per conversation (one batched tokenizer call per mode).
-        `untrained`: no assistant turn is a target (a split piece before the last turn under mask_history)."""
+        """Token ids and trained [start, end) ranges per (messages, tools) (one batched tokenizer call per mode)."""
         opts = self.options
         texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
         plans: list[list] = []
-        for k, messages in enumerate(conversations):
+        for k, (messages, tools) in enumerate(conversations):
             try:
-                pieces = self.template.render(messages)
+                pieces = self.template.render(messages, tools) if tools else self.template.render(messages)
             except DataError as e:
                 if names is None:
                     raise
                 raise DataError(f"record {names[k]!r}: {e.message}", record=e.record, reason=e.reason) from e
-            if opts.mask_history:
-                pieces = _only_last_trained_group(pieces)
             plan: list = []
             run: list[tuple[str, bool]] = []
             cont = False
@@ -171,8 +211,8 @@ class _Encoder:
             plans.append(plan)
 
         encoded = (
-            self.tok.encode_batch(texts[0], continued=False) if texts[0] else [],
-            self.tok.encode_batch(texts[1], continued=True) if texts[1] else [],
+            self._encode(texts[0], False) if texts[0] else [],
+            self._encode(texts[1], True) if texts[1] else [],
         )
         out: list[tuple[list[int], list[tuple[int, int]]]] = []
         for plan in plans:
@@ -204,8 +244,6 @@ class _Encoder:
                     ids.extend(full)
             if opts.train_on_prompt:
                 spans = [(0, len(ids))]
-            elif untrained:
-                spans = []
             out.append((ids, spans))
         return out
 
@@ -242,18 +280,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _only_last_trained_group(pieces: list) -> list:
-    last_start = None
-    prev = False
-    for i, (_, train) in enumerate(pieces):
-        if train and not prev:
-            last_start = i
-        prev = train
-    if last_start is None:
-        return pieces
-    return [(v, t and i >= last_start) for i, (v, t) in enumerate(pieces)]
-
-
 def _add_span(spans: list[tuple[int, int]], start: int, end: int) -> None:
     if end <= start:
         return
@@ -285,7 +311,7 @@ def _sample(rid: str, ids: list[int], spans: list[tuple[int, int]]) -> Tokenized
 # ---- records ------------------------------------------------------------------------------------------------------
 
 
-def _messages_of(record: dict, index: int) -> tuple[str, list[dict]]:
+def _messages_of(record: dict, index: int) -> tuple[str, list[dict], list | None]:
     if not isinstance(record, dict):
         raise DataError("record is not an object", record=index, reason="bad_record")
     rid = record.get("id")
@@ -299,20 +325,48 @@ def _messages_of(record: dict, index: int) -> tuple[str, list[dict]]:
                 f"record {rid!r}: each message needs role system|user|assistant|tool and string content",
                 record=index, reason="bad_record",
             )
-    return rid, messages
+    tools = record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"record {rid!r}: 'tools' must be a list", record=index, reason="bad_record")
+    return rid, messages, tools or None
 
 
 def _pairs(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """(system messages, turns): a turn is a user message and the assistant reply that follows it."""
+    """(system messages, turns): a turn is a user message and everything that answers it (assistant turns,
+    tool calls and their results) up to the next user message."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = messages[len(system):]
     turns: list[list[dict]] = []
     for m in rest:
-        if m["role"] == "user" or not turns or turns[-1][-1]["role"] == "assistant":
+        if m["role"] == "user" or not turns:
             turns.append([m])
         else:
             turns[-1].append(m)
     return system, turns
+
+
+def _with_train(m: dict, train: bool) -> dict:
+    return m if m.get("train", True) is train else {**m, "train": train}
+
+
+def _last_only(messages: list[dict]) -> list[dict]:
+    """multi_turn="last": earlier assistant turns become context unless they say `"train": true`."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return [m if i == last or m["role"] != "assistant" or m.get("train") is True else _with_train(m, False)
+            for i, m in enumerate(messages)]
+
+
+def _texts_of(messages: list[dict], tools: list | None) -> Iterator[str]:
+    for m in messages:
+        yield m["content"]
+        if "reasoning_content" in m:
+            yield m["reasoning_content"]
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                yield fn["arguments"]
+    if tools:
+        yield repr(tools)
 
 
 class _Processor:
@@ -320,30 +374,56 @@ class _Processor:
 
     def __init__(self, tok: Tokenizer, options: TokenizeOptions) -> None:
         self.options = options
-        self.template = get_template(options.template, tok)
+        self.template = get_template(options.template, tok, options.content_specials)
         self.encoder = _Encoder(tok, self.template, options)
         # A message this long cannot fit; cut it before tokenizing so memory follows seq_length (dataprep.limits).
         self.char_limit = None if options.max_length is None else overlong_char_limit(tok, options.max_length)
+        specials = sorted(tok.special_tokens, key=len, reverse=True)
+        self.special_re = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
+
+    def _prepare(self, rid: str, messages: list[dict], tools: list | None,
+                 stats: TokenizeStats) -> list[tuple[str, list[dict], list | None]]:
+        """The samples one record becomes before tokenizing: (id, messages, tools) each."""
+        opts = self.options
+        if self.special_re is not None and any(self.special_re.search(t) for t in _texts_of(messages, tools)):
+            stats.content_special_tokens += 1
+        if not self.template.renders_reasoning and any("reasoning_content" in m for m in messages):
+            stats.reasoning_inlined += sum("reasoning_content" in m for m in messages)
+            messages = [inline_reasoning(m) if "reasoning_content" in m else m for m in messages]
+        if opts.multi_turn == "whole" or opts.train_on_prompt:
+            return [(rid, messages, tools)]
+        if opts.multi_turn == "last":
+            return [(rid, _last_only(messages), tools)]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True) is not False]
+        if len(turns) <= 1:
+            return [(rid, messages, tools)]
+        stats.expanded_records += 1
+        out = []
+        for i in turns:
+            prefix = [_with_train(m, False) if m["role"] == "assistant" and k < i else m
+                      for k, m in enumerate(messages[: i + 1])]
+            out.append((f"{rid}#turn{i}", prefix, tools))
+        return out
 
     def process(self, chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample], TokenizeStats]:
         stats = TokenizeStats()
         stats.records = len(chunk)
         max_len = self.options.max_length
-        todo: list[tuple[str, list[dict]]] = []
+        todo: list[tuple[str, list[dict], list | None]] = []
         for index, record in chunk:
-            rid, messages = _messages_of(record, index)
+            rid, messages, tools = _messages_of(record, index)
             messages = cap_message_chars(messages, self.char_limit)
             if not messages:
                 stats.dropped["empty"] += 1
             elif not any(m["role"] == "assistant" for m in messages) and not self.options.train_on_prompt:
                 stats.dropped["no_assistant"] += 1
             else:
-                todo.append((rid, messages))
+                todo += self._prepare(rid, messages, tools, stats)
         samples: list[TokenizedSample] = []
-        encoded = self.encoder.encode_many([m for _, m in todo], names=[r for r, _ in todo]) if todo else []
-        for (rid, messages), (ids, spans) in zip(todo, encoded, strict=True):
+        encoded = self.encoder.encode_many([(m, t) for _, m, t in todo], names=[r for r, _, _ in todo]) if todo else []
+        for (rid, messages, tools), (ids, spans) in zip(todo, encoded, strict=True):
             if max_len is not None and len(ids) > max_len:
-                pieces = self._overlong(rid, messages, stats)
+                pieces = self._overlong(rid, messages, tools, stats)
             else:
                 pieces = [(rid, ids, spans)]
             for pid, pids, pspans in pieces:
@@ -363,7 +443,7 @@ class _Processor:
                 stats.trainable_tokens += int((sample.labels != IGNORE).sum())
         return samples, stats
 
-    def _overlong(self, rid: str, messages: list[dict], stats: TokenizeStats) -> list:
+    def _overlong(self, rid: str, messages: list[dict], tools: list | None, stats: TokenizeStats) -> list:
         opts = self.options
         max_len = opts.max_length
         assert max_len is not None
@@ -373,17 +453,18 @@ class _Processor:
         system, turns = _pairs(messages)
         if opts.overlong == "truncate":
             # drop whole turns oldest-first; candidates are tried in one batch
-            candidates = [system + [m for t in turns[k:] for m in t] for k in range(1, len(turns))]
+            candidates = [(system + [m for t in turns[k:] for m in t], tools) for k in range(1, len(turns))]
             for ids, spans in self.encoder.encode_many(candidates):
                 if len(ids) <= max_len:
                     stats.truncated["dropped_turns"] += 1
                     return [(rid, ids, spans)]
-            ids, spans = self.encoder.encode_many([system + turns[-1]])[0]
+            ids, spans = self.encoder.encode_many([(system + turns[-1], tools)])[0]
             stats.truncated["cut_tail"] += 1
             if len(turns) > 1:
                 stats.truncated["dropped_turns"] += 1
             return [(rid, ids[:max_len], _clip(spans, max_len))]
-        # split: greedy groups of consecutive whole turns, each with the system prompt
+        # split: greedy groups of consecutive whole turns, each with the system prompt (under multi_turn="last"
+        # the earlier turns already carry "train": false, so only the record's last turn is a target)
         out = []
         start = 0
         while start < len(turns):
@@ -391,9 +472,7 @@ class _Processor:
             end = start + 1
             while end <= len(turns):
                 piece = system + [m for t in turns[start:end] for m in t]
-                # under mask_history only the record's last turn is a target, not each piece's last turn
-                untrained = opts.mask_history and end < len(turns)
-                ids, spans = self.encoder.encode_many([piece], untrained)[0]
+                ids, spans = self.encoder.encode_many([(piece, tools)])[0]
                 if len(ids) > max_len:
                     break
                 best = (end, ids, spans)
@@ -461,7 +540,7 @@ def tokenize_conversations(
             yield from samples
         return
     # validate template/options here so a bad name fails before workers start
-    get_template(options.template, tokenizer)
+    get_template(options.template, tokenizer, options.content_specials)
     ctx = mp.get_context("spawn")
     pending: deque = deque()
     with ctx.Pool(options.num_proc, initializer=_worker_init, initargs=(str(tokenizer.source), options)) as pool:

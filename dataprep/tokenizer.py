@@ -77,11 +77,16 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
-    def encode_batch(self, texts: Sequence[str], continued: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], continued: bool = False,
+                     split_special_tokens: bool = False) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust / C++). Special-token strings inside text become their ids,
-        as with Hugging Face tokenizers. `continued=True`: each text follows a special token in the same sequence."""
+        as with Hugging Face tokenizers, unless `split_special_tokens` (transformers' option of that name: they
+        are encoded as ordinary text; added tokens that are not special still match).
+        `continued=True`: each text follows a special token in the same sequence."""
         if not texts:
             return []
+        if split_special_tokens:
+            return self._backend.encode_batch(list(texts), continued=continued, split=True)
         return self._backend.encode_batch(list(texts), continued=continued)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -105,13 +110,30 @@ class _HFBackend:
         self.tok = tok
         self.special_for_prefix = special_for_prefix  # only set when the tokenizer is continuation-sensitive
 
-    def encode_batch(self, texts: list[str], continued: bool) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], continued: bool, split: bool = False) -> list[list[int]]:
+        if split:
+            return self._encode_split(texts, continued)
         if continued and self.special_for_prefix is not None:
             # Encode inside context: prepend a special token (a hard split) and drop its id again.
             encs = self.tok.encode_batch_fast([self.special_for_prefix + t for t in texts], add_special_tokens=False)
             return [e.ids[1:] for e in encs]
         encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
         return [e.ids for e in encs]
+
+    def _encode_split(self, texts: list[str], continued: bool) -> list[list[int]]:
+        """Special-token strings as plain text (the Rust tokenizer's encode_special_tokens switch)."""
+        tok = self.tok
+        tok.encode_special_tokens = True
+        try:
+            if continued and self.special_for_prefix is not None:
+                # the context prefix must stay one special token: encode it and the text apart, as one would
+                # after a real special token (the continuation probe showed a leading-space rule to respect)
+                prefix_len = len(tok.encode(self.special_for_prefix, add_special_tokens=False).ids)
+                encs = tok.encode_batch_fast([self.special_for_prefix + t for t in texts], add_special_tokens=False)
+                return [e.ids[prefix_len:] for e in encs]
+            return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            tok.encode_special_tokens = False
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -214,8 +236,8 @@ class _SPBackend:
         self.table = table
         self.vocab = {self.sp.id_to_piece(i): i for i in range(n)}
 
-    def encode_batch(self, texts: list[str], continued: bool) -> list[list[int]]:
-        if self.special_re is None or not any(s in t for t in texts for s in self.specials):
+    def encode_batch(self, texts: list[str], continued: bool, split: bool = False) -> list[list[int]]:
+        if split or self.special_re is None or not any(s in t for t in texts for s in self.specials):
             proc = self.sp_cont if continued else self.sp
             return proc.encode(texts)
         return [self._encode_with_specials(t, continued) for t in texts]

@@ -68,10 +68,11 @@ def test_raise_exception_names_the_record(tmp_path):
 
 
 def test_prefix_unstable_template_is_refused(tmp_path):
-    """A template that renders the last message differently from history cannot be diffed: clear error."""
+    """A template whose rendering of the conversation BEFORE an assistant turn is not a prefix of the whole
+    (here: a marker in front of whatever message is last) gives no place to start the turn: clear error."""
     template = "{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m.content }}{{ eos_token }}{% endfor %}"
     tok = make_tok(tmp_path, template)
-    with pytest.raises(DataError, match="prefixes"):
+    with pytest.raises(DataError, match="turn 2 .*does not render as a prefix of the whole"):
         list(tokenize_conversations([{"id": "a", "messages": MESSAGES}], tok, TokenizeOptions(template="hf")))
 
 

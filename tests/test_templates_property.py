@@ -70,10 +70,20 @@ def test_random_contents_match_transformers(shared_data, name, template, end, he
         answers = [m["content"].strip() if strip else m["content"] for m in msgs if m["role"] == "assistant"]
         # an answer that is itself an end-of-turn string makes the trained spans ambiguous to compare
         assume(all(end not in a for a in answers))
-        (s,) = tokenize_conversations([{"id": "p", "messages": msgs}], tok, TokenizeOptions(template=template))
+        # content_specials="special" is transformers' behaviour: a special-token string in text is the token
+        (s,) = tokenize_conversations([{"id": "p", "messages": msgs}], tok,
+                                      TokenizeOptions(template=template, content_specials="special"))
         want = ref.apply_chat_template(msgs, tokenize=True, return_dict=False)
         want = list(want["input_ids"] if hasattr(want, "keys") else want)
         assert s.input_ids.tolist() == want
+        # the default keeps such strings text: the end-of-turn id then occurs once per rendered turn only
+        (safe,) = tokenize_conversations([{"id": "p", "messages": msgs}], tok, TokenizeOptions(template=template))
+        eot = tok.special_tokens[end]
+        turns = len(ref.apply_chat_template(msgs, tokenize=False).split(end)) - 1 - sum(
+            m["content"].count(end) for m in msgs)
+        assert safe.input_ids.tolist().count(eot) == turns
+        if not any(end in m["content"] for m in msgs):
+            assert safe.input_ids.tolist() == want
         got = spans(tok, s)
         assert len(got) == len(answers)
         for text, answer in zip(got, answers, strict=True):
