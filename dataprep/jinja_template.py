@@ -10,8 +10,11 @@ Where the mask comes from:
 1. If the template marks assistant output with `{% generation %}...{% endgeneration %}`, that text is trainable.
 2. Otherwise, for each assistant message i, located in the whole render F:
    - its start: render messages[:i] (P, the history, which ends with a user or tool turn) and messages[:i]
-     with add_generation_prompt=True (G). P must be a prefix of F. The assistant header is the part of G
-     after P that F also has there (the inference prompt's header); training starts after it.
+     with add_generation_prompt=True (G). The assistant header is the part of G after P (the inference
+     prompt's header). When P is a prefix of F, training starts after the part of the header F also has
+     there; when it is not (Qwen3 drops the reasoning of turns before the last user query, so history
+     renders differently inside the whole), the header is searched for in F after the previous turn (the
+     longest prefix of it that holds a special token: message text cannot contain one by then).
    - its end: when messages[:i+1] renders as a prefix of F, the turn ends there and is trainable through its
      last end-of-turn token (eos, <|im_end|>, <|eot_id|>, <end_of_turn>, ...); text after it (ChatML's "\\n")
      is scaffolding. Templates that render history differently from the last turn (Qwen3 drops earlier
@@ -205,6 +208,19 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
             pos = b + 1
         return to_pieces(spans)
 
+    def find_header(full: str, header: str, pos: int) -> int:
+        """Where the text after the longest prefix of `header` that still contains a special token occurs
+        first at or after `pos` (-1: none). Message text cannot fake it: its special-token strings are
+        placeholders by then (content_specials="text"), or the caller accepted them as tokens."""
+        first = pattern.search(header) if pattern is not None and header else None
+        if first is None:
+            return -1
+        for n in range(len(header), first.end() - 1, -1):
+            k = full.find(header[:n], pos)
+            if k >= 0:
+                return k + n
+        return -1
+
     def fail(i: int, why: str) -> DataError:
         return DataError(
             f"cannot derive the assistant mask of turn {i} from the tokenizer's chat_template ({why}); "
@@ -221,9 +237,16 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
                 continue
             pre = render_text(messages[:i], tools) if i else ""
             gen = render_text(messages[:i], tools, add_generation_prompt=True) if i else ""
-            if not full.startswith(pre) or len(pre) < pos:
-                raise fail(i, "the conversation before it does not render as a prefix of the whole")
-            start = len(pre) + _common_prefix_len(gen[len(pre):], full[len(pre):]) if gen.startswith(pre) else len(pre)
+            header = gen[len(pre):] if gen.startswith(pre) else ""
+            if full.startswith(pre) and len(pre) >= pos:
+                start = len(pre) + _common_prefix_len(header, full[len(pre):])
+            else:
+                # the history renders differently inside the whole conversation (Qwen3 drops reasoning of
+                # turns before the last user query): find this turn's header after the previous turn
+                start = find_header(full, header, pos)
+                if start < 0:
+                    raise fail(i, "the conversation before it does not render as a prefix of the whole, and its "
+                                  "assistant header has no special token to find it by")
             upto = render_text(messages[: i + 1], tools)
             if full.startswith(upto) and len(upto) >= start:
                 turn = full[start : len(upto)]
