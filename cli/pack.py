@@ -8,9 +8,10 @@ import click
 
 from cli.common import emit_summary, handle_errors, setup_logging
 from cli.convert import FORMAT_CHOICES
+from dataprep.chat_types import CONTENT_SPECIALS, TEMPLATE_CHOICES
+from dataprep.packing import ALGORITHMS
+from dataprep.tokenize import MULTI_TURN, OVERLONG_POLICIES
 from formats.schema import MAX_SEQ_LENGTH
-
-TEMPLATE_CHOICES = ["auto", "hf", "chatml", "llama3", "llama2", "vicuna", "alpaca", "plain"]
 
 
 @click.command(
@@ -48,11 +49,12 @@ Examples:
     type=click.Choice(TEMPLATE_CHOICES),
     default="auto",
     show_default=True,
-    help="Chat template; auto picks the tokenizer family's built-in when it matches its chat_template.",
+    help="Chat template; auto picks the tokenizer family's built-in when it renders exactly like its "
+    "chat_template (probed with tools and reasoning when the template has them), else hf (the tokenizer's own).",
 )
 @click.option(
     "--algorithm",
-    type=click.Choice(["bfd", "ffd", "none"]),
+    type=click.Choice(ALGORITHMS),
     default="bfd",
     show_default=True,
     help="Packing: best-/first-fit-decreasing, or none (one sample per row, padded).",
@@ -98,12 +100,30 @@ Examples:
 )
 @click.option(
     "--overlong",
-    type=click.Choice(["drop", "truncate", "split"]),
+    type=click.Choice(OVERLONG_POLICIES),
     default="drop",
     show_default=True,
     help="Samples longer than --seq-length: drop, truncate (oldest turns first), or split into several.",
 )
-@click.option("--mask-history", is_flag=True, help="Train only on the last assistant turn.")
+@click.option("--mask-history", is_flag=True, help="Train only on the last assistant turn (= --multi-turn last).")
+@click.option(
+    "--multi-turn",
+    type=click.Choice(MULTI_TURN),
+    default="whole",
+    show_default=True,
+    help="whole: one render of the conversation, every assistant turn trained as it shows there (ids equal "
+    "apply_chat_template). last: only the last turn. expand: one sample per assistant turn, rendered as at "
+    "inference (for templates that drop earlier reasoning, e.g. Qwen3).",
+)
+@click.option(
+    "--content-special-tokens",
+    "content_specials",
+    type=click.Choice(CONTENT_SPECIALS),
+    default="text",
+    show_default=True,
+    help="A special-token string inside message text (\"<|im_end|>\" pasted by a user): text keeps it ordinary "
+    "text; special makes it the control token, as apply_chat_template does. Such records are counted.",
+)
 @click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompts included.")
 @click.option(
     "--input-format",
@@ -159,6 +179,8 @@ def pack(
     seed: int,
     overlong: str,
     mask_history: bool,
+    multi_turn: str,
+    content_specials: str,
     train_on_prompt: bool,
     input_format: str,
     system: str | None,
@@ -204,6 +226,8 @@ def pack(
         template=template,
         overlong=overlong,
         mask_history=mask_history,
+        multi_turn=multi_turn,
+        content_specials=content_specials,
         train_on_prompt=train_on_prompt,
         input_format=input_format.lower(),
         system=system,

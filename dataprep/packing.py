@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import numpy as np
 from numba import njit
 
-ALGORITHMS = ("ffd", "bfd", "none")
+Algorithm = Literal["ffd", "bfd", "none"]
+ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
 _ALGO_CODE = {"ffd": 0, "bfd": 1, "none": 2}
 
 

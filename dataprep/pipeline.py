@@ -71,6 +71,8 @@ class PackOptions:
     overlong: str = "drop"
     mask_history: bool = False
     train_on_prompt: bool = False
+    multi_turn: str = "whole"
+    content_specials: str = "text"
     input_format: str = "auto"
     system: str | None = None
     on_error: str = "fail"
@@ -487,7 +489,7 @@ def _pack_locked(
         log.info("%s already holds this dataset (same inputs and options); reusing it", out)
         return pack_summary(existing, out, time.perf_counter() - started, reused=True)
     check_target(out, options.overwrite)
-    template = get_template(options.template, tok)
+    template = get_template(options.template, tok, options.content_specials)  # type: ignore[arg-type]
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if pad_id is None:
         log.warning(
@@ -514,6 +516,8 @@ def _pack_locked(
             mask_history=options.mask_history,
             train_on_prompt=options.train_on_prompt,
             num_proc=options.num_proc,
+            multi_turn=options.multi_turn,  # type: ignore[arg-type]
+            content_specials=options.content_specials,  # type: ignore[arg-type]
         ),
         tokenize_stats,
     )
@@ -558,6 +562,10 @@ def _pack_locked(
                 "dropped": dict(tokenize_stats.dropped),
                 "truncated": dict(tokenize_stats.truncated),
                 "split_records": tokenize_stats.split_records,
+                "expanded_records": tokenize_stats.expanded_records,
+                "content_special_tokens": tokenize_stats.content_special_tokens,
+                "reasoning_inlined": tokenize_stats.reasoning_inlined,
+                "unknown_fields": dict(convert_stats.unknown_fields),
                 "read_tokenize_seconds": round(read_seconds, 3),
             },
             extra=extra,
