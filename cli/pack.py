@@ -35,8 +35,13 @@ Examples:
     "--tokenizer",
     "tokenizer_path",
     required=True,
-    type=click.Path(exists=True),
-    help="Tokenizer directory or file (tokenizer.json / tokenizer.model / vocab.json+merges.txt).",
+    help="Tokenizer directory or file (tokenizer.json / tokenizer.model / vocab.json+merges.txt), or a hub id "
+    "(ORG/NAME) in the local Hugging Face cache.",
+)
+@click.option(
+    "--allow-download",
+    is_flag=True,
+    help="Let a --tokenizer hub id that is not cached be downloaded (by default nothing is downloaded).",
 )
 @click.option(
     "--seq-length",
@@ -168,6 +173,7 @@ def pack(
     inputs: tuple[str, ...],
     output: str,
     tokenizer_path: str,
+    allow_download: bool,
     seq_length: int,
     template: str,
     algorithm: str,
@@ -206,8 +212,13 @@ def pack(
     """
     from dataprep.partition import parse_partition
     from dataprep.pipeline import PackOptions, pack_dataset
+    from formats.hub import resolve
 
     setup_logging(verbose)
+    try:
+        tokenizer_path = str(resolve(tokenizer_path, "model", allow_download=allow_download))
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tokenizer") from None
     partition = None
     if partition_spec is not None:
         try:

@@ -134,7 +134,7 @@ def _validate_tool_calls(calls: Any, i: int) -> None:
                 f"turn {i} tool_calls[{k}] arguments must be a JSON object, got {type(args).__name__}",
                 reason=BAD_TOOL_CALL,
             )
-        if "id" in call and not isinstance(call["id"], str):
+        if call.get("id") is not None and not isinstance(call["id"], str):
             raise DataError(f"turn {i} tool_calls[{k}] 'id' must be a string", reason=BAD_TOOL_CALL)
 
 

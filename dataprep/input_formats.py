@@ -80,7 +80,9 @@ def with_extra(messages: list[dict[str, Any]], raw: dict[str, Any], known: froze
     `tools`, the record's unmapped fields under `extra` and their names (record- and message-level, the
     latter passed in `unknown`) for the counts."""
     names = list(unknown or ())
-    extra = {k: v for k, v in raw.items() if k not in known and k != cv.EXTRA and k != cv.UNKNOWN_NAMES}
+    # a null is no value (columnar inputs fill absent fields with null): nothing to keep or count
+    extra = {k: v for k, v in raw.items()
+             if k not in known and k != cv.EXTRA and k != cv.UNKNOWN_NAMES and v is not None}
     names += extra
     names += raw.get(cv.UNKNOWN_NAMES) or ()  # noted earlier (self-instruct expansion)
     own = raw.get(cv.EXTRA)
@@ -103,7 +105,7 @@ def with_extra(messages: list[dict[str, Any]], raw: dict[str, Any], known: froze
 def _turn_extra(turn: dict[str, Any], out: dict[str, Any], known: frozenset[str], prefix: str,
                 unknown: list[str]) -> None:
     """Keep a turn's unmapped fields under the message's `extra` and note their names."""
-    extra = {k: v for k, v in turn.items() if k not in known}
+    extra = {k: v for k, v in turn.items() if k not in known and v is not None}
     if extra:
         out[cv.EXTRA] = {**out.get(cv.EXTRA, {}), **extra}
         unknown += [f"{prefix}.{k}" for k in extra]
@@ -411,7 +413,7 @@ def _openai_turn(turn: dict[str, Any], k: int, unknown: list[str]) -> dict[str, 
             out[key] = turn[key]
     if calls is not None:
         out["tool_calls"] = _openai_tool_calls(calls, k)
-    if "weight" in turn and "train" not in turn:
+    if turn.get("weight") is not None and turn.get("train") is None:
         if turn["weight"] not in (0, 1) or type(turn["weight"]) is bool:
             raise DataError(f"messages[{k}] 'weight' must be 0 or 1, got {turn['weight']!r}", reason=cv.WRONG_TYPE)
         out["train"] = turn["weight"] == 1

@@ -1,12 +1,17 @@
 """Open instruction-data inputs and stream their raw records with locations.
 
 Inputs: JSON Lines or one JSON array per file, optionally gzip or zstd compressed (detected from the
-magic bytes, not the name), shell globs, a Hugging Face `save_to_disk` directory, or `hf:NAME[:SPLIT]`
-for a dataset `datasets.load_dataset` can open offline (a locally cached hub name or a local folder).
+magic bytes, not the name); Parquet and Arrow files (magic bytes) and CSV/TSV files (by name, a header
+row naming the columns, every cell read as a string); shell globs; a directory of such files (the hub's
+`data/train-00000-of-00003.parquet` layout: with split-named files, the `train` split unless one is
+named); a Hugging Face `save_to_disk` directory; or `hf:NAME[:SPLIT]` for a hub dataset in the local
+Hugging Face cache (resolved with huggingface_hub, offline: `formats.hub`), else one
+`datasets.load_dataset` can open offline.
 
 Memory: files are read in 1 MiB chunks and records handed out as soon as they are complete (see
 `json_stream`), so neither JSONL nor a JSON array is ever loaded whole. A Hugging Face dataset is
-memory-mapped Arrow, read in batches of 1024 rows.
+memory-mapped Arrow, read in batches of 1024 rows; Parquet is read one row group at a time, Arrow
+files memory-mapped and CSV in 1 MiB blocks, all handed out 1024 rows at a time.
 
 `read_batches` yields `json_stream.RecordBatch` objects; `read_records` flattens them to `(raw, line,
 record)`: `raw` is the parsed record, or a `BadRecord` for a JSONL line that is not valid JSON / UTF-8 (so
@@ -46,6 +51,18 @@ ARRAY = "array"
 JSONL = "jsonl"
 HF_DISK = "hf_disk"
 HF_HUB = "hf_hub"
+PARQUET = "parquet"
+ARROW_FILE = "arrow"
+CSV = "csv"
+TABLE_KINDS = (PARQUET, ARROW_FILE, CSV)
+TABLE_BATCH_ROWS = 1024
+# Files a data directory (or a cached hub dataset snapshot) contributes, by name.
+DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst",
+                 ".json.zst")
+_PARQUET_MAGIC = b"PAR1"
+_ARROW_FILE_MAGIC = b"ARROW1"
+_ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)(-\d{5}-of-\d{5})?\.")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -63,6 +80,7 @@ class InputSource:
     kind: str = FILE
     path: str | None = None
     split: str | None = None
+    hint: str | None = None  # HF_HUB: why the hub cache did not have it (said when datasets cannot open it either)
 
     @property
     def stem(self) -> str:
@@ -91,6 +109,71 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def file_kind(path: str) -> str:
+    """FILE (JSON / JSON Lines, maybe compressed), PARQUET or ARROW_FILE by magic bytes, CSV by name."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == _PARQUET_MAGIC:
+        return PARQUET
+    if magic == _ARROW_FILE_MAGIC or magic[:4] == _ARROW_STREAM_MAGIC:
+        return ARROW_FILE
+    if path.lower().endswith((".csv", ".tsv")):
+        return CSV
+    return FILE
+
+
+def _file_source(path: str, name: str | None = None) -> InputSource:
+    return InputSource(name=name or path, kind=file_kind(path), path=path)
+
+
+def data_files(directory: str, split: str | None = None) -> list[str]:
+    """The data files of a directory, sorted (the hub layout `data/<split>-00000-of-00003.parquet` included).
+
+    When files are named after splits, `split` picks one (default `train`, or the only one there is); files
+    in hidden folders (.cache, .git, .huggingface) are not data."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(DATA_SUFFIXES)]
+    if not found:
+        raise FileNotFoundError(f"{directory} holds no data files ({', '.join(DATA_SUFFIXES)})")
+
+    def split_of(path: str) -> str | None:
+        rel = os.path.relpath(path, directory).split(os.sep)
+        for part in rel[:-1]:  # data/train/xxx.parquet
+            if part in ("train", "test", "validation", "valid", "dev"):
+                return part
+        m = _SPLIT_FILE.match(rel[-1])
+        return m.group("split") if m else None
+
+    splits = {split_of(p) for p in found}
+    if split is None:
+        if len(splits) <= 1:
+            return found
+        split = "train" if "train" in splits else None
+        if split is None:
+            shown = ", ".join(sorted(s or "(none)" for s in splits))
+            raise FileNotFoundError(f"{directory} has the splits {shown}; choose one with hf:{directory}:SPLIT")
+    chosen = [p for p in found if split_of(p) == split]
+    if not chosen:
+        raise FileNotFoundError(f"{directory} has no files of split {split!r}")
+    return chosen
+
+
+def _hub_dataset(item: str, name: str, split: str | None) -> list[InputSource]:
+    """`hf:NAME[:SPLIT]` for a hub dataset: its cached snapshot's data files, or (not in the hub cache)
+    a source `datasets.load_dataset` opens offline from its own cache."""
+    from formats.hub import HubNotCachedError, looks_like_repo_id, resolve
+
+    if not looks_like_repo_id(name):
+        return [InputSource(name=item, kind=HF_HUB, path=name, split=split)]
+    try:
+        snapshot = resolve(name, "dataset")
+    except HubNotCachedError as exc:
+        return [InputSource(name=item, kind=HF_HUB, path=name, split=split, hint=str(exc))]
+    return [_file_source(p, f"{item}/{os.path.relpath(p, snapshot)}") for p in data_files(str(snapshot), split)]
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[InputSource]:
     """Resolve INPUT arguments to sources, in the order given (glob matches sorted, so runs are reproducible).
 
@@ -100,21 +183,24 @@ def expand_inputs(inputs: Sequence[str]) -> list[InputSource]:
     for item in inputs:
         if item.startswith("hf:"):
             name, split = _split_spec(item[3:])
-            kind = HF_DISK if os.path.isdir(name) and is_saved_dataset(name) else HF_HUB
-            sources.append(InputSource(name=item, kind=kind, path=name, split=split))
+            if os.path.isdir(name) and is_saved_dataset(name):
+                sources.append(InputSource(name=item, kind=HF_DISK, path=name, split=split))
+            elif os.path.isdir(name):
+                sources.extend(_file_source(p) for p in data_files(name, split))
+            else:
+                sources.extend(_hub_dataset(item, name, split))
         elif os.path.isdir(item):
-            if not is_saved_dataset(item):
-                raise FileNotFoundError(
-                    f"{item} is a directory but not a saved Hugging Face dataset; pass files or a glob like '{item}/*.jsonl'"
-                )
-            sources.append(InputSource(name=item, kind=HF_DISK, path=item))
+            if is_saved_dataset(item):
+                sources.append(InputSource(name=item, kind=HF_DISK, path=item))
+            else:
+                sources.extend(_file_source(p) for p in data_files(item))
         elif os.path.isfile(item):
-            sources.append(InputSource(name=item, path=item))
+            sources.append(_file_source(item))
         elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise FileNotFoundError(f"no input file matches {item!r}")
-            sources.extend(InputSource(name=p, path=p) for p in matches)
+            sources.extend(_file_source(p) for p in matches)
         else:
             raise FileNotFoundError(f"input not found: {item} (for a Hugging Face hub dataset use hf:NAME)")
     return sources
@@ -124,6 +210,8 @@ def read_batches(source: InputSource, progress: Progress | None = None) -> Itera
     """Stream one source as RecordBatch objects (records plus how to locate each one)."""
     if source.kind == FILE:
         return _read_file(source, progress)
+    if source.kind in TABLE_KINDS:
+        return _read_table(source, progress)
     return _read_dataset(source)
 
 
@@ -281,6 +369,65 @@ def open_file(source: InputSource, progress: Progress | None = None) -> tuple[st
     return JSONL, head, first, chunks
 
 
+# ---------------------------------------------------------------- Parquet, Arrow, CSV
+
+
+def _arrow_batches(source: InputSource) -> Iterator[Any]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = source.path or source.name
+    if source.kind == PARQUET:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=TABLE_BATCH_ROWS)
+    elif source.kind == ARROW_FILE:
+        with pa.memory_map(path) as mm:
+            try:
+                reader = pa.ipc.open_file(mm)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+            except pa.ArrowInvalid:  # the streaming format (what datasets writes to its cache)
+                mm.seek(0)
+                yield from pa.ipc.open_stream(mm)
+    else:
+        import csv
+
+        delimiter = "\t" if path.lower().endswith(".tsv") else ","
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+        if not header:
+            log.warning("%s is empty", source.name)
+            return
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=CHUNK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            # every cell a string: a column of digits stays text (ids, answers), empty cells stay ""
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header},
+                                                 strings_can_be_null=False),
+        )
+        yield from reader
+
+
+def _read_table(source: InputSource, progress: Progress | None) -> Iterator[RecordBatch]:
+    """Rows of a Parquet / Arrow / CSV file as dicts, 1024 at a time, located by row index."""
+    import pyarrow as pa
+
+    index = 0
+    what = {PARQUET: "Parquet", ARROW_FILE: "Arrow", CSV: "CSV"}[source.kind]
+    try:
+        for batch in _arrow_batches(source):
+            for offset in range(0, batch.num_rows, TABLE_BATCH_ROWS):
+                rows = batch.slice(offset, TABLE_BATCH_ROWS).to_pylist()
+                yield RecordBatch(rows, first_index=index)
+                index += len(rows)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        where = f" after row {index}" if index else ""
+        raise DataError(f"cannot read {what}{where}: {exc}", source=source.name, reason="unreadable") from exc
+    if progress is not None and source.path:
+        progress(os.path.getsize(source.path))
+
+
 # ---------------------------------------------------------------- Hugging Face datasets
 
 
@@ -325,8 +472,9 @@ def _open_dataset(source: InputSource) -> Any:
             with _hub_offline():
                 loaded = datasets.load_dataset(source.path or source.name, split=source.split)
         except Exception as exc:  # datasets raises many types here; the user needs one clear line
+            hint = f"; {source.hint}" if source.hint else ""
             raise DataError(
-                f"cannot open Hugging Face dataset offline (is it in the local cache?): {type(exc).__name__}: {exc}",
+                f"cannot open Hugging Face dataset offline (is it in the local cache?): {type(exc).__name__}: {exc}{hint}",
                 source=source.name, reason="unreadable",
             ) from exc
     if isinstance(loaded, datasets.DatasetDict):

@@ -272,7 +272,8 @@ def _read_json(path: Path) -> Any:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a model directory or a single tokenizer file.
+    """Load a tokenizer from a model directory, a single tokenizer file, or a hub id (`Qwen/Qwen2.5-7B-Instruct`)
+    already in the local Hugging Face cache (`formats.hub.resolve`; nothing is downloaded).
 
     Preference when a directory holds several layouts: tokenizer.json (what transformers' fast tokenizer uses),
     then vocab.json+merges.txt, then tokenizer.model. bos/eos/pad and chat_template come from
@@ -280,7 +281,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer not found: {p}")
+        from formats.hub import looks_like_repo_id, resolve
+
+        if not looks_like_repo_id(str(path)):
+            raise FileNotFoundError(f"tokenizer not found: {p}")
+        p = resolve(str(path), "model")  # a hub id in the local Hugging Face cache (never downloads)
     directory = p if p.is_dir() else p.parent
     config_path = directory / "tokenizer_config.json"
     config: dict = _read_json(config_path) if config_path.is_file() else {}
