@@ -102,7 +102,7 @@ def convert(
     save_to_disk directory, or hf:NAME[:SPLIT] for a locally cached hub dataset (no network is used).
     The default output is JSON Lines, one {"id", "tools"?, "extra"?, "messages": [{"role", "content",
     "reasoning_content"?, "tool_calls"?, "tool_call_id"?, "name"?, "train"?}, ...]} per line (the form
-    transformers' apply_chat_template takes; see docs/CONTRACTS.md).
+    transformers' apply_chat_template takes; see CONTRACTS.md).
     Ids come from the input's "id" field, else FILE:LINE (JSON Lines) or FILE[INDEX] (arrays, datasets).
 
     Exit codes: 0 ok, 1 bad data (the message names file and line/record), 2 usage error.

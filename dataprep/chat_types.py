@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 FRESH = None
 Piece = tuple  # (int | str | None, bool)
-Messages = list  # list[dict]: conversation-record messages (docs/CONTRACTS.md)
+Messages = list  # list[dict]: conversation-record messages (CONTRACTS.md)
 Tools = list  # list[dict]: the record's function specs
 
 BuiltinName = Literal["chatml", "qwen3", "qwen3-nothink", "llama3", "llama2", "vicuna", "alpaca", "plain"]

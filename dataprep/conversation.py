@@ -1,6 +1,6 @@
 """The canonical conversation record every input format is converted to, and its validation.
 
-A record (docs/CONTRACTS.md, "Conversation record") is what transformers' chat templates take, so its
+A record (CONTRACTS.md, "Conversation record") is what transformers' chat templates take, so its
 `messages` and `tools` can be handed to `apply_chat_template` unchanged:
 
     {"id": str, "tools"?: [function spec, ...], "extra"?: {...},
@@ -158,7 +158,7 @@ def _validate_optional(turn: dict[str, Any], i: int, role: str) -> None:
 def validate_messages(messages: Any) -> None:
     """Raise DataError (no location) unless `messages` is a trainable conversation.
 
-    Rules (docs/CONTRACTS.md): an optional system turn first; then a user turn; a user turn is answered by
+    Rules (CONTRACTS.md): an optional system turn first; then a user turn; a user turn is answered by
     an assistant turn; an assistant turn with `tool_calls` is followed by one or more tool turns, which are
     followed by an assistant turn; an assistant turn without calls is followed by a user turn or ends the
     conversation, which must end with an assistant turn. Every content is a string; no empty user turn and

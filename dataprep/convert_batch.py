@@ -26,7 +26,7 @@ log = logging.getLogger("dataprep.convert")
 # `limit` meaning "no limit" (a plain int keeps the per-record comparison cheap).
 NO_LIMIT = 1 << 62
 
-# What convert does with input fields no reader maps (docs/CONTRACTS.md): keep them under "extra" and
+# What convert does with input fields no reader maps (CONTRACTS.md): keep them under "extra" and
 # count them by name, or refuse the record (then the on-error policy decides: stop, or skip and count).
 OnUnknownField = Literal["keep", "fail"]
 ON_UNKNOWN_FIELD: tuple[str, ...] = ("keep", "fail")

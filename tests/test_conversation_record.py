@@ -1,6 +1,6 @@
 """The grown conversation record: tools, tool calls, tool results, reasoning, per-turn `train`, unmapped fields.
 
-Every reader maps its form onto the one record (docs/CONTRACTS.md); convert writes it and reads it back
+Every reader maps its form onto the one record (CONTRACTS.md); convert writes it and reads it back
 unchanged; every bad new shape is refused with the file and line.
 """
 
