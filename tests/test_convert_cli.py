@@ -74,8 +74,10 @@ def test_usage_errors_exit_2(tmp_path):
         [str(src), "-o", out, "--input-format", "yaml"],
         [str(src), "-o", out, "--take", "0"],
         [str(src), "-o", out, "--rejects", str(tmp_path / "r.jsonl")],  # rejects without skip
-        [str(tmp_path), "-o", out],  # a plain directory is not a dataset
+        [str(tmp_path / "empty"), "-o", out],  # a directory with no data files in it
     ]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not data")
     for args in cases:
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
