@@ -191,7 +191,9 @@ def alpaca_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
         instruction = raw["instruction"]
         output = raw["output"]
         input_text = raw.get("input")
-        unusual = raw.get("system") or raw.get("history") or not raw.keys() <= ALPACA_FIELDS
+        n = len(raw)  # instruction + output (+ input): surely no unmapped field, without the set comparison
+        known = n == 2 or (n == 3 and "input" in raw) or raw.keys() <= ALPACA_FIELDS
+        unusual = raw.get("system") or raw.get("history") or not known
     except (KeyError, TypeError, AttributeError):
         return _alpaca_messages_checked(raw)
     if (
@@ -199,8 +201,8 @@ def alpaca_messages(raw: Any) -> list[dict[str, Any]] | dict[str, Any]:
         or type(instruction) is not str
         or type(output) is not str
         or (input_text is not None and type(input_text) is not str)
-        or cv.THINK_CLOSE in output
-    ):
+        or output.startswith(cv.THINK_OPEN)  # a <think> block: split_think decides (after leading whitespace
+    ):  # too, off this path; a whitespace-led block found on it stays inline, which renders the same)
         return _alpaca_messages_checked(raw)
     prompt = f"{instruction}\n\n{input_text}" if input_text and not input_text.isspace() else instruction
     if not prompt or prompt.isspace() or not output or output.isspace():
