@@ -341,3 +341,42 @@ def test_copy_of_real_tokenizer_dir_is_reusable(qwen3, tmp_path):
     tok, _ = qwen3
     shutil.copytree(tok.source.parent, tmp_path / "copy")
     assert load_tokenizer(tmp_path / "copy").fingerprint == tok.fingerprint
+
+
+def test_packed_documents_equal_transformers_for_tool_and_reasoning_records(qwen3, tmp_path):
+    """End to end: convert-style records in, shards out; each packed document is apply_chat_template's ids and its
+    labels train exactly the assistant parts of that render."""
+    from dataprep.pipeline import PackOptions, pack_dataset
+    from formats.reader import open_dataset
+
+    tok, ref = qwen3
+    records = [{"id": name, "messages": m, **({"tools": t} if t else {})} for name, (m, t) in CASES.items()]
+    src = tmp_path / "conv.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    pack_dataset([str(src)], tmp_path / "data", tok.source.parent,
+                 PackOptions(seq_length=1024, template="auto", num_proc=2))
+    ds = open_dataset(tmp_path / "data", verify=True)
+    seen = {}
+    for i in range(len(ds)):
+        row = ds[i]
+        start = 0
+        for doc_id, n in zip(row.doc_ids, row.doc_lengths, strict=True):
+            seen[doc_id] = (np.asarray(row.input_ids[start:start + n]), np.asarray(row.labels[start:start + n]))
+            start += n
+    assert set(seen) == set(CASES)
+    for name, (messages, tools) in CASES.items():
+        ids, labels = seen[name]
+        assert ids.tolist() == ids_of(ref, messages, tools)
+        text = ref.apply_chat_template(messages, tools=tools, tokenize=False)
+        target = np.zeros(len(ids), dtype=bool)
+        target[1:] = labels[:-1] != IGNORE
+        assert (labels[:-1][labels[:-1] != IGNORE] == ids[1:][labels[:-1] != IGNORE]).all()
+        got, cur = [], []
+        for t, flag in zip(ids.tolist(), target, strict=True):
+            if flag:
+                cur.append(t)
+            elif cur:
+                got.append(tok.decode(cur))
+                cur = []
+        got += [tok.decode(cur)] if cur else []
+        assert got == assistant_parts(text, "<|im_start|>assistant\n", "<|im_end|>")
