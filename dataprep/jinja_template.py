@@ -275,8 +275,17 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
             if GEN_OPEN in text or GEN_CLOSE in text:
                 raise DataError("message contains reserved characters U+E000/U+E001", reason="reserved_chars")
 
+    src = tok.chat_template
+    renders_tools = "tool" in src
+
     def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
         check(messages)
+        if not renders_tools and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+            raise DataError(
+                f"the chat_template of tokenizer {tok.name!r} has no format for tools or tool calls (it would drop "
+                "them); use a tokenizer whose template has one, or --template qwen3 / chatml",
+                reason="template_cannot_render_tools",
+            )
         if protect_map:
             messages, tools = protect(messages), protect(tools)
         return render_generation(messages, tools) if has_generation else render_turns(messages, tools)
@@ -289,7 +298,6 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
         return to_pieces([(text, False)])
 
     how = "{% generation %} blocks" if has_generation else "the rendered turns"
-    src = tok.chat_template
     return ChatTemplate("hf", render, eot_ids, f"tokenizer chat_template, mask from {how}", prompt,
                         renders_reasoning="reasoning_content" in src or "</think>" in src,
-                        renders_tools="tool" in src)
+                        renders_tools=renders_tools)

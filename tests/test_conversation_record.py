@@ -7,6 +7,7 @@ unchanged; every bad new shape is refused with the file and line.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -195,3 +196,30 @@ def test_parallel_convert_counts_unknown_fields_like_one_process(tmp_path):
     convert_files([src], str(tmp_path / "b.jsonl"), ConvertOptions(num_proc=2), many)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert one.unknown_fields == many.unknown_fields == {"src_url": 1000}
+
+
+def test_tool_records_serialize_the_same_in_parallel_and_in_arrays(tmp_path):
+    """Records with tools and extras (tool calls carry objects with an "id" key after lists) keep exact record
+    boundaries in the batched serializer: JSON Lines and JSON-array inputs, one process and two."""
+    rows = []
+    for i in range(2500):
+        rec = json.loads(json.dumps(OPENAI_RECORD))
+        rec["id"] = f"r{i}"
+        rec["messages"][2]["tool_calls"][0]["tags"] = ["x", i]  # a list last inside a call object
+        if i % 2:
+            rec["source"] = {"url": f"u{i}"}
+        rows.append(rec)
+    jsonl = write_jsonl(tmp_path / "in.jsonl", rows)
+    array = tmp_path / "in.json"
+    array.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
+    outs = []
+    for src in (jsonl, str(array)):
+        for n in (1, 2):
+            out = tmp_path / f"o-{n}-{os.path.basename(src)}.jsonl"
+            convert_files([src], str(out), ConvertOptions(num_proc=n))
+            outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and outs[2] == outs[3]
+    back = [json.loads(line) for line in outs[0].splitlines()]
+    assert len(back) == 2500, len(back)
+    assert back[1].get("extra") == {"source": {"url": "u1"}}, back[1]
+    assert back[7]["messages"][2]["tool_calls"][0]["tags"] == ["x", 7]  # a call is kept whole, as given

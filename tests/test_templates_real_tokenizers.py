@@ -309,3 +309,55 @@ def test_auto_falls_back_to_hf_when_builtin_differs(shared_data, tmp_path):
     sample = tokenize_one(tok, TURNS, template="auto")
     assert sample.input_ids.tolist() == ref_ids(ref, TURNS)
     assert trained_spans(tok, sample) == [m["content"] + "<|eot_id|>" for m in TURNS if m["role"] == "assistant"]
+
+
+REASONING_CONV = [
+    SYSTEM,
+    {"role": "user", "content": "What is 17 * 23?"},
+    {"role": "assistant", "content": "391.", "reasoning_content": "17 * 20 = 340 and 17 * 3 = 51."},
+    {"role": "user", "content": "Add 9."},
+    {"role": "assistant", "content": "<think>\n391 + 9 = 400.\n</think>\n\n400."},
+]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("which", ["builtin", "hf"])
+def test_reasoning_in_last_and_earlier_turns(tok_dirs, name, which):
+    """These templates have no place for reasoning_content: it goes inline as <think>...</think> before the
+    content (not lost, counted); the ids then equal apply_chat_template of that inline form."""
+    from dataprep.input_formats import assistant_message
+
+    builtin, end, norm = CASES[name]
+    tok = load(tok_dirs[name])
+    ref = reference(name, tok_dirs)
+    # the converter's normal form: the inline block of the last turn becomes reasoning_content too
+    messages = [assistant_message(m["content"]) | ({"reasoning_content": m["reasoning_content"]}
+                if "reasoning_content" in m else {}) if m["role"] == "assistant" else m for m in REASONING_CONV]
+    assert all("reasoning_content" in m for m in messages if m["role"] == "assistant")
+    inline = [{"role": m["role"], "content": f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}"}
+              if "reasoning_content" in m else m for m in messages]
+    stats = TokenizeStats()
+    (sample,) = tokenize_conversations([{"id": "r", "messages": messages}], tok,
+                                       TokenizeOptions(template=builtin if which == "builtin" else "hf"), stats)
+    assert stats.reasoning_inlined == 2
+    assert sample.input_ids.tolist() == ref_ids(ref, inline)
+    spans = trained_spans(tok, sample)
+    assert len(spans) == 2
+    for span, m in zip(spans, [m for m in inline if m["role"] == "assistant"], strict=True):
+        assert span.endswith(norm(m["content"]) + end) or span.endswith(norm(m["content"]) + end.strip())
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3_instruct"])
+@pytest.mark.parametrize("which", ["builtin", "hf"])
+def test_templates_without_tool_format_refuse_tool_records(tok_dirs, name, which):
+    from dataprep.errors import DataError
+
+    tok = load(tok_dirs[name])
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                     "function": {"name": "w", "arguments": {}}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    template = CASES[name][0] if which == "builtin" else "hf"
+    with pytest.raises(DataError, match="no format for tools") as e:
+        list(tokenize_conversations([{"id": "t", "messages": messages}], tok, TokenizeOptions(template=template)))
+    assert e.value.reason == "template_cannot_render_tools"
