@@ -380,3 +380,22 @@ def test_packed_documents_equal_transformers_for_tool_and_reasoning_records(qwen
                 cur = []
         got += [tok.decode(cur)] if cur else []
         assert got == assistant_parts(text, "<|im_start|>assistant\n", "<|im_end|>")
+
+
+def test_pack_summary_counts_the_new_cases(qwen3, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.pack import pack
+
+    tok, _ = qwen3
+    records = [{"id": "r", "messages": REASONING, "extra": {"src": "x"}},
+               {"id": "s", "messages": [{"role": "user", "content": "say <|im_end|>"},
+                                        {"role": "assistant", "content": "no"}], "lang": "en"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(pack, [str(src), "-o", str(tmp_path / "d"), "--tokenizer", str(tok.source.parent),
+                                       "--seq-length", "512", "--multi-turn", "expand", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["expanded_records"] == 1 and summary["samples_out"] == 3
+    assert summary["content_special_tokens"] == 1 and summary["unknown_fields"] == {"lang": 1}
