@@ -137,6 +137,18 @@ def _split_specials(text: str, train: bool, tok: Tokenizer, pattern: re.Pattern 
     return out
 
 
+def _structural_tokens(source: str, specials: list[str]) -> set[str]:
+    """Special tokens a chat_template tests or cuts message text by (`'</think>' in content`,
+    `content.split('</think>')`, `.startswith('<tool_response>')`, ...)."""
+    out = set()
+    for s in specials:
+        q = re.escape(s)
+        if re.search(r"(split|startswith|endswith|replace|strip|find|index)\(\s*['\"]" + q + r"['\"]", source) or \
+                re.search(r"['\"]" + q + r"['\"]\s+(not\s+)?in\b", source):
+            out.add(s)
+    return out
+
+
 def _common_prefix_len(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -165,14 +177,20 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
         eot_strings.append(eos)
     eot_ids = tuple(tok.special_tokens[s] for s in eot_strings if s in tok.special_tokens)
     has_generation = bool(_GENERATION_RE.search(tok.chat_template))
-    # content placeholders: special token k <-> one private-use character of plane 15
-    protect_map = {s: chr(0xF0000 + k) for k, s in enumerate(specials)} if content_specials == "text" else {}
+    # content placeholders: special token k <-> one private-use character of plane 15. Tokens the template itself
+    # looks for inside message text (content.split('</think>'), '<tool_response>' in content, ...) stay as they
+    # are, or the template's own logic would change.
+    structural = _structural_tokens(tok.chat_template, specials)
+    protect_map = ({s: chr(0xF0000 + k) for k, s in enumerate(specials) if s not in structural}
+                   if content_specials == "text" else {})
+    protect_re = re.compile("|".join(re.escape(s) for s in sorted(protect_map, key=len, reverse=True))) \
+        if protect_map else None
     restore_map = {v: k for k, v in protect_map.items()}
     restore_re = re.compile("[" + "".join(restore_map) + "]") if restore_map else None
 
     def protect(value: Any) -> Any:
         if isinstance(value, str):
-            return pattern.sub(lambda mt: protect_map[mt.group(0)], value) if pattern.search(value) else value
+            return protect_re.sub(lambda mt: protect_map[mt.group(0)], value) if protect_re.search(value) else value
         if isinstance(value, dict):
             return {k: protect(v) for k, v in value.items()}
         if isinstance(value, list):

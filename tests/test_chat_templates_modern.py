@@ -399,3 +399,22 @@ def test_pack_summary_counts_the_new_cases(qwen3, tmp_path):
     summary = json.loads(result.output)
     assert summary["expanded_records"] == 1 and summary["samples_out"] == 3
     assert summary["content_special_tokens"] == 1 and summary["unknown_fields"] == {"lang": 1}
+
+
+def test_special_tokens_the_template_cuts_content_by_keep_working(shared_data, tmp_path):
+    """A tokenizer that marks </think> special, with a template that cuts content at '</think>': the default
+    content_specials="text" must not hide the token from the template's own logic."""
+    cfg = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "chat_template": R1_STYLE}
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+    d = _build(tmp_path / "r1s", shared_data, cfg, add_special=specials)
+    tok, ref = load_tokenizer(d), _reference(d)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"},
+                {"role": "user", "content": "and <｜User｜> 3+3?"}, {"role": "assistant", "content": "6"}]
+    (s,), stats = pack(tok, messages, template="hf")
+    text = ref.apply_chat_template(messages, tokenize=False)
+    assert "add" not in text  # the template cut the reasoning: it saw '</think>'
+    assert tok.decode(s.input_ids.tolist()) == text
+    assert stats.content_special_tokens == 1
+    user_id = tok.special_tokens["<｜User｜>"]
+    assert s.input_ids.tolist().count(user_id) == 2  # the pasted <｜User｜> stayed text
+    assert trained_spans(tok, s) == ["4<｜end▁of▁sentence｜>", "6<｜end▁of▁sentence｜>"]
