@@ -62,7 +62,11 @@ DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json", ".json
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_FILE_MAGIC = b"ARROW1"
 _ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
-_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)(-\d{5}-of-\d{5})?\.")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+_SPLIT_FILE = re.compile(r"^(?P<split>" + "|".join(SPLIT_NAMES) + r")([-_.]|$)")
+# JSON files in dataset folders that describe the data rather than hold it.
+_METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json",
+                             "config.json", "package.json"})
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -134,14 +138,20 @@ def data_files(directory: str, split: str | None = None) -> list[str]:
     found = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(DATA_SUFFIXES)]
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if f.lower().endswith(DATA_SUFFIXES) and f not in _METADATA_FILES]
     if not found:
         raise FileNotFoundError(f"{directory} holds no data files ({', '.join(DATA_SUFFIXES)})")
+    parquet = [p for p in found if p.endswith(".parquet")]
+    if parquet and len(parquet) < len(found):  # the hub's own layout: the Parquet files are the data
+        log.info("%s: reading its %d Parquet files, not the %d other files", directory, len(parquet),
+                 len(found) - len(parquet))
+        found = parquet
 
     def split_of(path: str) -> str | None:
         rel = os.path.relpath(path, directory).split(os.sep)
         for part in rel[:-1]:  # data/train/xxx.parquet
-            if part in ("train", "test", "validation", "valid", "dev"):
+            if part in SPLIT_NAMES:
                 return part
         m = _SPLIT_FILE.match(rel[-1])
         return m.group("split") if m else None
@@ -157,6 +167,9 @@ def data_files(directory: str, split: str | None = None) -> list[str]:
     chosen = [p for p in found if split_of(p) == split]
     if not chosen:
         raise FileNotFoundError(f"{directory} has no files of split {split!r}")
+    if len(chosen) < len(found):
+        log.warning("%s: reading split %r (%d files); %d files of other splits are not read", directory, split,
+                    len(chosen), len(found) - len(chosen))
     return chosen
 
 

@@ -243,3 +243,13 @@ def test_convert_cli_reads_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "train.parquet")
     stats = convert_files([str(tmp_path / "train.parquet")], str(tmp_path / "o.jsonl"), ConvertOptions())
     assert stats.records_out == 3 and stats.formats == {"alpaca": 1}
+
+
+def test_plain_data_directory_reads_every_data_file_but_metadata(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "alpaca_part1.json").write_text(json.dumps(ALPACA[:2]))
+    (d / "more.jsonl").write_text(json.dumps(ALPACA[2]) + "\n")
+    (d / "dataset_info.json").write_text(json.dumps({"description": "not data"}))
+    got, _ = convert([d])
+    assert len(got) == 3
