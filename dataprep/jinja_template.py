@@ -115,6 +115,9 @@ def render_chat_template(tok: Tokenizer, messages: list[dict], add_generation_pr
         )
     from jinja2.exceptions import TemplateError
 
+    if any("reasoning_content" in m for m in messages):
+        # as transformers does: templates that read the reasoning as `thinking` (gpt-oss) see it there too
+        messages = [{"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages]
     try:
         template = _compile(tok.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -147,6 +150,32 @@ def _structural_tokens(source: str, specials: list[str]) -> set[str]:
                 re.search(r"['\"]" + q + r"['\"]\s+(not\s+)?in\b", source):
             out.add(s)
     return out
+
+
+_CALL_PROBE_NAME = "probe_function_name"
+
+
+def _call_probe(content: Any) -> list[dict]:
+    return [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": content,
+             "tool_calls": [{"type": "function", "function": {"name": _CALL_PROBE_NAME, "arguments": "{}"}}]},
+            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]
+
+
+def _wants_null_call_content(tok: Tokenizer) -> bool:
+    """Does the chat_template render tool calls only for a null content (and not for "")?"""
+    def renders_call(content: Any) -> bool:
+        try:
+            return _CALL_PROBE_NAME in render_chat_template(tok, _call_probe(content))
+        except Exception:  # a template that cannot take the probe: keep the record's form
+            return False
+
+    return not renders_call("") and renders_call(None)
+
+
+def _null_call_content(messages: Messages) -> Messages:
+    return [{**m, "content": None} if m["role"] == "assistant" and m.get("tool_calls") and not m["content"] else m
+            for m in messages]
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -280,6 +309,14 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
             answer = _answer_text(m)
             if answer and restore(answer) not in restore(full[start:end]):
                 raise fail(i, "its answer text is not where the turn was located")
+            for call in m.get("tool_calls") or ():
+                name = (call.get("function") or call).get("name", "")
+                if name not in full[start:end]:
+                    raise DataError(
+                        f"the chat_template of tokenizer {tok.name!r} does not render the tool calls of turn {i} "
+                        "(they would be lost); use --template qwen3 / chatml or a template that renders them",
+                        source=str(tok.source), reason="template_drops_tool_calls",
+                    )
             spans += [(full[pos:start], False), (full[start:end], trained(m))]
             pos = resume if resume >= end else end
             if resume > end:
@@ -306,16 +343,23 @@ def hf_template(tok: Tokenizer, content_specials: ContentSpecials = "text") -> C
             )
         if protect_map:
             messages, tools = protect(messages), protect(tools)
+        if null_call_content:
+            messages = _null_call_content(messages)
         return render_generation(messages, tools) if has_generation else render_turns(messages, tools)
 
     def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
         check(messages)
         if protect_map:
             messages, tools = protect(messages), protect(tools)
+        if null_call_content:
+            messages = _null_call_content(messages)
         text = render_text(messages, tools, add_generation_prompt=True).replace(GEN_OPEN, "").replace(GEN_CLOSE, "")
         return to_pieces([(text, False)])
 
+    # The record writes "" as the content of a call-only assistant turn (most templates concatenate content);
+    # a template that renders calls only when the content is null (DeepSeek-V3's) gets null instead.
+    null_call_content = renders_tools and _wants_null_call_content(tok)
     how = "{% generation %} blocks" if has_generation else "the rendered turns"
     return ChatTemplate("hf", render, eot_ids, f"tokenizer chat_template, mask from {how}", prompt,
-                        renders_reasoning="reasoning_content" in src or "</think>" in src,
+                        renders_reasoning=any(k in src for k in ("reasoning_content", "</think>", "thinking")),
                         renders_tools=renders_tools)

@@ -418,3 +418,37 @@ def test_special_tokens_the_template_cuts_content_by_keep_working(shared_data, t
     user_id = tok.special_tokens["<｜User｜>"]
     assert s.input_ids.tolist().count(user_id) == 2  # the pasted <｜User｜> stayed text
     assert trained_spans(tok, s) == ["4<｜end▁of▁sentence｜>", "6<｜end▁of▁sentence｜>"]
+
+
+def test_deepseek_v3_renders_tool_calls_of_call_only_turns(deepseek_v3):
+    """DeepSeek-V3's template renders calls only when the content is null; the record writes "" (what most
+    templates need), so `hf` hands this template null. (transformers 5 cannot render that form: it drops the
+    null content and the template then fails; with "" it renders the turn without its calls. The reference is
+    therefore the template's text for the OpenAI form, tokenized by the transformers tokenizer.)"""
+    from dataprep.jinja_template import render_chat_template
+
+    tok, ref = deepseek_v3
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+             {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    record = [{"role": "user", "content": "Weather and time?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+              {"role": "tool", "content": "18"}, {"role": "tool", "content": "21:05"},
+              {"role": "assistant", "content": "18 °C at 21:05."}]
+    openai_form = [dict(m, content=None) if m.get("tool_calls") else m for m in record]
+    (s,), _ = pack(tok, record, [WEATHER], template="hf")
+    text = render_chat_template(tok, openai_form, tools=[WEATHER])
+    assert "get_weather" in text and "get_time" in text
+    assert s.input_ids.tolist() == ref(text, add_special_tokens=False)["input_ids"]
+    spans = trained_spans(tok, s)
+    assert "get_weather" in spans[0] and "get_time" in spans[0] and "18" not in spans[0]
+    assert spans[-1] == "18 °C at 21:05.<｜end▁of▁sentence｜>"
+
+
+def test_a_template_that_drops_tool_calls_is_refused(shared_data, tmp_path):
+    template = ("{% for m in messages %}{% if m['role'] == 'tool' %}[tool]{{ m['content'] }}{% else %}"
+                "[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}[assistant]{% endif %}")
+    d = _build(tmp_path / "drop", shared_data, {"eos_token": "<|im_end|>", "chat_template": template})
+    tok = load_tokenizer(d)
+    with pytest.raises(DataError, match="does not render the tool calls of turn 1") as e:
+        pack(tok, TOOLS_CONV[1:6], [WEATHER], template="hf")
+    assert e.value.reason == "template_drops_tool_calls"
