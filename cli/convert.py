@@ -24,6 +24,8 @@ Examples:
   dataprep convert 'raw/*.jsonl.zst' more.json.gz -o conv.jsonl --on-error skip --rejects bad.jsonl
   dataprep convert train.json -o mf.json --output-style mindformers
   dataprep convert hf:./my_saved_dataset -o conv.jsonl --system "You are a helpful assistant."
+  dataprep convert train.parquet -o conv.jsonl
+  dataprep convert hf:tatsu-lab/alpaca -o conv.jsonl        # from the local Hugging Face cache
   dataprep convert big.json -o conv.jsonl --num-proc 0
 """,
 )
@@ -98,8 +100,11 @@ def convert(
 ) -> None:
     """Convert Alpaca / src-tgt / ShareGPT / messages data to conversation records.
 
-    INPUT is a JSON array or JSON Lines file (optionally .gz / .zst), a glob (quote it), a Hugging Face
-    save_to_disk directory, or hf:NAME[:SPLIT] for a locally cached hub dataset (no network is used).
+    INPUT is a JSON array or JSON Lines file (optionally .gz / .zst), a Parquet, Arrow or CSV file, a glob
+    (quote it), a folder of such files (hub layout data/train-00000-of-00003.parquet: the train split unless
+    hf:FOLDER:SPLIT names one), a Hugging Face save_to_disk directory, or hf:ORG/NAME[:SPLIT] for a hub
+    dataset in the local Hugging Face cache (no network is used; `hf download ORG/NAME --repo-type dataset`
+    fetches one). Fields no reader maps are kept under "extra" and counted (--on-unknown-field).
     The default output is JSON Lines, one {"id", "tools"?, "extra"?, "messages": [{"role", "content",
     "reasoning_content"?, "tool_calls"?, "tool_call_id"?, "name"?, "train"?}, ...]} per line (the form
     transformers' apply_chat_template takes; see CONTRACTS.md).
