@@ -223,3 +223,17 @@ def test_tool_records_serialize_the_same_in_parallel_and_in_arrays(tmp_path):
     assert len(back) == 2500, len(back)
     assert back[1].get("extra") == {"source": {"url": "u1"}}, back[1]
     assert back[7]["messages"][2]["tool_calls"][0]["tags"] == ["x", 7]  # a call is kept whole, as given
+
+
+def test_convert_cli_reports_unknown_fields_and_can_refuse_them(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.convert import convert
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "q", "output": "a", "text": "t"}])
+    runner = CliRunner()
+    ok = runner.invoke(convert, [src, "-o", str(tmp_path / "o.jsonl"), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["unknown_fields"] == {"text": 1}
+    refused = runner.invoke(convert, [src, "-o", str(tmp_path / "o2.jsonl"), "--on-unknown-field", "fail"])
+    assert refused.exit_code == 1 and "in.jsonl:1: fields no reader maps: text" in refused.output
+    assert not (tmp_path / "o2.jsonl").exists()
