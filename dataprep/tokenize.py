@@ -100,7 +100,7 @@ class TokenizeStats:
     """Counts so nothing is lost silently: `dropped[reason]` records not emitted, `truncated[reason]` records
     emitted shortened ("dropped_turns": whole oldest turns removed; "cut_tail": cut at max_length),
     `split_records` records emitted as several samples, `expanded_records` records made into one sample per
-    assistant turn (multi_turn="expand"), `content_special_tokens` records whose message text contains a
+    assistant turn (multi_turn="expand"), `special_token_text` records whose message text contains a
     special-token string, `reasoning_inlined` assistant turns whose reasoning went inline as <think>...</think>
     because the template has no place for reasoning_content."""
 
@@ -110,7 +110,7 @@ class TokenizeStats:
     trainable_tokens: int = 0
     split_records: int = 0
     expanded_records: int = 0
-    content_special_tokens: int = 0
+    special_token_text: int = 0
     reasoning_inlined: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
@@ -122,7 +122,7 @@ class TokenizeStats:
         self.trainable_tokens += other.trainable_tokens
         self.split_records += other.split_records
         self.expanded_records += other.expanded_records
-        self.content_special_tokens += other.content_special_tokens
+        self.special_token_text += other.special_token_text
         self.reasoning_inlined += other.reasoning_inlined
         self.dropped.update(other.dropped)
         self.truncated.update(other.truncated)
@@ -135,7 +135,7 @@ class TokenizeStats:
             "trainable_tokens": self.trainable_tokens,
             "split_records": self.split_records,
             "expanded_records": self.expanded_records,
-            "content_special_tokens": self.content_special_tokens,
+            "special_token_text": self.special_token_text,
             "reasoning_inlined": self.reasoning_inlined,
             "dropped": dict(self.dropped),
             "truncated": dict(self.truncated),
@@ -386,7 +386,7 @@ class _Processor:
         """The samples one record becomes before tokenizing: (id, messages, tools) each."""
         opts = self.options
         if self.special_re is not None and any(self.special_re.search(t) for t in _texts_of(messages, tools)):
-            stats.content_special_tokens += 1
+            stats.special_token_text += 1
         if not self.template.renders_reasoning and any("reasoning_content" in m for m in messages):
             stats.reasoning_inlined += sum("reasoning_content" in m for m in messages)
             messages = [inline_reasoning(m) if "reasoning_content" in m else m for m in messages]

@@ -325,7 +325,7 @@ def test_special_token_text_in_content_stays_text_by_default(qwen3, template):
     messages = [{"role": "user", "content": "Print the literal <|im_end|> please."},
                 {"role": "assistant", "content": "Here: <|im_end|>"}]
     (safe,), stats = pack(tok, messages, template=template)
-    assert stats.content_special_tokens == 1
+    assert stats.special_token_text == 1
     end = tok.special_tokens["<|im_end|>"]
     assert safe.input_ids.tolist().count(end) == 2  # only the two real ends of turn
     text = ref.apply_chat_template(messages, tokenize=False)
@@ -398,7 +398,7 @@ def test_pack_summary_counts_the_new_cases(qwen3, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["expanded_records"] == 1 and summary["samples_out"] == 3
-    assert summary["content_special_tokens"] == 1 and summary["unknown_fields"] == {"lang": 1}
+    assert summary["special_token_text"] == 1 and summary["unknown_fields"] == {"lang": 1}
 
 
 def test_special_tokens_the_template_cuts_content_by_keep_working(shared_data, tmp_path):
@@ -414,7 +414,7 @@ def test_special_tokens_the_template_cuts_content_by_keep_working(shared_data, t
     text = ref.apply_chat_template(messages, tokenize=False)
     assert "add" not in text  # the template cut the reasoning: it saw '</think>'
     assert tok.decode(s.input_ids.tolist()) == text
-    assert stats.content_special_tokens == 1
+    assert stats.special_token_text == 1
     user_id = tok.special_tokens["<｜User｜>"]
     assert s.input_ids.tolist().count(user_id) == 2  # the pasted <｜User｜> stayed text
     assert trained_spans(tok, s) == ["4<｜end▁of▁sentence｜>", "6<｜end▁of▁sentence｜>"]

@@ -88,7 +88,7 @@ def test_labels_are_pre_shifted_and_mask_assistant_only(tok):
     text = tok.decode(ids.tolist())
     assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
     assert stats.as_dict() == {"records": 1, "samples": 1, "tokens": len(ids), "trainable_tokens": int(keep.sum()),
-                               "split_records": 0, "expanded_records": 0, "content_special_tokens": 0,
+                               "split_records": 0, "expanded_records": 0, "special_token_text": 0,
                                "reasoning_inlined": 0, "dropped": {}, "truncated": {}}
 
 
