@@ -14,6 +14,12 @@ single-threaded). Memory is about two chunks per worker. On 2 cores num_proc doe
 already uses both cores and Python is ~10% of the time; workers add spawn, tokenizer loading and pickling; see
 benchmarks/bench_tokenize.py --num-proc-2); it is for machines with many cores.
 
+Before rendering, each record becomes its samples (`_Processor._prepare`): the multi-turn policy sets the
+assistant turns' `train` flags (or expands one sample per turn), reasoning goes inline for templates with no
+place for it, and records whose text holds special-token strings are counted. Under the default
+content_specials="text" every text run is encoded with the tokenizer's special-token matching off (templates
+emit their own special tokens as ids), so such strings stay text.
+
 Labels are pre-shifted (CONTRACTS.md): labels[i] = input_ids[i+1] when token i+1 is a target, else -100, and
 labels[-1] = -100, so concatenated samples never predict across a document boundary.
 """

@@ -100,6 +100,8 @@ def test_chatml_builtin_renders_like_qwen2_5(qwen25_tok):
         messages = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
         want = render_chat_template(qwen25_tok, messages, tools=tools)
         assert pieces_text(template.render(messages, tools), qwen25_tok) == want
+        want = render_chat_template(qwen25_tok, messages[:-1], add_generation_prompt=True, tools=tools)
+        assert pieces_text(template.prompt(messages[:-1], tools), qwen25_tok) == want
 
     check()
 

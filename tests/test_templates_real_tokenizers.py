@@ -361,3 +361,18 @@ def test_templates_without_tool_format_refuse_tool_records(tok_dirs, name, which
     with pytest.raises(DataError, match="no format for tools") as e:
         list(tokenize_conversations([{"id": "t", "messages": messages}], tok, TokenizeOptions(template=template)))
     assert e.value.reason == "template_cannot_render_tools"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("conv", sorted(CONVERSATIONS))
+def test_builtin_prompt_is_the_generation_prompt(tok_dirs, name, conv):
+    """ChatTemplate.prompt (what generation feeds the model) renders like add_generation_prompt=True."""
+    from dataprep.jinja_template import render_chat_template
+    from dataprep.templates import pieces_text
+
+    tok = load(tok_dirs[name])
+    template = get_template(CASES[name][0], tok)
+    history = CONVERSATIONS[conv][:-1]
+    want = render_chat_template(tok, history, add_generation_prompt=True)
+    assert pieces_text(template.prompt(history), tok) == want
+    assert not any(flag for _, flag in template.prompt(history))
