@@ -184,7 +184,8 @@ def _hub_dataset(item: str, name: str, split: str | None) -> list[InputSource]:
         snapshot = resolve(name, "dataset")
     except HubNotCachedError as exc:
         return [InputSource(name=item, kind=HF_HUB, path=name, split=split, hint=str(exc))]
-    return [_file_source(p, f"{item}/{os.path.relpath(p, snapshot)}") for p in data_files(str(snapshot), split)]
+    # named by their path in the cache: callers (pack, partitions) expand source names again
+    return [_file_source(p) for p in data_files(str(snapshot), split)]
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[InputSource]:

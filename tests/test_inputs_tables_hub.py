@@ -157,7 +157,18 @@ def test_cached_hub_dataset_id(hub_cache):
     assert [r["id"] for r in got] == ["a0", "a1", "a2"]
     got, _ = convert(["hf:org/alpaca-mini:test"])
     assert [r["id"] for r in got] == ["t0"]
-    assert expand_inputs(["hf:org/alpaca-mini"])[0].name == "hf:org/alpaca-mini/data/train-00000-of-00001.parquet"
+    (source,) = expand_inputs(["hf:org/alpaca-mini"])
+    assert source.name.endswith("datasets--org--alpaca-mini/snapshots/" + "a" * 40 + "/data/train-00000-of-00001.parquet")
+
+
+def test_pack_reads_a_cached_hub_dataset(hub_cache, shared_data, tmp_path):
+    from dataprep.pipeline import PackOptions, pack_dataset
+
+    fake_hub_repo(hub_cache, "dataset", "org/alpaca-mini", {
+        "data/train-00000-of-00001.parquet": parquet_bytes([{**r, "id": f"a{k}"} for k, r in enumerate(ALPACA)])})
+    summary = pack_dataset(["hf:org/alpaca-mini"], tmp_path / "d", shared_data / "tokenizers" / "qwen2_5",
+                           PackOptions(seq_length=128))
+    assert summary["samples_out"] == 3
 
 
 def test_uncached_hub_dataset_says_what_to_run(hub_cache):
