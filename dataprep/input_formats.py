@@ -54,10 +54,11 @@ SHAREGPT_ROLES = {
 
 
 # Input fields each format maps; anything else is kept under `extra` and counted (`with_extra`).
-ALPACA_FIELDS = frozenset({"id", "instruction", "input", "output", "system", "history", cv.EXTRA})
+# (A record's own "extra" is not in these: it is merged by `with_extra`, never passed over by a fast path.)
+ALPACA_FIELDS = frozenset({"id", "instruction", "input", "output", "system", "history"})
 SELF_INSTRUCT_FIELDS = frozenset({"id", "instruction", "instances"})
-SRC_TGT_FIELDS = frozenset({"id", "src", "tgt", "context", cv.EXTRA})
-SHAREGPT_FIELDS = frozenset({"id", "conversations", "system", "tools", cv.EXTRA})
+SRC_TGT_FIELDS = frozenset({"id", "src", "tgt", "context"})
+SHAREGPT_FIELDS = frozenset({"id", "conversations", "system", "tools"})
 SHAREGPT_TURN_FIELDS = frozenset({"from", "value"})
 MESSAGES_FIELDS = cv.RECORD_FIELDS
 # OpenAI's fine-tuning files mark an assistant message to skip with "weight": 0; it maps onto `train`.

@@ -237,3 +237,14 @@ def test_convert_cli_reports_unknown_fields_and_can_refuse_them(tmp_path):
     refused = runner.invoke(convert, [src, "-o", str(tmp_path / "o2.jsonl"), "--on-unknown-field", "fail"])
     assert refused.exit_code == 1 and "in.jsonl:1: fields no reader maps: text" in refused.output
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+@pytest.mark.parametrize("raw", [
+    {"instruction": "q", "output": "a", "extra": {"k": 1}},
+    {"src": "q", "tgt": "a", "extra": {"k": 1}},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "extra": {"k": 1}},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": {"k": 1}},
+])
+def test_a_records_own_extra_is_kept_in_every_format(tmp_path, raw):
+    (rec,) = convert_one(tmp_path, raw)
+    assert rec["extra"] == {"k": 1}
