@@ -264,3 +264,21 @@ def test_plain_data_directory_reads_every_data_file_but_metadata(tmp_path):
     (d / "dataset_info.json").write_text(json.dumps({"description": "not data"}))
     got, _ = convert([d])
     assert len(got) == 3
+
+
+def test_trainer_model_path_takes_a_cached_hub_id(hub_cache, tmp_path):
+    """`model.path: org/name` trains the snapshot in the local cache; an uncached id says what to run."""
+    from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    model_dir = make_tokenizer_and_model(tmp_path / "m", layers=1)
+    snapshot = fake_hub_repo(hub_cache, "model", "org/tiny-qwen3",
+                             {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()})
+    data = pack_rows(model_dir, tmp_path / "data", n_records=40, seq_length=64)
+    sets = [f"data.train=[{data}]", "train.max_steps=2", "logging.progress_bar=false", "checkpoint.export=false"]
+    result = train(load_config(None, ["model.path=org/tiny-qwen3", f"logging.output_dir={tmp_path / 'run'}", *sets]))
+    assert result.steps == 2
+    assert f"path: {snapshot}" in (tmp_path / "run" / "config.resolved.yaml").read_text()
+    with pytest.raises(FileNotFoundError, match="hf download org/not-cached"):
+        train(load_config(None, ["model.path=org/not-cached", f"logging.output_dir={tmp_path / 'run2'}", *sets]))

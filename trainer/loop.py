@@ -11,6 +11,7 @@ One optimizer step on every rank:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from formats.hub import resolve as resolve_hub
 from formats.lock import locked
 from formats.schema import IGNORE_INDEX
 from formats.tokenizer_id import tokenizer_fingerprint
@@ -254,6 +256,10 @@ class Run:
 
 
 def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
+    # A hub id (`Qwen/Qwen3-8B`) names its snapshot in the local Hugging Face cache (never downloaded here);
+    # the resolved config then records the exact snapshot directory that was trained.
+    model_dir = str(resolve_hub(config.model.path, "model"))
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_dir))
     out_dir = Path(config.logging.output_dir)
     with contextlib.ExitStack() as stack:
         if info.is_main:
