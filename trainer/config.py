@@ -45,6 +45,13 @@ class ModelSection:
         "Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
     activation_checkpointing: bool = doc("Recompute each block's activations in backward to save memory.", False)
     compile: bool = doc("torch.compile each transformer block.", False)
+    loss: Literal["chunked", "full"] = doc(
+        "chunked: only trained positions (label != -100) go through the LM head, loss_chunk_tokens at a time, "
+        "so no [tokens x vocab] logits tensor exists (same loss and gradients) | full: logits for every position.",
+        "chunked",
+    )
+    loss_chunk_tokens: int = doc("Trained positions per LM-head chunk of the chunked loss (memory ~ this x vocab).",
+                                 1024)
 
 
 @dataclass
@@ -350,6 +357,7 @@ def validate(config: TrainConfig) -> None:
     """Cross-field checks a type annotation cannot express."""
     positive = [
         ("data", "micro_batch_size"), ("train", "grad_accum_steps"), ("logging", "log_every"),
+        ("model", "loss_chunk_tokens"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) < 1:

@@ -33,7 +33,7 @@ from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
-from trainer.loss import summed_cross_entropy
+from trainer.loss import LossConfig
 from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -90,6 +90,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     wrapped = setup_peft(model, config.peft)
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
+    model.loss_config = LossConfig(config.model.loss, config.model.loss_chunk_tokens)
     if config.model.compile:
         for block in blocks:
             block.compile()
@@ -145,8 +146,8 @@ def _forward_loss(model: Transformer, batch: dict[str, Any]) -> torch.Tensor:
     dtype = getattr(model, "autocast_dtype", None)
     device = batch["input_ids"].device.type
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
-    return summed_cross_entropy(logits, batch["labels"])
+        return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
+                     labels=batch["labels"])
 
 
 def _make_loader(dataset: PackedIterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
