@@ -39,6 +39,12 @@ class ModelSection:
     overrides: dict[str, Any] = doc(
         "Keys replacing config.json values, e.g. {num_hidden_layers: 4} for a small run.", factory=dict
     )
+    backend: Literal["auto", "native", "hf"] = doc(
+        "Model implementation: native (this repo's decoder: llama, mistral, qwen2, qwen3) | hf (the transformers "
+        "model of any AutoModelForCausalLM config, e.g. Gemma 3, Phi-3, Qwen3-MoE, Mixtral; never remote code) | "
+        "auto (native where it exists, else hf).",
+        "auto",
+    )
     dtype: Literal["auto", "fp32", "bf16"] = doc(
         "Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
     attn_backend: Literal["auto", "sdpa", "flex", "varlen"] = doc(

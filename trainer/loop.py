@@ -11,6 +11,7 @@ One optimizer step on every rank:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,12 +29,12 @@ from formats.lock import locked
 from formats.schema import IGNORE_INDEX
 from formats.tokenizer_id import tokenizer_fingerprint
 from formats.verify import require_valid
+from trainer import hf_backend
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
-from trainer.loss import LossConfig
 from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -79,18 +80,26 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     On CUDA with bf16 the parameters stay fp32 (the optimizer's master copy) and FSDP2 casts them to bf16
     for compute; without FSDP (one process) the model itself runs in `dtype`.
     """
-    overrides = dict(config.model.overrides)
-    overrides["attn_backend"] = config.model.attn_backend
-    model_config = ModelConfig.from_pretrained(config.model.path, **overrides)
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    blocks = list(model.model.layers)
+    hf = hf_backend.resolve_backend(config.model.backend, config.model.path) == "hf"
+    if hf:  # any transformers causal LM (see trainer.hf_backend)
+        model = hf_backend.build_meta_model(config.model.path, config.model.overrides, config.model.attn_backend)
+        blocks = hf_backend.decoder_blocks(model)
+    else:
+        overrides = dict(config.model.overrides)
+        overrides["attn_backend"] = config.model.attn_backend
+        model_config = ModelConfig.from_pretrained(config.model.path, **overrides)
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        blocks = list(model.model.layers)
     # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
     lora = config.peft.pet_type == "lora"
     wrapped = setup_peft(model, config.peft)
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
-    model.loss_config = LossConfig(config.model.loss, config.model.loss_chunk_tokens)
+        if hf:
+            hf_backend.enable_activation_checkpointing(model)
+    model.loss_config = dataclasses.replace(model.loss_config, impl=config.model.loss,
+                                            chunk_tokens=config.model.loss_chunk_tokens)
     if config.model.compile:
         for block in blocks:
             block.compile()
@@ -101,10 +110,10 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     shard_model(
         model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
     )
-    materialize(model, info.device)
+    (hf_backend.materialize if hf else materialize)(model, info.device)
     show_progress = info.is_main and config.logging.progress_bar and sys.stderr.isatty()
-    load_hf_weights(model, config.model.path, show_progress=show_progress,
-                    name_map=checkpoint_name_map if lora else None)
+    load = hf_backend.load_weights if hf else load_hf_weights
+    load(model, config.model.path, show_progress=show_progress, name_map=checkpoint_name_map if lora else None)
     if lora:
         init_adapters(model, config.peft, config.train.seed)
     _refuse_nonfinite_weights(model, info, config.model.path)

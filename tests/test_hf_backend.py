@@ -1,0 +1,168 @@
+"""The transformers backend (model.backend: hf) against transformers itself on tiny random models of families the
+native decoder does not implement: logits, packed rows, one training step, export layout, LoRA on a MoE."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from trainer import hf_backend  # noqa: E402
+from trainer.loss import LossConfig  # noqa: E402
+
+V = 256
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=V, max_position_embeddings=256)
+# name -> (config class, extra kwargs). Gemma 3 (text, sliding + full layers, tied, scaled embeddings), Phi-3 (fused
+# qkv / gate_up), two MoEs whose experts transformers 5 fuses in memory but saves per expert, and Gemma 2
+# (final logit soft-capping, eager attention).
+FAMILIES = {
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, final_logit_softcapping=5.0, sliding_window=4,
+                                    query_pre_attn_scalar=16)),
+}
+
+
+def make_hf(family: str, seed: int = 0, **overrides):
+    cfg_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move norms and biases off their init values, so a missing one shows
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim == 1 else 0.02))
+    return model.eval()
+
+
+def load_ours(model_dir, **overrides) -> hf_backend.HFCausalLM:
+    model = hf_backend.build_meta_model(model_dir, overrides)
+    hf_backend.materialize(model, "cpu")
+    hf_backend.load_weights(model, model_dir, show_progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            d = tmp_path_factory.mktemp(family)
+            make_hf(family).save_pretrained(d)
+            cache[family] = d
+        return cache[family]
+
+    return get
+
+
+def _ids(shape, seed=0):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_backend_choice(saved, tmp_path):
+    assert hf_backend.resolve_backend("auto", saved("phi3")) == "hf"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert hf_backend.resolve_backend("auto", tmp_path) == "native"
+    assert hf_backend.resolve_backend("hf", tmp_path) == "hf"
+    with pytest.raises(ValueError, match="auto, native or hf"):
+        hf_backend.resolve_backend("torch", tmp_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_and_packed_rows_match_transformers(saved, family):
+    d = saved(family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    ours = load_ours(d).eval()
+    assert {n for n, _ in ours.named_parameters()} == {n for n, _ in ref.named_parameters()}
+    ids = _ids((2, 20), seed=1)
+    lengths = [7, 1, 12]  # a one-token document too
+    pos = torch.cat([torch.arange(n) for n in lengths]).expand(2, -1)
+    cu = torch.tensor([0, 7, 8, 20, 27, 28, 40])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-5, rtol=1e-5)
+        for packed in (ours(ids, position_ids=pos), ours(ids, cu_seqlens=cu)):
+            start = 0
+            for n in lengths:  # each document of the packed row, alone through transformers
+                alone = ref(ids[:, start:start + n]).logits
+                torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+                start += n
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_step_matches_transformers(saved, family):
+    d = saved(family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    ref.train()
+    ours = load_ours(d).train()
+    ours.loss_config = LossConfig("chunked", 9, ours.loss_config.softcap, ours.loss_config.logit_scale)
+    ids = _ids((2, 20), seed=3)
+    hf_labels = ids.clone()
+    hf_labels[:, :6] = -100
+    labels = torch.full_like(hf_labels, -100)
+    labels[:, :-1] = hf_labels[:, 1:]
+    n = int((labels != -100).sum())
+    ref_loss = ref(ids, labels=hf_labels).loss
+    ref_loss.backward()
+    loss = ours(ids, labels=labels) / n
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        g = ref_grads[name].grad
+        if g is None:  # an expert no token was routed to
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+            continue
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_export_writes_the_checkpoint_layout(saved, family, tmp_path):
+    """Fused in memory, per expert on disk: the export has exactly the base checkpoint's keys and loads back."""
+    from safetensors.torch import load_file
+
+    from trainer.weights import export_hf
+
+    d = saved(family)
+    ours = load_ours(d)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "experts" in name:
+                p.mul_(1.5)  # a change the export must carry
+    export_hf(ours, tmp_path / "out", source_dir=d)
+    base_keys = set(load_file(d / "model.safetensors"))
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == base_keys
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = _ids((1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours.eval()(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_override_and_unknown_checkpoint_keys(saved, tmp_path):
+    d = saved("gemma3")
+    one = load_ours(d, num_hidden_layers=1)
+    assert one.config.num_hidden_layers == 1 and len(hf_backend.decoder_blocks(one)) == 1
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, num_hidden_layers=1,
+                                                            layer_types=["sliding_attention"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one.eval()(_ids((1, 12))), ref(_ids((1, 12))).logits, atol=1e-5, rtol=1e-5)
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    del tensors["model.norm.weight"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    from trainer.weights import WeightsError
+
+    with pytest.raises(WeightsError, match=r"missing from checkpoint \(1\): model.norm.weight.*unexpected.*extra"):
+        load_ours(bad)
