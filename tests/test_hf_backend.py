@@ -166,3 +166,148 @@ def test_layer_override_and_unknown_checkpoint_keys(saved, tmp_path):
 
     with pytest.raises(WeightsError, match=r"missing from checkpoint \(1\): model.norm.weight.*unexpected.*extra"):
         load_ours(bad)
+
+
+# ------------------------------------------------------------------------------------ through `trainer run`
+
+
+def hf_model_with_tokenizer(root, family: str, **overrides):
+    """A tiny random transformers model of `family`, sized to a ChatML tokenizer trained here, tokenizer included."""
+    from dataprep.tokenizer import load_tokenizer
+    from tests.helpers.tiny_run import make_tokenizer_and_model
+
+    native = make_tokenizer_and_model(root / "native")
+    tokenizer = load_tokenizer(native)
+    model = make_hf(family, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                    eos_token_id=tokenizer.eos_id, bos_token_id=None, **overrides)
+    out = root / family
+    model.save_pretrained(out)
+    for f in native.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def _losses(out_dir) -> list[float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    from tests.helpers.tiny_run import pack_rows
+
+    root = tmp_path_factory.mktemp("moe")
+    model_dir = hf_model_with_tokenizer(root, "qwen3_moe")
+    data_dir = pack_rows(model_dir, root / "data", n_records=60, seq_length=96)
+    return root, model_dir, data_dir
+
+
+def _moe_config(root, model_dir, data_dir, name, *extra):
+    from trainer.config import load_config
+
+    return load_config(None, [
+        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / name}",
+        "logging.progress_bar=false", "train.lr=1e-2", "train.seed=5", "train.deterministic=true", "train.schedule=constant",
+        "data.micro_batch_size=2", "peft.pet_type=lora", "peft.lora_rank=4",
+        r"peft.target_modules=.*self_attn\.(q|k|v|o)_proj", *extra,
+    ])
+
+
+@pytest.mark.slow
+def test_moe_lora_trains_resumes_exactly_and_exports_peft(moe_run):
+    """LoRA on a Qwen3-MoE's attention projections (experts frozen): learns, resumes bit for bit, and its
+    PEFT adapter and merge-lora output agree through transformers."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from trainer.loop import train
+    from trainer.merge_lora import merge_lora
+
+    root, model_dir, data_dir = moe_run
+    straight = train(_moe_config(root, model_dir, data_dir, "straight", "train.max_steps=8"))
+    assert straight.losses[-1] < straight.losses[0]
+    assert 0 < straight.trainable_params < 0.1 * straight.total_params
+    train(_moe_config(root, model_dir, data_dir, "resumed", "train.max_steps=4", "checkpoint.every_steps=4"))
+    resumed = train(_moe_config(root, model_dir, data_dir, "resumed", "train.max_steps=8", "checkpoint.every_steps=4"))
+    assert _losses(root / "resumed") == _losses(root / "straight") == straight.losses
+    assert resumed.steps == 8
+
+    export = root / "straight" / "export"
+    tensors = load_file(export / "adapter_model.safetensors")
+    assert tensors and all(".lora_" in k and "self_attn" in k for k in tensors)  # experts frozen: nothing else
+    merge_lora(model_dir, export, root / "merged", show_progress=False)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    tuned = peft.PeftModel.from_pretrained(load(model_dir, dtype=torch.float32), export).eval()
+    merged = load(root / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tuned(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(load(model_dir, dtype=torch.float32)(input_ids=ids).logits, want, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_moe_lora_with_experts_trained_in_full(moe_run):
+    """freeze_exclude '*.experts.*' trains the fused expert weights next to the adapters; they are exported as PEFT
+    modules_to_save, and merge-lora writes them back per expert, as the base checkpoint stores them."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from trainer.loop import train
+    from trainer.merge_lora import merge_lora
+
+    root, model_dir, data_dir = moe_run
+    train(_moe_config(root, model_dir, data_dir, "experts", "train.max_steps=3",
+                      "peft.freeze_exclude=['*.experts.*']"))
+    export = root / "experts" / "export"
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    merge_lora(model_dir, export, root / "experts-merged", show_progress=False)
+    assert set(load_file(root / "experts-merged" / "model.safetensors")) == set(load_file(model_dir / "model.safetensors"))
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    tuned = peft.PeftModel.from_pretrained(load(model_dir, dtype=torch.float32), export).eval()
+    merged = load(root / "experts-merged", dtype=torch.float32).eval()
+    base = load(model_dir, dtype=torch.float32)
+    assert not torch.equal(merged.model.layers[0].mlp.experts.down_proj, base.model.layers[0].mlp.experts.down_proj)
+    ids = torch.randint(0, merged.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_match_one_rank_on_the_hf_backend(tmp_path, repo_root):
+    """FSDP2 over 2 gloo ranks trains a Gemma 3 (tied, sliding-window layers) to the same losses and export as 1 rank."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from tests.helpers.tiny_run import pack_rows
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    model_dir = hf_model_with_tokenizer(tmp_path, "gemma3")
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
+    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-3",
+              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.backend=hf"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    for nproc, accum, name in ((1, 2, "one"), (2, 1, "two")):
+        sets = [x for item in [*common, f"logging.output_dir={tmp_path / name}", f"train.grad_accum_steps={accum}"]
+                for x in ("--set", item)]
+        launch = ([sys.executable, "-m", "cli.trainer", "run"] if nproc == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "cli.trainer", "run"])
+        proc = subprocess.run([*launch, *sets], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4 and one[-1] < one[0]
+    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
+    a = load_file(tmp_path / "one" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() == set(load_file(model_dir / "model.safetensors"))
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-5, key

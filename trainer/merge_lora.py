@@ -144,6 +144,8 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     hf_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = bool(hf_config.get("tie_word_embeddings", False))
     keys = set(files)
+    if any(k not in keys for k in replacements):
+        replacements = _in_checkpoint_layout(base_dir, replacements, list(files))
     head_key, embed_key = "lm_head.weight", "model.embed_tokens.weight"
     shared = tied and head_key not in keys  # one stored matrix serves as embedding and head
     missing = sorted(m for m in adapters if f"{m}.weight" not in keys and not (shared and m == "lm_head"))
@@ -216,6 +218,23 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         raise
     log.info("merged %d LoRA modules into %s", report.merged_modules, out_dir)
     return report
+
+
+def _in_checkpoint_layout(base_dir: Path, tensors: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Fully trained tensors named as transformers holds them in memory (fused MoE experts, renamed modules, as
+    the HF backend trains and PEFT saves them), renamed or split into the base checkpoint's tensors."""
+    from trainer import hf_backend
+
+    try:
+        model = hf_backend.build_meta_model(base_dir)
+    except (ImportError, ValueError) as exc:
+        log.debug("no transformers layout for %s: %s", base_dir, exc)
+        return tensors
+    model.layout = hf_backend.plan_layout(model, keys)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        out.update(hf_backend.to_checkpoint_tensors(model, key, t))
+    return out
 
 
 def _tensor_bytes(root: Path, names: set[str]) -> int:
