@@ -47,6 +47,12 @@ class ModelSection:
     )
     dtype: Literal["auto", "fp32", "bf16"] = doc(
         "Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "Storage dtype of frozen parameters (the base under LoRA, freeze_include): auto = the compute dtype (bf16 "
+        "on CUDA, fp32 on CPU) | fp32 | bf16 (needs model.dtype bf16). Trainable parameters, LoRA adapters "
+        "included, and their optimizer state stay fp32.",
+        "auto",
+    )
     attn_backend: Literal["auto", "sdpa", "flex", "varlen"] = doc(
         "Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
     activation_checkpointing: bool = doc("Recompute each block's activations in backward to save memory.", False)

@@ -34,7 +34,14 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
-from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
+from trainer.lora import (
+    checkpoint_name_map,
+    count_parameters,
+    init_adapters,
+    install_neftune,
+    setup_peft,
+    store_frozen_in,
+)
 from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -74,6 +81,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def frozen_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """Storage dtype of frozen parameters: auto = the compute dtype (bf16 on CUDA). A bf16 base with fp32
+    compute would make every matmul mix dtypes, so it is refused rather than silently upcast."""
+    if name == "auto":
+        return compute
+    chosen = resolve_dtype(name, torch.device("cpu"))
+    if chosen != torch.float32 and compute == torch.float32:
+        raise ValueError(f"model.frozen_dtype {name} needs {name} compute: set model.dtype: {name} as well")
+    return chosen
+
+
 def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Transformer:
     """Meta-device build -> FSDP2 shard -> materialize per shard -> stream HF weights into the shards.
 
@@ -94,6 +112,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
     lora = config.peft.pet_type == "lora"
     wrapped = setup_peft(model, config.peft)
+    store_frozen_in(model, frozen_dtype(config.model.frozen_dtype, dtype))
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
         if hf:
