@@ -117,6 +117,11 @@ class ParallelSection:
     backend: Literal["auto", "nccl", "gloo"] = doc(
         "Process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.", "auto")
     reshard_after_forward: bool = doc("FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).", True)
+    cpu_offload: bool = doc(
+        "FSDP2 CPUOffloadPolicy (several ranks): sharded parameters, gradients and optimizer state live in host "
+        "memory and each block's shard is copied to the GPU for its compute; for models whose shards do not fit.",
+        False,
+    )
 
 
 @dataclass

@@ -127,7 +127,8 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     param_dtype = dtype if (info.distributed and dtype != torch.float32) else None
     model.autocast_dtype = dtype if (not info.distributed and dtype != torch.float32) else None
     shard_model(
-        model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
+        model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward,
+        cpu_offload=config.parallel.cpu_offload,
     )
     (hf_backend.materialize if hf else materialize)(model, info.device)
     show_progress = info.is_main and config.logging.progress_bar and sys.stderr.isatty()
