@@ -89,6 +89,10 @@ class DataSection:
 @dataclass
 class TrainSection:
     lr: float = doc("Peak learning rate.", 2e-5)
+    optimizer: Literal["adamw", "adamw_8bit"] = doc(
+        "adamw (fp32 moments) | adamw_8bit (bitsandbytes AdamW8bit: 8-bit moments, a quarter of the optimizer "
+        "memory; one process only; needs bitsandbytes).", "adamw",
+    )
     min_lr_ratio: float = doc("Final learning rate as a fraction of lr (cosine/linear).", 0.0)
     schedule: Literal["cosine", "linear", "constant"] = doc(
         "Learning-rate schedule after warmup: cosine | linear | constant.", "cosine")
