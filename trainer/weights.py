@@ -298,7 +298,7 @@ def _rank() -> int:
 
 
 def export_hf(
-    model: Transformer,
+    model: nn.Module,
     out_dir: str | Path,
     *,
     source_dir: str | Path | None = None,
@@ -310,8 +310,9 @@ def export_hf(
 ) -> Path:
     """Write an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
 
-    Under torch.distributed every rank must call this (parameters are gathered collectively); only rank 0
-    writes. `config.json` is the model's config with overrides applied; `generation_config.json` is copied
+    Works for the native `Transformer` and the HF backend's model (whose `to_checkpoint_tensors` writes fused
+    tensors back in the checkpoint's layout). Under torch.distributed every rank must call this (parameters are
+    gathered collectively); only rank 0 writes. `config.json` is the model's config with overrides applied; `generation_config.json` is copied
     from `source_dir` when present (else derived from the config); tokenizer files are copied from
     `tokenizer_dir` (default: `source_dir`). `dtype` casts on write (default: the parameters' dtype).
     The directory appears atomically: everything goes to a temporary sibling renamed at the end.
