@@ -161,3 +161,27 @@ def test_peak_memory_far_below_full_logits(repo_root):
     # Full: 3 072 trained + 1 024 untrained positions x 151 936 x fp32 logits, log-softmax and gradients (~7 GiB);
     # chunked: 1 024-token chunks of logits (~0.6 GiB each) and the head's gradient.
     assert grown["chunked"] < 0.2 * grown["full"], grown
+
+
+def test_lora_wrapped_head_matches_full_path(tmp_path):
+    """An adapted (untied) lm_head goes through the checkpointed chunks: same loss and adapter gradients."""
+    pytest.importorskip("transformers")
+    from trainer.config import PeftSection
+    from trainer.lora import load_lora_model
+
+    save_hf_checkpoint("llama", tmp_path)
+    cfg = PeftSection(pet_type="lora", target_modules="lm_head|.*q_proj", lora_b_init="normal")
+    ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(5))
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = -100
+    out = {}
+    for impl in ("full", "chunked"):
+        model = load_lora_model(str(tmp_path), cfg, seed=0).train()
+        model.loss_config = LossConfig(impl, 6)
+        loss = model(ids, labels=labels)
+        loss.backward()
+        out[impl] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert "lm_head.lora_B" in out["chunked"][1]
+    torch.testing.assert_close(out["chunked"][0], out["full"][0], atol=1e-5, rtol=1e-6)
+    for name, g in out["full"][1].items():
+        torch.testing.assert_close(out["chunked"][1][name], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

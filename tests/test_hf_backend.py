@@ -311,3 +311,22 @@ def test_two_ranks_match_one_rank_on_the_hf_backend(tmp_path, repo_root):
     assert a.keys() == b.keys() == set(load_file(model_dir / "model.safetensors"))
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-5, key
+
+
+def test_activation_checkpointing_keeps_loss_and_grads(saved):
+    """model.activation_checkpointing on the hf backend (transformers' own, non-reentrant) changes nothing numerically."""
+    d = saved("phi3")
+    ids = _ids((1, 16), seed=4)
+    labels = ids.roll(-1, 1)
+    grads = []
+    for on in (False, True):
+        ours = load_ours(d).train()
+        if on:
+            hf_backend.enable_activation_checkpointing(ours)
+            assert any(getattr(m, "gradient_checkpointing", False) for m in ours.modules())
+        loss = ours(ids, labels=labels)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, msg=name)
