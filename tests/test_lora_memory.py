@@ -75,3 +75,32 @@ def test_bf16_base_with_fp32_compute_is_refused(tiny):
     cfg = _config(root, model_dir, data_dir, "x", "model.frozen_dtype=bf16", "model.dtype=fp32")
     with pytest.raises(ValueError, match="frozen_dtype bf16 needs bf16 compute"):
         build_model(cfg, DistInfo(0, 1, 0, torch.device("cpu"), None), torch.float32)
+
+
+@pytest.mark.dist
+def test_two_ranks_with_a_bf16_base_match_an_fp32_base(tiny, repo_root):
+    """FSDP2 with bf16 compute over a bf16-stored base and fp32 adapters: the same losses as an fp32-stored base
+    (FSDP casts both to bf16 for compute), so the halved base memory costs nothing in the update."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    root, model_dir, data_dir = tiny
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    losses = {}
+    for frozen in ("fp32", "bf16"):
+        sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=1e-2",
+                "logging.progress_bar=false", "model.dtype=bf16", f"model.frozen_dtype={frozen}",
+                "peft.pet_type=lora", "peft.target_modules=.*proj", f"logging.output_dir={root / f'dist-{frozen}'}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cli.trainer", "run", *[x for s in sets for x in ("--set", s)]]
+        proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = [json.loads(line) for line in (root / f"dist-{frozen}" / "metrics.jsonl").read_text().splitlines()]
+        losses[frozen] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["bf16"]) == 3 and losses["bf16"] == losses["fp32"]
