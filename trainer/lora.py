@@ -221,20 +221,11 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return full.detach().to("cpu", torch.float32)
 
 
-@torch.no_grad()
 def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
-    if hasattr(param, "to_local"):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from trainer.weights import assign_full
 
-        local = param.to_local()
-        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
-        if local.numel() == 0:
-            return
-        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-        local.copy_(full[index])
-    else:
-        param.copy_(full)
+    assign_full(param, full)
 
 
 def _fill(kind: str, shape: tuple[int, ...], rank: int, gen: torch.Generator) -> torch.Tensor:
