@@ -8,6 +8,13 @@ parameters trained in full (listed in `modules_to_save`).
 PiSSA trains A, B on the residual W - s B0 A0, which the base checkpoint does not contain. Like PEFT's
 `path_initial_model_for_weight_conversion`, the export folds the init into a plain LoRA on the original
 weights: A' = [A; A0], B' = [B, -B0], rank 2r, alpha doubled (x sqrt(2) with rsLoRA) so the scaling is unchanged.
+
+Tied embeddings trained in full (`freeze_exclude: ["model.embed_tokens.weight"]` on a model with
+`tie_word_embeddings`): the trainer updates one matrix that is both the input embedding and the LM head. PEFT
+keeps a `modules_to_save` copy of the embedding only, leaving the head on the old weights, unless the adapter
+says `ensure_weight_tying: true`; then it ties the head to the same copy and reads it under both keys. So such an
+adapter is written as PEFT writes one: the flag set and the trained matrix under `model.embed_tokens.weight` and
+`lm_head.weight`. An embedding LoRA (target_modules) stays untied, as trained: it changes the input lookup only.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+EMBED, HEAD = "model.embed_tokens", "lm_head"
 
 
 def _rank() -> int:
@@ -63,7 +71,8 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
     """Gather the adapters (and fully trained base parameters) under PEFT's key names.
 
     Every rank must call this under FSDP2 (parameters are gathered collectively); rank 0 gets the tensors.
-    Returns (tensors, adapted module names, modules_to_save).
+    Returns (tensors, adapted module names, modules_to_save). A trained tied embedding is also written as the
+    head's weight (see the module docstring); `ties_trained_embedding` says when.
     """
     from trainer.weights import _reshard_fsdp, hf_name
 
@@ -93,11 +102,19 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
         key = base_name(hf_name(n))
         if ADAPTER_MARK not in n and key.rsplit(".", 1)[0] in trained_modules:
             out[PREFIX + key] = _gather(p)
+    if ties_trained_embedding(model, trained_modules):
+        out[f"{PREFIX}{HEAD}.weight"] = out[f"{PREFIX}{EMBED}.weight"].clone()  # safetensors refuses shared storage
     return out, targets, trained_modules
 
 
+def ties_trained_embedding(model: nn.Module, modules_to_save: list[str]) -> bool:
+    """True when the embedding trained in full is also the model's (tied) LM head."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return tied and EMBED in modules_to_save
+
+
 def adapter_config(cfg: PeftSection, target_modules: list[str], modules_to_save: list[str],
-                   base_model: str | None, pissa_converted: bool) -> dict[str, Any]:
+                   base_model: str | None, pissa_converted: bool, ensure_weight_tying: bool = False) -> dict[str, Any]:
     rank, alpha = cfg.lora_rank, cfg.lora_alpha
     if pissa_converted:
         rank, alpha = 2 * rank, alpha * (2**0.5 if cfg.use_rslora else 2)
@@ -118,6 +135,8 @@ def adapter_config(cfg: PeftSection, target_modules: list[str], modules_to_save:
         "inference_mode": True,
         "rank_pattern": {},
         "alpha_pattern": {},
+        # PEFT then ties lm_head to the trained embedding copy (it reads both keys from the weights file).
+        "ensure_weight_tying": ensure_weight_tying,
     }
 
 
@@ -133,7 +152,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tmp.mkdir(parents=True)
         try:
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa)
+            config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa,
+                                    ties_trained_embedding(model, to_save))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             replace_dir(tmp, out_dir)
         except BaseException:

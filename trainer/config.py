@@ -39,12 +39,31 @@ class ModelSection:
     overrides: dict[str, Any] = doc(
         "Keys replacing config.json values, e.g. {num_hidden_layers: 4} for a small run.", factory=dict
     )
+    backend: Literal["auto", "native", "hf"] = doc(
+        "Model implementation: native (this repo's decoder: llama, mistral, qwen2, qwen3) | hf (the transformers "
+        "model of any AutoModelForCausalLM config, e.g. Gemma 3, Phi-3, Qwen3-MoE, Mixtral; never remote code) | "
+        "auto (native where it exists, else hf).",
+        "auto",
+    )
     dtype: Literal["auto", "fp32", "bf16"] = doc(
         "Parameter dtype for compute: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.", "auto")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "Storage dtype of frozen parameters (the base under LoRA, freeze_include): auto = the compute dtype (bf16 "
+        "on CUDA, fp32 on CPU) | fp32 | bf16 (needs model.dtype bf16). Trainable parameters, LoRA adapters "
+        "included, and their optimizer state stay fp32.",
+        "auto",
+    )
     attn_backend: Literal["auto", "sdpa", "flex", "varlen"] = doc(
         "Attention over packed rows: auto | sdpa | flex | varlen.", "auto")
     activation_checkpointing: bool = doc("Recompute each block's activations in backward to save memory.", False)
     compile: bool = doc("torch.compile each transformer block.", False)
+    loss: Literal["chunked", "full"] = doc(
+        "chunked: only trained positions (label != -100) go through the LM head, loss_chunk_tokens at a time, "
+        "so no [tokens x vocab] logits tensor exists (same loss and gradients) | full: logits for every position.",
+        "chunked",
+    )
+    loss_chunk_tokens: int = doc("Trained positions per LM-head chunk of the chunked loss (memory ~ this x vocab).",
+                                 1024)
 
 
 @dataclass
@@ -70,6 +89,10 @@ class DataSection:
 @dataclass
 class TrainSection:
     lr: float = doc("Peak learning rate.", 2e-5)
+    optimizer: Literal["adamw", "adamw_8bit"] = doc(
+        "adamw (fp32 moments) | adamw_8bit (bitsandbytes AdamW8bit: 8-bit moments, a quarter of the optimizer "
+        "memory; one process only; needs bitsandbytes).", "adamw",
+    )
     min_lr_ratio: float = doc("Final learning rate as a fraction of lr (cosine/linear).", 0.0)
     schedule: Literal["cosine", "linear", "constant"] = doc(
         "Learning-rate schedule after warmup: cosine | linear | constant.", "cosine")
@@ -98,6 +121,11 @@ class ParallelSection:
     backend: Literal["auto", "nccl", "gloo"] = doc(
         "Process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.", "auto")
     reshard_after_forward: bool = doc("FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).", True)
+    cpu_offload: bool = doc(
+        "FSDP2 CPUOffloadPolicy (several ranks): sharded parameters, gradients and optimizer state live in host "
+        "memory and each block's shard is copied to the GPU for its compute; for models whose shards do not fit.",
+        False,
+    )
 
 
 @dataclass
@@ -350,6 +378,7 @@ def validate(config: TrainConfig) -> None:
     """Cross-field checks a type annotation cannot express."""
     positive = [
         ("data", "micro_batch_size"), ("train", "grad_accum_steps"), ("logging", "log_every"),
+        ("model", "loss_chunk_tokens"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) < 1:

@@ -66,21 +66,31 @@ def shard_model(
     *,
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """FSDP2: shard each block, then the root (embeddings, final norm, head).
 
     FSDP2 averages gradients over the data-parallel ranks; the loop multiplies its loss by the world size to
     undo that (see `loop._train`). Setting FSDP's divide factor to 1 instead would need PREMUL_SUM, which
-    gloo does not have.
+    gloo does not have. `cpu_offload` keeps the sharded parameters, their gradients and so the optimizer state in
+    host memory (FSDP2's CPUOffloadPolicy), copying each block's shard to the device for its forward/backward.
     """
+    if cpu_offload and (not info.distributed or info.device.type == "cpu"):
+        # FSDP2's offload pins host memory for copies to an accelerator; without one (or without FSDP, in one
+        # process) the parameters already live where the offload would put them.
+        log.warning("parallel.cpu_offload ignored: it needs FSDP2 on an accelerator (device %s, world size %d)",
+                    info.device.type, info.world_size)
+        cpu_offload = False
     if not info.distributed:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    kw = {"mesh": info.mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp,
+          "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for block in blocks:
-        fully_shard(block, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=info.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 

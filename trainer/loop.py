@@ -30,12 +30,19 @@ from formats.lock import locked
 from formats.schema import IGNORE_INDEX
 from formats.tokenizer_id import tokenizer_fingerprint
 from formats.verify import require_valid
+from trainer import hf_backend
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
-from trainer.lora import checkpoint_name_map, count_parameters, init_adapters, install_neftune, setup_peft
-from trainer.loss import summed_cross_entropy
+from trainer.lora import (
+    checkpoint_name_map,
+    count_parameters,
+    init_adapters,
+    install_neftune,
+    setup_peft,
+    store_frozen_in,
+)
 from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, training_flops
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -75,23 +82,44 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def frozen_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """Storage dtype of frozen parameters: auto = the compute dtype (bf16 on CUDA). A bf16 base with fp32
+    compute would make every matmul mix dtypes, so it is refused rather than silently upcast."""
+    if name == "auto":
+        return compute
+    chosen = resolve_dtype(name, torch.device("cpu"))
+    if chosen != torch.float32 and compute == torch.float32:
+        raise ValueError(f"model.frozen_dtype {name} needs {name} compute: set model.dtype: {name} as well")
+    return chosen
+
+
 def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Transformer:
     """Meta-device build -> FSDP2 shard -> materialize per shard -> stream HF weights into the shards.
 
     On CUDA with bf16 the parameters stay fp32 (the optimizer's master copy) and FSDP2 casts them to bf16
     for compute; without FSDP (one process) the model itself runs in `dtype`.
     """
-    overrides = dict(config.model.overrides)
-    overrides["attn_backend"] = config.model.attn_backend
-    model_config = ModelConfig.from_pretrained(config.model.path, **overrides)
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    blocks = list(model.model.layers)
+    hf = hf_backend.resolve_backend(config.model.backend, config.model.path) == "hf"
+    if hf:  # any transformers causal LM (see trainer.hf_backend)
+        model = hf_backend.build_meta_model(config.model.path, config.model.overrides, config.model.attn_backend)
+        blocks = hf_backend.decoder_blocks(model)
+    else:
+        overrides = dict(config.model.overrides)
+        overrides["attn_backend"] = config.model.attn_backend
+        model_config = ModelConfig.from_pretrained(config.model.path, **overrides)
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        blocks = list(model.model.layers)
     # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
     lora = config.peft.pet_type == "lora"
     wrapped = setup_peft(model, config.peft)
+    store_frozen_in(model, frozen_dtype(config.model.frozen_dtype, dtype))
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
+        if hf:
+            hf_backend.enable_activation_checkpointing(model)
+    model.loss_config = dataclasses.replace(model.loss_config, impl=config.model.loss,
+                                            chunk_tokens=config.model.loss_chunk_tokens)
     if config.model.compile:
         for block in blocks:
             block.compile()
@@ -100,12 +128,13 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     param_dtype = dtype if (info.distributed and dtype != torch.float32) else None
     model.autocast_dtype = dtype if (not info.distributed and dtype != torch.float32) else None
     shard_model(
-        model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward
+        model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward,
+        cpu_offload=config.parallel.cpu_offload,
     )
-    materialize(model, info.device)
+    (hf_backend.materialize if hf else materialize)(model, info.device)
     show_progress = info.is_main and config.logging.progress_bar and sys.stderr.isatty()
-    load_hf_weights(model, config.model.path, show_progress=show_progress,
-                    name_map=checkpoint_name_map if lora else None)
+    load = hf_backend.load_weights if hf else load_hf_weights
+    load(model, config.model.path, show_progress=show_progress, name_map=checkpoint_name_map if lora else None)
     if lora:
         init_adapters(model, config.peft, config.train.seed)
     _refuse_nonfinite_weights(model, info, config.model.path)
@@ -147,8 +176,8 @@ def _forward_loss(model: Transformer, batch: dict[str, Any]) -> torch.Tensor:
     dtype = getattr(model, "autocast_dtype", None)
     device = batch["input_ids"].device.type
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
-    return summed_cross_entropy(logits, batch["labels"])
+        return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
+                     labels=batch["labels"])
 
 
 def _make_loader(dataset: PackedIterableDataset, num_workers: int) -> torch.utils.data.DataLoader:

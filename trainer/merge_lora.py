@@ -5,9 +5,13 @@ are replaced by W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)), and the s
 file name, so the index and shard layout of the base are kept. The math runs in fp32 and is cast back to each
 tensor's stored dtype. Modules PEFT trained in full (`modules_to_save`) replace the base tensors.
 
-Tied embeddings: when only one of `embed_tokens` / `lm_head` changes, the merged checkpoint unties them
-(writes `lm_head.weight` and `tie_word_embeddings: false`), because PEFT applies an embedding adapter to the
-input lookup only.
+Tied embeddings follow what `PeftModel.from_pretrained` computes, so the merge and the adapter agree:
+- an embedding LoRA changes the input lookup only, so the merged checkpoint unties the pair (writes
+  `lm_head.weight` = the old embedding and `tie_word_embeddings: false`);
+- a fully trained embedding (`modules_to_save`) with `ensure_weight_tying: true` (what the trainer writes for a
+  tied model) is both embedding and head: the pair stays tied, the trained matrix written once;
+- without that flag PEFT keeps the head on the base weights (or on an `lm_head.weight` the adapter carries),
+  so the merge unties and writes that head.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], di
                 parts.setdefault(name[: -len(suffix) - 1], {})[suffix] = t.float()
                 break
         else:
-            full[name] = t
+            # PEFT saves a targeted embedding's base weights too (`save_embedding_layers`), under base_layer.
+            full[name.replace(".base_layer.", ".")] = t
     adapters = {}
     for module, p in parts.items():
         if "lora_A.weight" in p and "lora_B.weight" in p:
@@ -139,16 +144,25 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     hf_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = bool(hf_config.get("tie_word_embeddings", False))
     keys = set(files)
-    missing = sorted(m for m in adapters if f"{m}.weight" not in keys and not (tied and m == "lm_head"))
-    missing += sorted(k for k in replacements if k not in keys)
+    if any(k not in keys for k in replacements):
+        replacements = _in_checkpoint_layout(base_dir, replacements, list(files))
+    head_key, embed_key = "lm_head.weight", "model.embed_tokens.weight"
+    shared = tied and head_key not in keys  # one stored matrix serves as embedding and head
+    missing = sorted(m for m in adapters if f"{m}.weight" not in keys and not (shared and m == "lm_head"))
+    missing += sorted(k for k in replacements if k not in keys and not (shared and k == head_key))
     if missing:
         raise WeightsError(f"{adapter_dir}: adapter modules/tensors not in the base checkpoint {base_dir}: "
                            f"{', '.join(missing[:10])}")
-    # A tied pair where only one side changes must be written as two tensors.
-    untie = tied and "lm_head.weight" not in keys and (
-        "model.embed_tokens" in adapters or "lm_head" in adapters
-        or "model.embed_tokens.weight" in replacements or "lm_head.weight" in replacements
-    )
+    head_source = None  # what the head becomes when it is not the (possibly merged) old embedding
+    untie = False
+    if shared:
+        embed_new = replacements.get(embed_key)
+        head_source = replacements.pop(head_key, None)
+        if head_source is None and embed_new is not None and config.get("ensure_weight_tying"):
+            head_source = embed_new
+        same = embed_new is not None and head_source is not None and torch.equal(head_source, embed_new)
+        untie = ("model.embed_tokens" in adapters or "lm_head" in adapters
+                 or (embed_new is not None and not same) or (embed_new is None and head_source is not None))
     report = MergeReport(output_dir=str(out_dir), untied_embeddings=untie)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -166,16 +180,16 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
                     t = f.get_tensor(key)
                     dtypes.add(t.dtype)
                     module = key[: -len(".weight")] if key.endswith(".weight") else None
-                    if untie and key == "model.embed_tokens.weight":
-                        head = t.clone()
+                    if untie and key == embed_key:
+                        head = t.clone() if head_source is None else head_source.to(t.dtype)
                         if "lm_head" in adapters:
                             head = merged_weight(head, adapters["lm_head"])
                             report.merged_modules += 1
-                        out["lm_head.weight"] = replacements.get("lm_head.weight", head).to(t.dtype)
+                        out[head_key] = head.contiguous()
                     if key in replacements:
                         t = replacements[key].to(t.dtype)
                         report.replaced_tensors += 1
-                    elif module in adapters:
+                    if module in adapters:
                         t = merged_weight(t, adapters[module])
                         report.merged_modules += 1
                     out[key] = t.contiguous()
@@ -204,6 +218,23 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         raise
     log.info("merged %d LoRA modules into %s", report.merged_modules, out_dir)
     return report
+
+
+def _in_checkpoint_layout(base_dir: Path, tensors: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Fully trained tensors named as transformers holds them in memory (fused MoE experts, renamed modules, as
+    the HF backend trains and PEFT saves them), renamed or split into the base checkpoint's tensors."""
+    from trainer import hf_backend
+
+    try:
+        model = hf_backend.build_meta_model(base_dir)
+    except (ImportError, ValueError) as exc:
+        log.debug("no transformers layout for %s: %s", base_dir, exc)
+        return tensors
+    model.layout = hf_backend.plan_layout(model, keys)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        out.update(hf_backend.to_checkpoint_tensors(model, key, t))
+    return out
 
 
 def _tensor_bytes(root: Path, names: set[str]) -> int:

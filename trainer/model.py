@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer import attention
+from trainer.loss import LossConfig, head_loss
 from trainer.model_config import ModelConfig
 
 _ACTIVATIONS = {
@@ -212,6 +213,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
+        self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -231,9 +233,13 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]. With `cu_seqlens` (over the flattened B*T tokens) no token attends across
-        segments; `position_ids` default to restarting at every segment (or 0..T-1 without segments)."""
+        segments; `position_ids` default to restarting at every segment (or 0..T-1 without segments).
+
+        With pre-shifted `labels` [B, T] it returns the summed cross-entropy instead (see `trainer.loss`), so
+        the chunked loss never materialises the logits and, under FSDP2, reads the root's unsharded head."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = (
@@ -264,7 +270,10 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx)
-        return self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        if labels is not None:
+            return head_loss(h, self.lm_head, labels, self.loss_config)
+        return self.lm_head(h)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

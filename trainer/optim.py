@@ -4,6 +4,10 @@ Weight decay on a norm's scale or a bias pulls it toward zero for no benefit, so
 (ndim >= 2: projections and embeddings) are decayed. Only trainable parameters reach the optimizer,
 so frozen base weights (LoRA) cost no optimizer state. LoRA+ gives the B matrices (`lora_B`,
 `lora_embedding_B`) their own learning rate, lr x ratio; the schedule scales every group alike.
+
+`train.optimizer: adamw_8bit` keeps AdamW's two moments in 8 bits (bitsandbytes' blockwise-quantised AdamW8bit,
+2 bytes per parameter instead of 8), for full fine-tuning where the optimizer state dominates memory. The
+update is close to, not equal to, fp32 AdamW. It needs the optional `bitsandbytes` package.
 """
 
 from __future__ import annotations
@@ -37,10 +41,20 @@ def param_groups(
 
 def build_optimizer(
     model: nn.Module, cfg: TrainSection, loraplus_lr_ratio: float | None = None
-) -> torch.optim.AdamW:
+) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.lr, loraplus_lr_ratio)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("train.optimizer adamw_8bit needs the bitsandbytes package "
+                              "(pip install bitsandbytes)") from None
+        if any(hasattr(p, "device_mesh") for g in groups for p in g["params"]):
+            raise ValueError("train.optimizer adamw_8bit does not support FSDP2-sharded parameters (several "
+                             "ranks); use adamw")
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     # On CPU a plain per-parameter loop (foreach=False) gives identical results with or without DTensors, which
     # the bitwise resume tests rely on; on CUDA the fused kernel saves hundreds of launches per step.
     on_cuda = groups[0]["params"][0].device.type == "cuda"

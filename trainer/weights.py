@@ -227,6 +227,22 @@ def _load_one(f, key: str, param: torch.Tensor, path: Path) -> None:
         param.copy_(f.get_tensor(key))
 
 
+@torch.no_grad()
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = param.to_local()
+        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+        if local.numel() == 0:
+            return
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        local.copy_(full[index])
+    else:
+        param.copy_(full)
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -282,7 +298,7 @@ def _rank() -> int:
 
 
 def export_hf(
-    model: Transformer,
+    model: nn.Module,
     out_dir: str | Path,
     *,
     source_dir: str | Path | None = None,
@@ -294,8 +310,9 @@ def export_hf(
 ) -> Path:
     """Write an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
 
-    Under torch.distributed every rank must call this (parameters are gathered collectively); only rank 0
-    writes. `config.json` is the model's config with overrides applied; `generation_config.json` is copied
+    Works for the native `Transformer` and the HF backend's model (whose `to_checkpoint_tensors` writes fused
+    tensors back in the checkpoint's layout). Under torch.distributed every rank must call this (parameters are
+    gathered collectively); only rank 0 writes. `config.json` is the model's config with overrides applied; `generation_config.json` is copied
     from `source_dir` when present (else derived from the config); tokenizer files are copied from
     `tokenizer_dir` (default: `source_dir`). `dtype` casts on write (default: the parameters' dtype).
     The directory appears atomically: everything goes to a temporary sibling renamed at the end.
@@ -338,17 +355,21 @@ def _write_shards(
             shard_names.append(list(shard))
         shard, shard_bytes = {}, 0
 
+    # A model whose tensors are laid out differently from its checkpoint (the HF backend's fused MoE experts)
+    # says how to write each one back.
+    to_checkpoint = getattr(model, "to_checkpoint_tensors", None)
     with torch.no_grad():
         for key, param in _targets(model, name_map).items():
             full = param.full_tensor() if _is_dtensor(param) else param  # collective on every rank
             if rank != 0:
                 continue
             t = full.detach().to(device="cpu", dtype=dtype or full.dtype).contiguous().clone()
-            if shard and shard_bytes + t.nbytes > limit:
-                flush()
-            shard[key] = t
-            shard_bytes += t.nbytes
-            total += t.nbytes
+            for name, piece in to_checkpoint(key, t) if to_checkpoint is not None else [(key, t)]:
+                if shard and shard_bytes + piece.nbytes > limit:
+                    flush()
+                shard[name] = piece
+                shard_bytes += piece.nbytes
+                total += piece.nbytes
         if rank == 0:
             flush()
     if rank != 0:
