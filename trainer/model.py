@@ -143,6 +143,7 @@ class Attention(nn.Module):
         super().__init__()
         d, h, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.n_heads, self.n_kv_heads = d, h, kv
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
         self.window = config.sliding_windows[layer_idx]
         self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.qkv_bias)
@@ -155,7 +156,12 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: attention.AttentionContext | None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
@@ -164,7 +170,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention.attend(q, k, v, ctx, self.window)
+        if cache is None:
+            out = attention.attend(q, k, v, ctx, self.window)
+        else:
+            out = cache.attend(self.layer_idx, q, k, v, self.window)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -193,9 +202,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: attention.AttentionContext | None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,6 +289,29 @@ class Transformer(nn.Module):
             return head_loss(h, self.lm_head, labels, self.loss_config)
         return self.lm_head(h)
 
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Incremental decoding: logits [B, T, V] for the next T tokens of every row (see `KVCache`).
+
+        The tokens go to the slots `cache.begin()` reserved and attend to every valid earlier slot of their row.
+        `logit_index` [B] keeps one position per row before the head ([B, 1, V]), so a long prompt's prefill
+        never materialises B x T x vocab logits."""
+        h = self.model.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        inv_freq = rope_inv_freq(self.config, device=h.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, None, cache)
+        if logit_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logit_index].unsqueeze(1)
+        return self.lm_head(self.model.norm(h))
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random init as transformers does (normal(0, initializer_range), zero biases, unit norms), for models
@@ -296,3 +333,67 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int)
     seg = attention.segment_ids_from_cu_seqlens(cu_seqlens.to(torch.int64), batch, seqlen).flatten()
     idx = torch.arange(batch * seqlen, device=cu_seqlens.device)
     return (idx - cu_seqlens.to(torch.int64)[seg]).view(batch, seqlen)
+
+
+class KVCache:
+    """Static key/value buffers for incremental decoding: one [B, S, Hkv, D] pair per layer, preallocated.
+
+    Why static: the buffers never grow, so a decode step has the same shapes every time (what torch.compile and
+    CUDA graphs need) and memory is known up front. Each slot also records whether it holds a real token and its
+    RoPE position, so a batch may be padded anywhere (left, right, or both): padded slots are never attended to,
+    and a query attends to the valid slots of its own row up to its own position (and within a sliding window).
+
+    Use: `slots = cache.begin(positions, valid)` for the next T tokens of every row (returns the slot indices),
+    then `model.forward_cached(ids, positions, cache)`; every layer writes its keys/values to those slots.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.positions = torch.zeros(batch, max_len, device=device, dtype=torch.long)
+        self.windows = tuple(dict.fromkeys(config.sliding_windows))
+        self.max_len = max_len
+        self.length = 0  # slots in use (host int: how far begin() has advanced)
+        self._slots = torch.zeros(0, device=device, dtype=torch.long)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve the next T slots for tokens at `positions` [B, T] (`valid` [B, T]: False for padding) and
+        build the attention masks every layer shares for them."""
+        t = positions.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {t} tokens > {self.max_len} slots")
+        slots = torch.arange(self.length, self.length + t, device=self.valid.device)
+        self.length += t
+        self.set_slots(slots, positions, valid)
+        return slots
+
+    def set_slots(self, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Like `begin` with explicit slot indices and no host bookkeeping (a compiled decode step calls this)."""
+        if valid is None:
+            valid = torch.ones_like(positions, dtype=torch.bool)
+        self.positions.index_copy_(1, slots, positions.to(torch.long))
+        self.valid.index_copy_(1, slots, valid)
+        self._slots = slots
+        qpos = positions.to(torch.long)[:, :, None]  # [B, T, 1]
+        kpos = self.positions[:, None, :]  # [B, 1, S]
+        own = slots[None, :, None] == torch.arange(self.max_len, device=slots.device)[None, None, :]
+        base = self.valid[:, None, :] & (kpos <= qpos)
+        for w in self.windows:
+            mask = base if w is None else base & (qpos - kpos < w)
+            # A padded query sees at least its own slot: a row of -inf only would give NaN, which the
+            # zero attention weights of later queries would still spread (0 * NaN).
+            self._masks[w] = (mask | own).unsqueeze(1)  # [B, 1, T, S]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Store this layer's k/v [B, T, Hkv, D] in the reserved slots and attend q [B, T, H, D] over the cache."""
+        self.k[layer].index_copy_(1, self._slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(1, self._slots, v.to(self.v.dtype))
+        kt, vt = self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)  # [B, Hkv, S, D]
+        qt = q.transpose(1, 2).to(kt.dtype)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self._masks[window],
+                                             enable_gqa=kt.shape[1] != qt.shape[1])
+        return out.transpose(1, 2).to(q.dtype)
