@@ -356,7 +356,7 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
             wrapped.append(name)
         params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
         for key, tensor in full.items():
-            key = key.replace(".modules_to_save.default.", ".")
+            key = key.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
             if key not in params:
                 raise WeightsError(f"{adapter_dir}: modules_to_save tensor {key} matches no model parameter")
             if tuple(params[key].shape) != tuple(tensor.shape):
