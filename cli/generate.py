@@ -185,7 +185,7 @@ def generate(prompt: str | None, messages_file: str | None, **opts: Any) -> None
     from dataprep.prompt import split_reference
 
     if prompt is None and messages_file is None:
-        _interactive(session)
+        _interactive(session, opts["as_json"])
         return
     messages = [{"role": "user", "content": prompt}] if prompt is not None else _read_messages(messages_file)
     messages, _ = split_reference(messages)
@@ -209,7 +209,8 @@ def _answer(session: Session, messages: list[dict]) -> dict[str, Any]:
             "stop_reason": gen.stop_reason, "tokens_per_s": len(gen.tokens) / elapsed if elapsed > 0 else 0.0}
 
 
-def _interactive(session: Session) -> None:
+def _interactive(session: Session, as_json: bool) -> None:
+    """Read user turns from stdin (a terminal or a pipe) until EOF; with --json, one JSON object per answer."""
     history: list[dict] = []
     tty = sys.stdin.isatty()
     if tty:
@@ -232,7 +233,7 @@ def _interactive(session: Session) -> None:
         history.append({"role": "user", "content": text})
         result = _answer(session, session.with_system(history))
         history.append({"role": "assistant", "content": result["prediction"]})
-        click.echo(result["prediction"])
+        click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prediction"])
         if result["stop_reason"] == "length":
             click.echo(f"[stopped at --max-new-tokens {session.sampling.max_new_tokens}]", err=True)
 
