@@ -448,6 +448,24 @@ def load_checkpoint(
     return state
 
 
+def load_model_state(path: Path, model: torch.nn.Module, *, verify: bool = True) -> None:
+    """Load only the model's trained tensors from a checkpoint (no optimizer, RNG or data position), for
+    inference (`trainer generate/predict` on a checkpoint dir). One process; the same safe reader and the
+    same name/shape check as `load_checkpoint`. Frozen parameters (LoRA's base) must already be loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if verify:
+        validate_checkpoint(path)
+    frozen = {_clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    model_sd = {k: v for k, v in get_model_state_dict(model, options=_state_options()).items() if k not in frozen}
+    _check_same_tensors(path, read_dcp_metadata(path), model_sd)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
+        dcp.load({"model": model_sd}, storage_reader=_safe_reader(path), planner=_safe_planner(), no_dist=True)
+    set_model_state_dict(model, model_sd, options=_state_options(strict=False))
+
+
 def _check_same_tensors(path: Path, metadata: Any, model_sd: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

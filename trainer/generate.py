@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,11 +207,21 @@ def generate_padded(
     ]
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> list[Generation]:
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+             step_fn: Callable[..., torch.Tensor] | None = None) -> list[Generation]:
     """Generate for a batch of prompts (lists of token ids), left-padded together."""
     device, _ = _device_dtype(model)
     ids, mask = left_pad(prompts, cfg.pad_id, device)
-    return generate_padded(model, ids, mask, cfg)
+    return generate_padded(model, ids, mask, cfg, step_fn=step_fn)
+
+
+def compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    """The one-token decode step under torch.compile, for `step_fn`.
+
+    Every decode step has the same shapes ([B, 1] tokens over the whole static cache), so one compiled graph
+    serves a whole generation; it pays where kernel launches dominate (small batches on a GPU). On CPU the
+    compile time is rarely won back, so nothing here turns it on by default."""
+    return torch.compile(model.forward_cached, dynamic=False)
 
 
 @dataclass
@@ -258,6 +267,7 @@ def generate_many(
     max_batch_tokens: int | None = None,
     on_batch: Callable[[list[int], list[Generation]], None] | None = None,
     stats: BatchStats | None = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
 ) -> list[Generation]:
     """Generate for many prompts in length-sorted batches; results come back in input order.
 
@@ -266,7 +276,7 @@ def generate_many(
     results: list[Generation | None] = [None] * len(prompts)
     start = time.perf_counter()
     for idx in length_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
-        gens = generate(model, [prompts[i] for i in idx], cfg)
+        gens = generate(model, [prompts[i] for i in idx], cfg, step_fn=step_fn)
         for i, g in zip(idx, gens, strict=True):
             results[i] = g
             stats.prompt_tokens += g.prompt_tokens
@@ -388,14 +398,7 @@ def load_checkpoint_model(run_dir: Path, checkpoint_dir: Path, *, device: torch.
     The base weights come from `model.path` as in training; the checkpoint supplies what was trained (all
     weights, or the adapters and any fully trained parameters of a LoRA run). The checkpoint is verified
     against its checksums first. One process only (no FSDP)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-
-    from trainer.checkpoint import validate_checkpoint
+    from trainer.checkpoint import load_model_state, validate_checkpoint
     from trainer.config import load_config
     from trainer.lora import checkpoint_name_map, setup_peft
     from trainer.model_config import ModelConfig
@@ -411,16 +414,7 @@ def load_checkpoint_model(run_dir: Path, checkpoint_dir: Path, *, device: torch.
     materialize(model, device)
     lora = config.peft.pet_type == "lora"
     load_hf_weights(model, config.model.path, show_progress=False, name_map=checkpoint_name_map if lora else None)
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = get_model_state_dict(model, options=options)
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    state = {k: v for k, v in state.items() if k not in frozen}
-
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process.*")
-        dcp.load({"model": state}, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    load_model_state(checkpoint_dir, model, verify=False)  # validated above
     model.tie_weights()
     return model.to(dtype)
 
