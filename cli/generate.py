@@ -327,3 +327,38 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
         scored = [r for r in rows if r["reference"] is not None]
         summary["metrics"] = score([r["prediction"] for r in scored], [r["reference"] for r in scored], metrics)
     emit_summary("trainer predict", summary, opts["as_json"])
+
+
+def build_generation_eval(config):
+    """eval.generate_every_n_steps for `trainer run`: read eval.generate_data, render its prompts with the
+    template the training data was packed with (the trainer itself cannot render: it never imports dataprep)."""
+    ev = config.eval
+    if not ev.generate_every_n_steps:
+        return None
+    from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
+    from dataprep.prompt import prompt_renderer, split_reference
+    from dataprep.tokenizer import load_tokenizer
+    from formats.manifest import read_manifest
+    from trainer.generate import GenerationEval, SamplingConfig, _eos_ids
+
+    tokenizer = load_tokenizer(config.model.path)
+    template = None
+    if config.data.train:
+        try:
+            template = read_manifest(config.data.train[0]).get("template")
+        except Exception as exc:  # a remote dataset not fetched yet: auto resolves the same for this tokenizer
+            log.info("eval.generate_data: template of %s unknown (%s); using auto", config.data.train[0], exc)
+    renderer = prompt_renderer(tokenizer, template if template in _TEMPLATES else "auto")
+    records = list(iter_conversations([ev.generate_data], ConvertOptions(take=ev.generate_max_records,
+                                                                         progress=False), ConvertStats()))
+    prompts, references, ids = [], [], []
+    for rec in records:
+        messages, reference = split_reference(rec["messages"])
+        prompts.append(renderer.encode(messages))
+        references.append(reference or "")
+        ids.append(str(rec.get("id")))
+    stop = tuple(dict.fromkeys([*renderer.stop_ids, *_eos_ids(Path(config.model.path))]))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else stop[0]
+    sampling = SamplingConfig(max_new_tokens=ev.generate_max_new_tokens, stop_ids=stop, pad_id=pad)
+    return GenerationEval(prompts, references, ids, tokenizer.decode, sampling, ev.generate_every_n_steps,
+                          ev.generate_batch_size, ev.generate_samples, tuple(ev.generate_metrics))

@@ -55,11 +55,12 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
         raise click.UsageError("model.path is not set (in the config or with --set model.path=DIR)")
     if not config.data.train:
         raise click.UsageError("data.train is not set (in the config or with --set data.train=[DIR])")
+    from cli.generate import build_generation_eval
     from trainer.loop import train
     from trainer.signals import StopRequested
 
     try:
-        result = train(config)
+        result = train(config, generation_eval=build_generation_eval(config))
     except StopRequested as exc:
         click.echo(f"interrupted: {exc}", err=True)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -86,6 +87,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None,
         "export_dir": result.export_dir,
         "loss_plot": result.plot,
     }
+    if result.generation_evals:
+        last = result.generation_evals[-1]
+        summary["generation_eval"] = {k[4:]: v for k, v in last.items() if k.startswith("gen_") and "sample" not in k}
     emit_summary("trainer run", summary, as_json)
 
 

@@ -217,6 +217,23 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    generate_every_n_steps: int = doc(
+        "Every N steps, generate answers for eval.generate_data's prompts (greedy) and log exact match, BLEU and "
+        "ROUGE-L plus a few sample predictions to metrics.jsonl and TensorBoard (0 disables). Set by "
+        "`trainer run`, which renders the prompts with the template of the training data.", 0)
+    generate_data: str | None = doc(
+        "A small dev set in any format `dataprep convert` reads; each record's last assistant turn is the "
+        "reference, the turns before it the prompt.", None)
+    generate_max_records: int = doc("Use at most this many records of eval.generate_data.", 64)
+    generate_max_new_tokens: int = doc("Generation stops after this many new tokens (or at end of turn).", 128)
+    generate_batch_size: int = doc("Prompts generated together (grouped by length).", 8)
+    generate_samples: int = doc("Sample predictions logged each time (prompt id, prediction, reference).", 3)
+    generate_metrics: list[str] = doc("Which of em, bleu, rougeL to compute.",
+                                      factory=lambda: ["em", "bleu", "rougeL"])
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -225,6 +242,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     peft: PeftSection = field(default_factory=PeftSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -398,6 +416,17 @@ def validate(config: TrainConfig) -> None:
     if len(config.train.betas) != 2:
         raise ConfigError("train.betas needs exactly two values")
     _validate_peft(config.peft)
+    ev = config.eval
+    if ev.generate_every_n_steps < 0:
+        raise ConfigError("eval.generate_every_n_steps must be >= 0")
+    if ev.generate_every_n_steps and not ev.generate_data:
+        raise ConfigError("eval.generate_every_n_steps is set but eval.generate_data (a dev set file) is not")
+    if min(ev.generate_max_records, ev.generate_max_new_tokens, ev.generate_batch_size) < 1 or ev.generate_samples < 0:
+        raise ConfigError("eval.generate_max_records, generate_max_new_tokens and generate_batch_size must be >= 1, "
+                          "eval.generate_samples >= 0")
+    unknown = [m for m in ev.generate_metrics if m not in ("em", "bleu", "rougeL")]
+    if unknown:
+        raise ConfigError(f"eval.generate_metrics: unknown {', '.join(unknown)} (choose from em, bleu, rougeL)")
 
 
 def _validate_peft(p: PeftSection) -> None:
@@ -484,7 +513,7 @@ RESUME_OPTIMIZER = (
     "train.weight_decay", "train.betas", "train.eps", "train.max_grad_norm", "peft.loraplus_lr_ratio",
 )
 RESUME_IGNORED = ("checkpoint.resume", "checkpoint.allow_config_change", "logging.output_dir")
-_PATH_KEYS = ("model.path", "data.train", "data.eval")
+_PATH_KEYS = ("model.path", "data.train", "data.eval", "eval.generate_data")
 
 
 @dataclass

@@ -146,12 +146,14 @@ def generate_padded(
     cfg: SamplingConfig,
     *,
     step_fn: Callable[..., torch.Tensor] | None = None,
+    stop_early: bool = True,
 ) -> list[Generation]:
     """Generate for a padded batch. `attention_mask` [B, L] marks real tokens; padding may be on either side
     (or both): positions count real tokens only and the first new token follows each row's last real one.
 
     `step_fn(ids, positions, cache)` replaces `model.forward_cached` for the one-token decode steps (e.g. a
-    torch.compile'd copy); it must return logits [B, 1, V]."""
+    torch.compile'd copy); it must return logits [B, 1, V]. `stop_early=False` runs all max_new_tokens steps even
+    when every row has stopped (FSDP ranks must run the same number of forwards)."""
     device, dtype = _device_dtype(model)
     input_ids = input_ids.to(device)
     valid = attention_mask.to(device).bool()
@@ -193,7 +195,7 @@ def generate_padded(
             if seen is not None:
                 active = ~finished | hit  # rows that produced a real token this step
                 seen[active.nonzero().squeeze(1), tok[active]] = True
-            if i + 1 == cfg.max_new_tokens or bool(finished.all()):
+            if i + 1 == cfg.max_new_tokens or (stop_early and bool(finished.all())):
                 break
             cache.begin(next_pos[:, None])
             logits = step(tok[:, None], next_pos[:, None], cache)[:, -1].float()
@@ -208,11 +210,11 @@ def generate_padded(
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-             step_fn: Callable[..., torch.Tensor] | None = None) -> list[Generation]:
+             step_fn: Callable[..., torch.Tensor] | None = None, stop_early: bool = True) -> list[Generation]:
     """Generate for a batch of prompts (lists of token ids), left-padded together."""
     device, _ = _device_dtype(model)
     ids, mask = left_pad(prompts, cfg.pad_id, device)
-    return generate_padded(model, ids, mask, cfg, step_fn=step_fn)
+    return generate_padded(model, ids, mask, cfg, step_fn=step_fn, stop_early=stop_early)
 
 
 def compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
@@ -268,6 +270,7 @@ def generate_many(
     on_batch: Callable[[list[int], list[Generation]], None] | None = None,
     stats: BatchStats | None = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
+    stop_early: bool = True,
 ) -> list[Generation]:
     """Generate for many prompts in length-sorted batches; results come back in input order.
 
@@ -276,7 +279,7 @@ def generate_many(
     results: list[Generation | None] = [None] * len(prompts)
     start = time.perf_counter()
     for idx in length_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
-        gens = generate(model, [prompts[i] for i in idx], cfg, step_fn=step_fn)
+        gens = generate(model, [prompts[i] for i in idx], cfg, step_fn=step_fn, stop_early=stop_early)
         for i, g in zip(idx, gens, strict=True):
             results[i] = g
             stats.prompt_tokens += g.prompt_tokens
@@ -289,6 +292,69 @@ def generate_many(
             on_batch(idx, gens)
     stats.elapsed_s += time.perf_counter() - start
     return [g for g in results if g is not None]
+
+
+# ------------------------------------------------------------------------------- evaluation during training
+
+
+@dataclass
+class GenerationEval:
+    """Evaluation by generation inside `trainer run` (eval.generate_every_n_steps), on pre-rendered prompts.
+
+    The trainer never imports dataprep, so whoever starts the run (the CLI) renders the dev prompts with the
+    training template and hands in their ids, the references, and `decode` (token ids -> text)."""
+
+    prompts: list[list[int]]
+    references: list[str]
+    ids: list[str]
+    decode: Callable[[list[int]], str]
+    sampling: SamplingConfig
+    every: int
+    batch_size: int = 8
+    samples: int = 3
+    metrics: tuple[str, ...] = ("em", "bleu", "rougeL")
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+
+@torch.no_grad()
+def run_generation_eval(model: nn.Module, ev: GenerationEval, step: int) -> dict[str, object]:
+    """Generate for every dev prompt and score it: one metrics.jsonl record (`gen_*` keys; the samples are text,
+    which TensorBoard shows as text). Every rank calls this under FSDP2 (same prompts, same number of steps)."""
+    from trainer.text_metrics import score
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    fsdp = _fsdp_root(model)
+    if fsdp is not None:
+        fsdp.unshard()  # forward_cached bypasses the root module's own pre-forward hook
+    dtype = getattr(model, "autocast_dtype", None)
+    device_type = next(model.parameters()).device.type
+    stats = BatchStats()
+    try:
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            gens = generate_many(model, ev.prompts, ev.sampling, batch_size=ev.batch_size, stats=stats,
+                                 stop_early=not distributed)
+    finally:
+        if fsdp is not None:
+            fsdp.reshard()
+    predictions = [ev.decode(g.text_tokens) for g in gens]
+    record: dict[str, object] = {"step": step}
+    record.update({f"gen_{k}": v for k, v in score(predictions, ev.references, ev.metrics).items()})
+    record["gen_stopped_frac"] = stats.stopped / max(stats.prompts, 1)
+    record["gen_tokens_per_s"] = stats.tokens_per_s
+    for i in range(min(ev.samples, len(predictions))):
+        record[f"gen_sample_{i}"] = (f"id: {ev.ids[i]}\nprediction: {predictions[i]}\n"
+                                     f"reference: {ev.references[i]}")
+    return record
+
+
+def _fsdp_root(model: nn.Module):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return None
+    return model if isinstance(model, FSDPModule) else None
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -35,6 +35,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
+from trainer.generate import GenerationEval, run_generation_eval
 from trainer.lora import (
     checkpoint_name_map,
     count_parameters,
@@ -70,6 +71,7 @@ class RunResult:
     total_params: int = 0
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was dropped (non-finite)
     plot: str | None = None  # output_dir/loss.png when drawn
+    generation_evals: list[dict[str, Any]] = field(default_factory=list)  # eval.generate_every_n_steps records
 
     @property
     def final_loss(self) -> float | None:
@@ -256,11 +258,15 @@ def train(
     *,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     info: DistInfo | None = None,
+    generation_eval: GenerationEval | None = None,
 ) -> RunResult:
-    """Run training as configured; returns what happened. Rank 0 writes the run directory."""
+    """Run training as configured; returns what happened. Rank 0 writes the run directory.
+
+    `generation_eval`: evaluation by generation every N steps on prompts the caller rendered to ids (the
+    trainer never imports dataprep; `trainer run` builds it from eval.generate_data)."""
     info = info or init_distributed(config.parallel.backend)
     try:
-        return _train(config, info, on_step)
+        return _train(config, info, on_step, generation_eval)
     finally:
         cleanup(info)
 
@@ -284,7 +290,8 @@ class Run:
                               mcfg.num_hidden_layers, mcfg.num_attention_heads * mcfg.head_dim)
 
 
-def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
+def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None,
+           generation_eval: GenerationEval | None = None) -> RunResult:
     # A hub id (`Qwen/Qwen3-8B`) names its snapshot in the local Hugging Face cache (never downloaded here);
     # the resolved config then records the exact snapshot directory that was trained.
     model_dir = str(resolve_hub(config.model.path, "model"))
@@ -296,11 +303,11 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
             # touches the config, metrics or checkpoints (only rank 0 locks: ranks on one host would conflict).
             out_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(locked(out_dir, inside=True, what="trainer output directory"))
-        return _train_locked(config, info, on_step, out_dir)
+        return _train_locked(config, info, on_step, out_dir, generation_eval)
 
 
 def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any]], None] | None,
-                  out_dir: Path) -> RunResult:
+                  out_dir: Path, generation_eval: GenerationEval | None = None) -> RunResult:
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -338,7 +345,7 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     result.trainable_params = sum(p.numel() for p in trainable) * shards
     stop = StopFlag().install()
     try:
-        _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step)
+        _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step, generation_eval)
     finally:
         stop.restore()
     checkpointer.save_final(result.steps)
@@ -356,7 +363,8 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
 
 
 def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunResult, stop: StopFlag,
-               on_step: Callable[[dict[str, Any]], None] | None) -> None:
+               on_step: Callable[[dict[str, Any]], None] | None,
+               generation_eval: GenerationEval | None = None) -> None:
     """The loop: one optimizer step, then each part decides whether it is its turn (log, eval, save, stop)."""
     config, info = run.config, run.info
     out_dir = Path(config.logging.output_dir)
@@ -390,6 +398,12 @@ def _run_steps(run: Run, checkpointer: Checkpointer, steps: range, result: RunRe
                 result.eval_losses.append((done, eval_loss))
                 logger.write({"step": done, "eval_loss": eval_loss})
                 log.info("step %d: eval loss %.4f", done, eval_loss)
+            if generation_eval is not None and generation_eval.due(done):
+                record = run_generation_eval(run.model, generation_eval, done)
+                result.generation_evals.append(record)
+                logger.write(record)
+                log.info("step %d: generation eval %s", done,
+                         {k: round(v, 4) for k, v in record.items() if k.startswith("gen_") and isinstance(v, float)})
             checkpointer.step_done(done)
             # Every rank learns whether any rank was signalled, so all stop at the same step boundary.
             if all_reduce_sum(1.0 if stop.signum is not None else 0.0, info) > 0:
