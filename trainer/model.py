@@ -368,11 +368,10 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {t} tokens > {self.max_len} slots")
         slots = torch.arange(self.length, self.length + t, device=self.valid.device)
         self.length += t
-        self.set_slots(slots, positions, valid)
+        self._set_slots(slots, positions, valid)
         return slots
 
-    def set_slots(self, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Like `begin` with explicit slot indices and no host bookkeeping (a compiled decode step calls this)."""
+    def _set_slots(self, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         if valid is None:
             valid = torch.ones_like(positions, dtype=torch.bool)
         self.positions.index_copy_(1, slots, positions.to(torch.long))
@@ -393,7 +392,9 @@ class KVCache:
         self.k[layer].index_copy_(1, self._slots, k.to(self.k.dtype))
         self.v[layer].index_copy_(1, self._slots, v.to(self.v.dtype))
         kt, vt = self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)  # [B, Hkv, S, D]
+        mask = self._masks[window]
+        if not torch.compiler.is_compiling():  # eager: skip the slots not filled yet (compiled: fixed shapes)
+            kt, vt, mask = kt[:, :, : self.length], vt[:, :, : self.length], mask[..., : self.length]
         qt = q.transpose(1, 2).to(kt.dtype)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self._masks[window],
-                                             enable_gqa=kt.shape[1] != qt.shape[1])
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=kt.shape[1] != qt.shape[1])
         return out.transpose(1, 2).to(q.dtype)
