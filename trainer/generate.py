@@ -509,6 +509,8 @@ def load_model(
         base = Path(load_config(run_dir / RESOLVED_CONFIG).model.path)
         model = load_checkpoint_model(run_dir, ckpt, device=device, dtype=dtype)
         return LoadedModel(model.eval(), base, "checkpoint", base, None, ckpt, _eos_ids(base))
+    if (path / RESOLVED_CONFIG).is_file() and (path / "export").is_dir():
+        path = path / "export"  # a run directory without checkpoints: its final export
     if (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file():
         if adapter_dir is not None:
             raise ValueError(f"{path} is a LoRA adapter directory; pass the base model as --model and it as --adapter")
