@@ -18,10 +18,9 @@ from typing import Any
 import click
 
 from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+from dataprep.templates import TEMPLATE_CHOICES as _TEMPLATES
 
 log = logging.getLogger(__name__)
-
-_TEMPLATES = ("auto", "hf", "chatml", "llama3", "llama2", "vicuna", "alpaca", "plain")
 
 
 def model_options(func: Callable) -> Callable:
