@@ -269,6 +269,8 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
     Exit codes: 0 done, 1 bad input or model directory, 2 usage error.
     """
     setup_logging(opts["verbose"])
+    if not opts["as_json"]:
+        logging.getLogger(__name__).setLevel(logging.INFO)  # a progress line per batch without a terminal
     from dataprep.atomic_write import atomic_output, check_writable
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
     from dataprep.prompt import split_reference
@@ -291,6 +293,7 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
         prompts.append(session.renderer.encode(messages))
 
     stats = BatchStats()
+    t0 = time.perf_counter()
     bar = None
     if sys.stderr.isatty() and not opts["as_json"]:
         from tqdm import tqdm
@@ -301,7 +304,8 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
         if bar is not None:
             bar.update(len(indices))
         else:
-            log.info("predict: %d/%d prompts done", stats.prompts + len(indices), len(prompts))
+            log.info("predict: %d/%d prompts, %d new tokens, %.1f tokens/s", stats.prompts, len(prompts),
+                     stats.new_tokens, stats.new_tokens / max(time.perf_counter() - t0, 1e-9))
 
     try:
         gens = generate_many(session.loaded.model, prompts, session.sampling, batch_size=batch_size,
