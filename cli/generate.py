@@ -273,6 +273,7 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
         logging.getLogger(__name__).setLevel(logging.INFO)  # a progress line per batch without a terminal
     from dataprep.atomic_write import atomic_output, check_writable
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
+    from dataprep.errors import DataError
     from dataprep.prompt import split_reference
     from trainer.generate import BatchStats, generate_many
     from trainer.text_metrics import parse_metrics, score
@@ -290,7 +291,10 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
     for rec in records:
         messages, reference = split_reference(session.with_system(rec["messages"]))
         rows.append({"id": rec.get("id"), "messages": messages, "reference": reference})
-        prompts.append(session.renderer.encode(messages))
+        try:
+            prompts.append(session.renderer.encode(messages))
+        except DataError as exc:  # the template refused it: say which record (its id names file and line)
+            raise DataError(f"record {rec.get('id')!r}: {exc.message}", reason=exc.reason) from None
 
     stats = BatchStats()
     t0 = time.perf_counter()
