@@ -117,6 +117,15 @@ def _real(mode: str, field: str, faster: bool) -> Callable[[dict], tuple[float |
     return get
 
 
+def _generate_at(j: dict, batch: int) -> tuple[float | None, float | None, float | None]:
+    """bench_generate: our tokens/s (eager decode step) and transformers' at one batch size."""
+    rows = {r["impl"]: r for r in j.get("rows", []) if r["batch"] == batch}
+    ours, peer = rows.get("ours"), rows.get("transformers")
+    if ours is None or peer is None:
+        return None, None, None
+    return ours["tokens_per_s"], peer["tokens_per_s"], _ratio(ours["tokens_per_s"], peer["tokens_per_s"])
+
+
 def _at_least(target: float) -> Callable[[float | None, float | None], bool | None]:
     return lambda ours, ratio: None if ratio is None else ratio >= target
 
@@ -165,6 +174,10 @@ METRICS: list[Metric] = [
            lambda j: (j.get("lora", {}).get("peak_memory_mib"), j.get("full", {}).get("peak_memory_mib"),
                       _ratio(j.get("full", {}).get("peak_memory_mib"), j.get("lora", {}).get("peak_memory_mib"))),
            lambda ours, ratio: None),
+    Metric("generate", "greedy generation, batch 1 (tokens/s)", "transformers.generate", "tokens/s", "none set",
+           lambda j: _generate_at(j, 1), lambda ours, ratio: None),
+    Metric("generate", "greedy generation, batch 16 (tokens/s)", "transformers.generate", "tokens/s", "none set",
+           lambda j: _generate_at(j, j.get("sizes", {}).get("batch", 16)), lambda ours, ratio: None),
     Metric("mfu", "MFU, Llama-3-8B shape 4 layers, bf16, seq 4096", "-", "%", ">= 45%",
            lambda j: ((100 * j["mfu"]) if "mfu" in j else None, None, None),
            lambda ours, ratio: None if ours is None else ours >= 45.0),
