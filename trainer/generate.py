@@ -161,6 +161,10 @@ def generate_padded(
     lengths = valid.sum(1)
     if bool((lengths == 0).any()):
         raise ValueError("every prompt needs at least one real token")
+    longest = int(lengths.max()) + cfg.max_new_tokens
+    if longest > model.config.max_position_embeddings:
+        log.warning("prompt + max_new_tokens reaches %d positions, beyond the model's max_position_embeddings (%d)",
+                    longest, model.config.max_position_embeddings)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     last = torch.where(valid, torch.arange(width, device=device), -1).amax(1)
     cache = KVCache(model.config, b, width + cfg.max_new_tokens, device, dtype)
