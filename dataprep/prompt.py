@@ -14,6 +14,7 @@ Stop ids are the template's end-of-turn ids plus the tokenizer's eos.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,7 @@ class PromptRenderer:
         from dataprep.tokenize import TokenizeOptions, _Encoder
 
         pieces = self.pieces(messages, tools)
-        fixed = ChatTemplate(self.template.name, lambda _messages: pieces, self.template.end_of_turn)
+        fixed = dataclasses.replace(self.template, render=lambda _messages: pieces)
         (ids, _spans), = _Encoder(self.tokenizer, fixed, TokenizeOptions(template=self.template.name)).encode_many(
             [messages])
         return ids
