@@ -252,11 +252,13 @@ def _interactive(session: Session, as_json: bool) -> None:
 @click.option("--metrics", "metrics_spec", default=None, metavar="em,bleu,rougeL",
               help="Score predictions against the references (CJK scored per character).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="torch.compile the one-token decode step (for GPUs; each new batch shape compiles again).")
 @handle_errors
 @_library_errors
 def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size: int,
             max_batch_tokens: int | None, take: int | None, metrics_spec: str | None, overwrite: bool,
-            **opts: Any) -> None:
+            compile_step: bool, **opts: Any) -> None:
     """Generate an answer for every record of a data file; the last assistant turn is the reference.
 
     Each output line: {"id", "messages" (the prompt), "reference", "prediction", "tokens", "stop_reason"}.
@@ -275,7 +277,7 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
     from dataprep.errors import DataError
     from dataprep.prompt import split_reference
-    from trainer.generate import BatchStats, generate_many
+    from trainer.generate import BatchStats, compiled_step, generate_many
     from trainer.text_metrics import parse_metrics, score
 
     try:
@@ -312,8 +314,9 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
                      stats.new_tokens, stats.new_tokens / max(time.perf_counter() - t0, 1e-9))
 
     try:
+        step_fn = compiled_step(session.loaded.model) if compile_step else None
         gens = generate_many(session.loaded.model, prompts, session.sampling, batch_size=batch_size,
-                             max_batch_tokens=max_batch_tokens, on_batch=on_batch, stats=stats)
+                             max_batch_tokens=max_batch_tokens, on_batch=on_batch, stats=stats, step_fn=step_fn)
     finally:
         if bar is not None:
             bar.close()
