@@ -43,6 +43,12 @@ def test_generation_eval_during_training_matches_predict_on_the_export(tmp_path)
     assert pred.exit_code == 0, pred.output
     metrics = json.loads(pred.stdout)["metrics"]
     assert metrics == pytest.approx({k[4:]: gen[-1][k] for k in ("gen_em", "gen_bleu", "gen_rougeL")})
+    # a run directory without checkpoints stands for its export
+    res = CliRunner().invoke(trainer_cli, ["predict", "--model", str(run_dir), "--data", str(dev), "-o",
+                                           str(tmp_path / "run.jsonl"), "--max-new-tokens", "10"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run.jsonl").read_text() == out.read_text()
     first = json.loads(out.read_text().splitlines()[0])
     assert gen[-1]["gen_sample_0"] == f"id: {first['id']}\nprediction: {first['prediction']}\nreference: {first['reference']}"
 
