@@ -57,3 +57,39 @@ def test_generation_eval_needs_a_dev_set(tmp_path):
     res = CliRunner().invoke(trainer_cli, ["run", "--set", "model.path=x", "--set", "data.train=[y]",
                                            "--set", "eval.generate_every_n_steps=4"])
     assert res.exit_code == 2 and "eval.generate_data" in res.output
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_generation_eval_under_two_fsdp_ranks_equals_predict_on_the_export(tmp_path, repo_root):
+    """Under FSDP2 every rank generates (the root is unsharded for it); rank 0 logs what one process predicts."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    model = make_tokenizer_and_model(tmp_path)
+    data = pack_rows(model, tmp_path / "data", n_records=64, seq_length=128)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in records(4, seed=5)))
+    run_dir = tmp_path / "run"
+    sets = [f"model.path={model}", f"data.train=[{data}]", f"logging.output_dir={run_dir}",
+            "logging.progress_bar=false", "train.max_steps=4", "train.lr=3e-3", "data.micro_batch_size=1",
+            "eval.generate_every_n_steps=4", f"eval.generate_data={dev}", "eval.generate_max_new_tokens=8",
+            "eval.generate_samples=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "cli.trainer", "run", *[x for s in sets for x in ("--set", s)]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    gen = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "gen_em" in r]
+    assert [r["step"] for r in gen] == [4]
+    out = tmp_path / "pred.jsonl"
+    res = CliRunner().invoke(trainer_cli, ["predict", "--model", str(run_dir / "export"), "--data", str(dev),
+                                           "-o", str(out), "--max-new-tokens", "8"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for i, row in enumerate(map(json.loads, out.read_text().splitlines())):
+        assert gen[0][f"gen_sample_{i}"] == f"id: {row['id']}\nprediction: {row['prediction']}\nreference: {row['reference']}"
