@@ -142,7 +142,9 @@ def _library_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def _read_messages(path: str) -> list[dict]:
+def _read_messages(path: str) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) from a JSON file holding a message list or a conversation record."""
+    from dataprep.conversation import ROLES
     from dataprep.errors import DataError
 
     try:
@@ -150,11 +152,12 @@ def _read_messages(path: str) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON at line {exc.lineno}: {exc.msg}", source=path, line=exc.lineno) from None
     messages = raw.get("messages") if isinstance(raw, dict) else raw
+    tools = raw.get("tools") if isinstance(raw, dict) else None
     if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
             for m in messages):
         raise DataError("expected a list of {role, content} messages or an object with 'messages'", source=path)
-    return messages
+    return messages, tools
 
 
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
@@ -186,9 +189,10 @@ def generate(prompt: str | None, messages_file: str | None, **opts: Any) -> None
     if prompt is None and messages_file is None:
         _interactive(session, opts["as_json"])
         return
-    messages = [{"role": "user", "content": prompt}] if prompt is not None else _read_messages(messages_file)
+    messages, tools = ([{"role": "user", "content": prompt}], None) if prompt is not None else \
+        _read_messages(messages_file)
     messages, _ = split_reference(messages)
-    result = _answer(session, session.with_system(messages))
+    result = _answer(session, session.with_system(messages), tools)
     if opts["as_json"]:
         emit_summary("trainer generate", {**result, **session.describe()}, True)
     else:
@@ -197,10 +201,10 @@ def generate(prompt: str | None, messages_file: str | None, **opts: Any) -> None
                                                                  "tokens_per_s")}, False)
 
 
-def _answer(session: Session, messages: list[dict]) -> dict[str, Any]:
+def _answer(session: Session, messages: list[dict], tools: list[dict] | None = None) -> dict[str, Any]:
     from trainer.generate import generate as run_generation
 
-    ids = session.renderer.encode(messages)
+    ids = session.renderer.encode(messages, tools)
     t0 = time.perf_counter()
     gen = run_generation(session.loaded.model, [ids], session.sampling)[0]
     elapsed = time.perf_counter() - t0
@@ -294,7 +298,7 @@ def predict(inputs: tuple[str, ...], output: str, input_format: str, batch_size:
         messages, reference = split_reference(session.with_system(rec["messages"]))
         rows.append({"id": rec.get("id"), "messages": messages, "reference": reference})
         try:
-            prompts.append(session.renderer.encode(messages))
+            prompts.append(session.renderer.encode(messages, rec.get("tools")))
         except DataError as exc:  # the template refused it: say which record (its id names file and line)
             raise DataError(f"record {rec.get('id')!r}: {exc.message}", reason=exc.reason) from None
 
@@ -364,7 +368,7 @@ def build_generation_eval(config):
     prompts, references, ids = [], [], []
     for rec in records:
         messages, reference = split_reference(rec["messages"])
-        prompts.append(renderer.encode(messages))
+        prompts.append(renderer.encode(messages, rec.get("tools")))
         references.append(reference or "")
         ids.append(str(rec.get("id")))
     stop = tuple(dict.fromkeys([*renderer.stop_ids, *_eos_ids(Path(config.model.path))]))

@@ -65,6 +65,19 @@ def test_prompt_ids_equal_apply_chat_template_on_real_tokenizers(shared_data, na
     assert renderer.stop_ids == (tok.eos_id,)  # <|im_end|> / <|eot_id|>: end of turn and eos are one token here
 
 
+def test_hf_prompt_with_tools_equals_apply_chat_template(shared_data):
+    d = shared_data / "tokenizers" / "qwen2_5"
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "北京天气怎么样？"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    want = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    got = prompt_renderer(load_tokenizer(d), "hf").encode(messages, tools)
+    assert got == want and len(got) > len(prompt_renderer(load_tokenizer(d), "hf").encode(messages))
+
+
 @pytest.mark.parametrize("template", ["llama2", "vicuna", "alpaca", "plain"])
 def test_builtin_prompts_are_the_trained_prefix_sentencepiece(shared_data, template):
     tok = load_tokenizer(shared_data / "tokenizers" / "llama2" / "tokenizer.model")
