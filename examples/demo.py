@@ -88,5 +88,10 @@ def main() -> None:
         print("demo failed: the loss did not fall", file=sys.stderr)
         sys.exit(1)
 
+    # 6. See what the model learned: answers for the training conversations, scored against their references.
+    step("predict: generate an answer for every conversation (the last assistant turn is the reference)",
+         "trainer", "predict", "--model", str(run_dir / "export"), "--data", str(conversations),
+         "-o", str(OUT / "predictions.jsonl"), "--max-new-tokens", "48", "--metrics", "em,bleu,rougeL", "--overwrite")
+
 if __name__ == "__main__":
     main()
