@@ -44,15 +44,15 @@ def memorised(tmp_path_factory):
     assert any("你好" in m["content"] for r in records for m in r["messages"])
     model = root / "model"
     _invoke(trainer_cli, ["tiny-model", conv, "-o", model, "--vocab-size", "600", "--layers", "2",
-                          "--hidden-size", "128", "--heads", "4"])
+                          "--hidden-size", "64", "--heads", "4"])
     packed = root / "packed"
     _invoke(dataprep_cli, ["pack", conv, "-o", packed, "--tokenizer", model, "--seq-length", "256"])
     run_dir = root / "run"
     config = load_config(None, [
         f"model.path={model}", f"data.train=[{packed}]", f"logging.output_dir={run_dir}",
         "logging.progress_bar=false", "logging.log_every=50", "train.lr=1e-2", "train.warmup_steps=5",
-        "train.max_steps=150", "train.schedule=cosine", "train.seed=3", "data.micro_batch_size=4",
-        "checkpoint.every_steps=150", "train.max_grad_norm=1.0",
+        "train.max_steps=100", "train.schedule=cosine", "train.seed=3", "data.micro_batch_size=4",
+        "checkpoint.every_steps=100", "train.max_grad_norm=1.0",
     ])
     result = train(config)
     return root, conv, records, model, run_dir, result
