@@ -352,10 +352,12 @@ def build_generation_eval(config):
     from dataprep.convert import ConvertOptions, ConvertStats, iter_conversations
     from dataprep.prompt import prompt_renderer, split_reference
     from dataprep.tokenizer import load_tokenizer
+    from formats.hub import resolve as resolve_hub
     from formats.manifest import read_manifest
     from trainer.generate import GenerationEval, SamplingConfig, _eos_ids
 
-    tokenizer = load_tokenizer(config.model.path)
+    model_dir = str(resolve_hub(config.model.path, "model"))  # a hub id: its local snapshot, as the trainer does
+    tokenizer = load_tokenizer(model_dir)
     template = None
     if config.data.train:
         try:
@@ -371,7 +373,7 @@ def build_generation_eval(config):
         prompts.append(renderer.encode(messages, rec.get("tools")))
         references.append(reference or "")
         ids.append(str(rec.get("id")))
-    stop = tuple(dict.fromkeys([*renderer.stop_ids, *_eos_ids(Path(config.model.path))]))
+    stop = tuple(dict.fromkeys([*renderer.stop_ids, *_eos_ids(Path(model_dir))]))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else stop[0]
     sampling = SamplingConfig(max_new_tokens=ev.generate_max_new_tokens, stop_ids=stop, pad_id=pad)
     return GenerationEval(prompts, references, ids, tokenizer.decode, sampling, ev.generate_every_n_steps,

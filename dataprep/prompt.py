@@ -4,10 +4,9 @@ Why here and not in the trainer: the trainer works on token ids only; whatever r
 must agree token for token with what the model saw in training, so it reuses the template (`get_template`) and
 the tokenization engine of `dataprep.tokenize`.
 
-- Built-in templates: render the conversation followed by an assistant turn and keep the pieces before that
-  turn's first trained piece (the assistant header, e.g. `<|im_start|>assistant\\n`), tokenized by the engine.
-- `hf`: the tokenizer's own chat_template with `add_generation_prompt=True`, as transformers'
-  `apply_chat_template` renders it, special tokens split out and text tokenized by the engine.
+The pieces come from the template's own `prompt()` (the conversation plus the assistant header, which for `hf` is
+the tokenizer's chat_template with `add_generation_prompt=True`); they are tokenized by the engine of
+`dataprep.tokenize`, so the ids are what `pack` produces for the same text.
 
 Stop ids are the template's end-of-turn ids plus the tokenizer's eos.
 """
@@ -15,15 +14,11 @@ Stop ids are the template's end-of-turn ids plus the tokenizer's eos.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
-from typing import Any
 
 from dataprep.errors import DataError
 from dataprep.templates import ChatTemplate, Piece, get_template
 from dataprep.tokenizer import Tokenizer
-
-_PLACEHOLDER = "x"  # content of the assistant turn rendered only to find where it starts
 
 
 @dataclass
@@ -47,23 +42,16 @@ class PromptRenderer:
         if messages[-1].get("role") == "assistant":
             raise DataError("the prompt ends with an assistant turn; generation continues after a user turn",
                             reason="prompt_ends_with_assistant")
-        if self.template.name == "hf":
-            return _hf_prompt_pieces(self.tokenizer, messages, tools)
-        rendered = self.template.render([*messages, {"role": "assistant", "content": _PLACEHOLDER}])
-        start = _last_trained_group(rendered)
-        if start is None:
-            raise DataError(f"template {self.template.name!r} marks no part of an assistant turn as trained",
-                            reason="template_mismatch")
-        return [(value, False) for value, _ in rendered[:start]]
+        return self.template.prompt(messages, tools) if tools else self.template.prompt(messages)
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the generation prompt, encoded exactly as `dataprep pack` encodes the same text."""
         from dataprep.tokenize import TokenizeOptions, _Encoder
 
         pieces = self.pieces(messages, tools)
-        fixed = dataclasses.replace(self.template, render=lambda _messages: pieces)
+        fixed = dataclasses.replace(self.template, render=lambda _messages, _tools=None: pieces)
         (ids, _spans), = _Encoder(self.tokenizer, fixed, TokenizeOptions(template=self.template.name)).encode_many(
-            [messages])
+            [(messages, tools)])
         return ids
 
     def encode_many(self, conversations: list[list[dict]]) -> list[list[int]]:
@@ -81,30 +69,3 @@ def split_reference(messages: list[dict]) -> tuple[list[dict], str | None]:
     if messages and messages[-1].get("role") == "assistant":
         return messages[:-1], messages[-1].get("content")
     return messages, None
-
-
-def _last_trained_group(pieces: list[Piece]) -> int | None:
-    start, prev = None, False
-    for i, (_, train) in enumerate(pieces):
-        if train and not prev:
-            start = i
-        prev = train
-    return start
-
-
-def _hf_prompt_pieces(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Piece]:
-    from dataprep.jinja_template import render_chat_template
-
-    extra: dict[str, Any] = {"tools": tools} if tools else {}
-    text = render_chat_template(tok, messages, add_generation_prompt=True, **extra)
-    specials = sorted(tok.special_tokens, key=len, reverse=True)
-    if not specials:
-        return [(text, False)]
-    pattern = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
-    out: list[Piece] = []
-    for k, part in enumerate(pattern.split(text)):
-        if k % 2:
-            out.append((tok.special_tokens[part], False))
-        elif part:
-            out.append((part, False))
-    return out
