@@ -146,6 +146,10 @@ class CheckpointSection:
         "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
+# Quantized frozen bases (PaddleNLP's weight_quantize_algo values that are implemented).
+QuantAlgo = Literal["nf4"]
+
+
 @dataclass
 class PeftSection:
     pet_type: Literal["lora"] | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
@@ -199,6 +203,17 @@ class PeftSection:
     export_merged: bool = doc(
         "Besides the adapter export, also write merged full weights (base + adapter) to output_dir/export-merged.",
         False,
+    )
+    weight_quantize_algo: QuantAlgo | None = doc(
+        "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key): nf4 = 4-bit "
+        "NormalFloat with double quantization (torchao), quantized tensor by tensor while loading, dequantized "
+        "per matmul. Adapters, norms, embeddings and the LM head stay unquantized. null disables. (fp4 and "
+        "weight_only_int8/int4 are not implemented.)", None,
+    )
+    qlora_weight_blocksize: int = doc("NF4: weights per absmax scale (QLoRA's 64).", 64)
+    qlora_weight_double_quant_block_size: int = doc(
+        "NF4 double quantization: block scales per int8-quantized group (QLoRA's 256). A tensor is quantized "
+        "when its size is a multiple of blocksize x this.", 256,
     )
 
 
@@ -407,9 +422,20 @@ def _validate_peft(p: PeftSection) -> None:
         lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged") if getattr(p, k)]
         if p.loraplus_lr_ratio is not None:
             lora_only.append("loraplus_lr_ratio")
+        if p.weight_quantize_algo is not None:
+            lora_only.append("weight_quantize_algo")
         if lora_only:
             raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora")
         return
+    if p.weight_quantize_algo is not None:
+        if p.weight_quantize_algo not in typing.get_args(QuantAlgo):
+            raise ConfigError(f"peft.weight_quantize_algo: '{p.weight_quantize_algo}' is not one of nf4, null")
+        if p.pissa or p.use_dora:
+            raise ConfigError("peft.weight_quantize_algo cannot be combined with pissa or use_dora (both read and "
+                              "rewrite the full-precision base weight)")
+        if p.qlora_weight_blocksize < 2 or p.qlora_weight_blocksize % 2 or p.qlora_weight_double_quant_block_size < 1:
+            raise ConfigError("peft.qlora_weight_blocksize must be an even number >= 2 and "
+                              "peft.qlora_weight_double_quant_block_size >= 1")
     if p.lora_rank < 1:
         raise ConfigError("peft.lora_rank must be >= 1")
     if p.lora_alpha <= 0:

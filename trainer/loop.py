@@ -47,6 +47,7 @@ from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, 
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.quantize import quantize_frozen_base
 from trainer.reporting import open_reporters
 from trainer.signals import StopFlag, StopRequested
 from trainer.weights import load_hf_weights, materialize
@@ -114,6 +115,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     lora = config.peft.pet_type == "lora"
     wrapped = setup_peft(model, config.peft)
     store_frozen_in(model, frozen_dtype(config.model.frozen_dtype, dtype))
+    quantize_frozen_base(model, config.peft, frozen_dtype(config.model.frozen_dtype, dtype))  # QLoRA (no-op if off)
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
         if hf:

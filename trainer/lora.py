@@ -328,6 +328,10 @@ def load_lora_model(model_dir: str, cfg: PeftSection, seed: int, *, device: str 
     with torch.device("meta"):
         model = Transformer(config)
     setup_peft(model, cfg)
+    if cfg.weight_quantize_algo is not None:
+        from trainer.quantize import quantize_frozen_base
+
+        quantize_frozen_base(model, cfg, torch.float32)
     materialize(model, device)
     load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type == "lora" else None,
                     show_progress=False)
