@@ -146,13 +146,17 @@ class CheckpointSection:
         "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
+PetType = Literal["lora", "vera", "lokr"]
 # Quantized frozen bases (PaddleNLP's weight_quantize_algo values that are implemented).
 QuantAlgo = Literal["nf4"]
 
 
 @dataclass
 class PeftSection:
-    pet_type: Literal["lora"] | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
+    pet_type: PetType | None = doc(
+        "Parameter-efficient method: null (full fine-tuning) | lora | vera (shared random projections, trained "
+        "scaling vectors; vera_* keys) | lokr (Kronecker-product update; lokr_* keys). All adapt the Linear "
+        "modules target_modules matches and export a PEFT adapter.", None)
     lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
     lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
     lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
@@ -204,6 +208,13 @@ class PeftSection:
         "Besides the adapter export, also write merged full weights (base + adapter) to output_dir/export-merged.",
         False,
     )
+    vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
+    vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
+    vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
+    lokr_rank: int = doc("LoKr: rank of W2's factors (W2 is kept whole when the rank is at least half its side).", 8)
+    lokr_alpha: float = doc("LoKr: the update kron(W1, W2) is scaled by lokr_alpha / lokr_rank.", 8.0)
+    lokr_decompose_factor: int = doc(
+        "LoKr: split each dimension as factor x (dim / factor); -1 picks the divisor pair nearest the square root.", -1)
     weight_quantize_algo: QuantAlgo | None = doc(
         "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key): nf4 = 4-bit "
         "NormalFloat with double quantization (torchao), quantized tensor by tensor while loading, dequantized "
@@ -272,6 +283,10 @@ KNOWN_ALIASES = {
     "neftune_noise": "neftune_noise_alpha",
     "init_lora_weights": "lora_a_init",
     "tensorboard": "report_to",
+    "lokr_dim": "lokr_rank",
+    "vera": "pet_type",
+    "lokr": "pet_type",
+    "lora": "pet_type",
 }
 
 
@@ -436,6 +451,16 @@ def _validate_peft(p: PeftSection) -> None:
         if p.qlora_weight_blocksize < 2 or p.qlora_weight_blocksize % 2 or p.qlora_weight_double_quant_block_size < 1:
             raise ConfigError("peft.qlora_weight_blocksize must be an even number >= 2 and "
                               "peft.qlora_weight_double_quant_block_size >= 1")
+    if p.pet_type == "vera" and (p.vera_rank < 1 or p.vera_d_initial == 0):
+        raise ConfigError("peft.vera_rank must be >= 1 and peft.vera_d_initial non-zero")
+    if p.pet_type == "lokr" and (p.lokr_rank < 1 or p.lokr_alpha <= 0 or p.lora_dropout > 0):
+        raise ConfigError("peft.lokr_rank must be >= 1, peft.lokr_alpha > 0, and LoKr takes no lora_dropout")
+    if p.pet_type != "lora":
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora") if getattr(p, k)]
+        if p.loraplus_lr_ratio is not None:
+            lora_only.append("loraplus_lr_ratio")
+        if lora_only:
+            raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora (not {p.pet_type})")
     if p.lora_rank < 1:
         raise ConfigError("peft.lora_rank must be >= 1")
     if p.lora_alpha <= 0:

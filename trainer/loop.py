@@ -112,7 +112,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
             model = Transformer(model_config)
         blocks = list(model.model.layers)
     # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
-    lora = config.peft.pet_type == "lora"
+    lora = config.peft.pet_type is not None  # any adapter method (lora, vera, lokr)
     wrapped = setup_peft(model, config.peft)
     store_frozen_in(model, frozen_dtype(config.model.frozen_dtype, dtype))
     quantize_frozen_base(model, config.peft, frozen_dtype(config.model.frozen_dtype, dtype))  # QLoRA (no-op if off)

@@ -29,11 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import PeftSection
+from trainer.peft_methods import ADAPTER_MODULES, LokrLinear, VeraLinear, init_vera_lokr
 from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
 
 log = logging.getLogger(__name__)
 
 ADAPTER_MARK = ".lora_"
+# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr); anything else is a base parameter.
+ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_")
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(mark in name for mark in ADAPTER_MARKS)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -100,7 +107,7 @@ class LoraEmbedding(nn.Module):
         return result + ((after_a @ self.lora_embedding_B.t()) * self.scaling).to(result.dtype)
 
 
-LORA_MODULES = (LoraLinear, LoraEmbedding)
+LORA_MODULES = (LoraLinear, LoraEmbedding, *ADAPTER_MODULES)  # every adapter wrapper
 
 
 @dataclass
@@ -121,7 +128,7 @@ def base_name(name: str) -> str:
 
 def checkpoint_name_map(name: str) -> str | None:
     """`load_hf_weights` name_map: adapters do not come from the checkpoint, wrapped bases do under their HF key."""
-    return None if ADAPTER_MARK in name else base_name(name)
+    return None if is_adapter_param(name) else base_name(name)
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -131,7 +138,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
-    """Replace every targeted Linear/Embedding with its LoRA wrapper; returns the wrapped module names."""
+    """Replace every targeted Linear/Embedding with its adapter wrapper (LoRA, VeRA or LoKr as pet_type says);
+    returns the wrapped module names."""
     from trainer.weights import hf_name
 
     matches, reading = target_matcher(cfg.target_modules)
@@ -143,12 +151,18 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
         key = hf_name(name)
         if not matches(key, isinstance(module, nn.Linear)):
             continue
-        if isinstance(module, nn.Embedding):
+        if cfg.pet_type in ("vera", "lokr"):
+            if not isinstance(module, nn.Linear) or (key == "lm_head" and tied):
+                raise ValueError(f"peft.target_modules: {cfg.pet_type} adapts untied Linear modules only ({key}); "
+                                 "narrow target_modules")
+            wrapper: nn.Module = (VeraLinear(module, cfg.vera_rank, cfg.lora_dropout) if cfg.pet_type == "vera"
+                                  else LokrLinear(module, cfg.lokr_rank, cfg.lokr_alpha, cfg.lokr_decompose_factor))
+        elif isinstance(module, nn.Embedding):
             if cfg.use_dora:
                 raise ValueError(f"peft.use_dora: DoRA on embeddings is not supported ({key}); narrow target_modules")
             if cfg.pissa:
                 raise ValueError(f"peft.pissa: PiSSA on embeddings is not supported ({key}); narrow target_modules")
-            wrapper: nn.Module = LoraEmbedding(module, cfg.lora_rank, scaling)
+            wrapper = LoraEmbedding(module, cfg.lora_rank, scaling)
         else:
             if key == "lm_head" and tied:
                 raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
@@ -166,7 +180,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
 
 def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
     """Set requires_grad: LoRA freezes every base parameter; freeze_include adds, freeze_exclude (wins) removes."""
-    lora = cfg.pet_type == "lora"
+    lora = cfg.pet_type is not None
     matched_include: set[str] = set()
     matched_exclude: set[str] = set()
     # modules_to_save (PEFT's name) are freeze_exclude globs over the named modules' parameters.
@@ -174,7 +188,7 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
     excludes = [*cfg.freeze_exclude, *saved]
     for name, param in model.named_parameters():
         key = base_name(name)
-        frozen = lora and ADAPTER_MARK not in name
+        frozen = lora and not is_adapter_param(name)
         for glob in cfg.freeze_include:
             if fnmatch.fnmatchcase(key, glob):
                 frozen = True
@@ -248,6 +262,9 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
     from trainer.weights import _reshard_fsdp
 
     _reshard_fsdp(model)  # work on the sharded fp32 parameters, never on a left-over unsharded copy
+    if cfg.pet_type in ("vera", "lokr"):
+        init_vera_lokr(lora_modules(model), cfg, seed)
+        return
     for name, module in lora_modules(model):
         gen = _generator(seed, name)
         r = module.rank
@@ -311,8 +328,8 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
 
 def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
     """Surgery + freezing on the (meta) model, before sharding; returns the wrapped module names."""
-    wrapped = apply_lora(model, cfg) if cfg.pet_type == "lora" else []
-    if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
+    wrapped = apply_lora(model, cfg) if cfg.pet_type is not None else []
+    if cfg.pet_type is not None or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
         apply_freeze(model, cfg)
     return wrapped
 
@@ -333,8 +350,8 @@ def load_lora_model(model_dir: str, cfg: PeftSection, seed: int, *, device: str 
 
         quantize_frozen_base(model, cfg, torch.float32)
     materialize(model, device)
-    load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type == "lora" else None,
+    load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type is not None else None,
                     show_progress=False)
-    if cfg.pet_type == "lora":
+    if cfg.pet_type is not None:
         init_adapters(model, cfg, seed)
     return model

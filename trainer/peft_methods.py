@@ -1,0 +1,192 @@
+"""VeRA and LoKr: LoRA's siblings, as module wrappers with PEFT's parameter names and PEFT's adapter format.
+
+Both wrap a frozen `nn.Linear` (kept as `base_layer`, like `LoraLinear`), so surgery, freezing, FSDP2 sharding,
+checkpoints, exports and merging follow the LoRA path; only the update differs:
+
+- VeRA (Kopiczko et al. 2024): y = base(x) + lambda_b * (B (lambda_d * (A x))). A [r, in_max] and B [out_max, r]
+  are random, frozen and shared by every adapted layer (each layer uses its top-left corner); only the vectors
+  lambda_d [r] and lambda_b [out] train. A and B are regenerated from `vera_projection_prng_key` exactly as PEFT
+  draws them (kaiming-uniform, A then B, from a CPU generator), so they are never checkpointed; the export
+  still writes them (PEFT's `save_projection`), so `PeftModel.from_pretrained` needs nothing else.
+- LoKr (LyCORIS): delta W = (alpha / r) kron(W1, W2) with W1 [out_l, in_m] and W2 [out_k, in_n] (or W2 = W2a W2b
+  of rank r when r is below half W2's larger side), where out = out_l out_k and in = in_m in_n are PEFT's
+  `factorization` of the dimensions. Init as PEFT's: W1 = 0, W2 (factors) kaiming-uniform.
+
+Initial values come from the trainer's seed and the module name (world-size independent), as LoRA's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VERA_SHARED = ("vera_A", "vera_B")
+
+
+def _kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """PEFT VeRA's projection init: uniform(-b, b), b = sqrt(3) * sqrt(2) / sqrt(fan_in)."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def vera_projections(rank: int, max_in: int, max_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared frozen (A, B) of VeRA, drawn as PEFT draws them from `projection_prng_key`."""
+    gen = torch.Generator(device="cpu").manual_seed(key)
+    a = _kaiming((rank, max_in), gen)
+    b = _kaiming((max_out, rank), gen)
+    return a, b
+
+
+class VeraLinear(nn.Module):
+    """y = base(x) + lambda_b * F.linear(lambda_d * F.linear(dropout(x), A[:, :in]), B[:out])."""
+
+    def __init__(self, base: nn.Linear, rank: int, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        kw = {"device": base.weight.device, "dtype": torch.float32}
+        self.vera_lambda_b = nn.Parameter(torch.empty(base.out_features, **kw))
+        self.vera_lambda_d = nn.Parameter(torch.empty(rank, **kw))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank = rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # The shared projections: plain attributes (not parameters or buffers), set by `init_adapters`, so FSDP2
+        # neither shards nor checkpoints them and one copy serves every layer.
+        self.shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def projections(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared is None:
+            raise RuntimeError("VeRA projections are not initialised: call init_adapters first")
+        a, b = self.shared
+        return a[:, : self.in_features].to(dtype), b[: self.out_features].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        ld, lb = self.vera_lambda_d, self.vera_lambda_b
+        xd = self.lora_dropout(x).to(ld.dtype)
+        a, b = self.projections(ld.dtype)
+        return result + (lb * F.linear(ld * F.linear(xd, a), b)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.projections(torch.float32)
+        return (self.vera_lambda_b.float()[:, None] * b) @ (self.vera_lambda_d.float()[:, None] * a)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n), m <= n, m * n = dimension: the divisor pair PEFT's LoKr picks (closest to the square root, or to
+    `factor` when it divides the dimension)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > limit:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+class LokrLinear(nn.Module):
+    """y = base(x) + F.linear(x, (alpha / r) kron(W1, W2)); W2 = W2a W2b when decomposed (no input dropout,
+    as in PEFT's LoKr)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, decompose_factor: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        out_l, out_k = factorization(base.out_features, decompose_factor)
+        in_m, in_n = factorization(base.in_features, decompose_factor)
+        kw = {"device": base.weight.device, "dtype": torch.float32}
+        self.lokr_w1 = nn.Parameter(torch.empty(out_l, in_m, **kw))
+        self.decomposed = rank < max(out_k, in_n) / 2  # PEFT's rule for factoring W2
+        if self.decomposed:
+            self.lokr_w2_a = nn.Parameter(torch.empty(out_k, rank, **kw))
+            self.lokr_w2_b = nn.Parameter(torch.empty(rank, in_n, **kw))
+        else:
+            self.lokr_w2 = nn.Parameter(torch.empty(out_k, in_n, **kw))
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        w2 = self.lokr_w2_a @ self.lokr_w2_b if self.decomposed else self.lokr_w2
+        return torch.kron(self.lokr_w1, w2) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        delta = self.delta_weight()
+        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+
+    def trainable_names(self) -> tuple[str, ...]:
+        return ("lokr_w1", "lokr_w2_a", "lokr_w2_b") if self.decomposed else ("lokr_w1", "lokr_w2")
+
+
+ADAPTER_MODULES = (VeraLinear, LokrLinear)
+
+
+def adapter_param_names(module: nn.Module) -> tuple[str, ...]:
+    if isinstance(module, VeraLinear):
+        return ("vera_lambda_b", "vera_lambda_d")
+    return module.trainable_names()
+
+
+@torch.no_grad()
+def init_vera_lokr(modules: list[tuple[str, nn.Module]], cfg, seed: int) -> None:
+    """Initial values as PEFT's: VeRA lambda_d = d_initial, lambda_b = 0, shared A/B from the PRNG key; LoKr
+    W1 = 0 and W2 (or its factors) kaiming-uniform from a generator of (seed, module name)."""
+    from trainer.lora import _assign, _generator
+
+    vera = [m for _, m in modules if isinstance(m, VeraLinear)]
+    if vera:
+        max_in = max(m.in_features for m in vera)
+        max_out = max(m.out_features for m in vera)
+        a, b = vera_projections(cfg.vera_rank, max_in, max_out, cfg.vera_projection_prng_key)
+        device = vera[0].vera_lambda_d.device
+        shared = (a.to(device), b.to(device))
+        for m in vera:
+            m.shared = shared
+            _assign(m.vera_lambda_d, torch.full(tuple(m.vera_lambda_d.shape), cfg.vera_d_initial))
+            _assign(m.vera_lambda_b, torch.zeros(tuple(m.vera_lambda_b.shape)))
+    for name, m in modules:
+        if not isinstance(m, LokrLinear):
+            continue
+        gen = _generator(seed, name)
+        _assign(m.lokr_w1, torch.zeros(tuple(m.lokr_w1.shape)))
+        for pname in m.trainable_names()[1:]:
+            t = torch.empty(tuple(getattr(m, pname).shape))
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+            _assign(getattr(m, pname), t)
+
+
+def peft_config(cfg, target_modules: list[str], modules_to_save: list[str], base_model: str | None) -> dict:
+    """adapter_config.json for a VeRA or LoKr adapter, with the fields PEFT reads back."""
+    common = {
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save or None,
+        "inference_mode": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "init_weights": True,
+    }
+    if cfg.pet_type == "vera":
+        return {**common, "peft_type": "VERA", "r": cfg.vera_rank, "projection_prng_key": cfg.vera_projection_prng_key,
+                "save_projection": True, "vera_dropout": cfg.lora_dropout, "d_initial": cfg.vera_d_initial,
+                "fan_in_fan_out": False, "bias": "none"}
+    return {**common, "peft_type": "LOKR", "r": cfg.lokr_rank, "alpha": cfg.lokr_alpha, "rank_dropout": 0.0,
+            "module_dropout": 0.0, "rank_dropout_scale": False, "decompose_both": False,
+            "decompose_factor": cfg.lokr_decompose_factor, "use_effective_conv2d": False,
+            "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None}
