@@ -5,6 +5,8 @@ A directory holds `adapter_config.json` (a `LoraConfig`) and `adapter_model.safe
 `.lora_embedding_A` / `.lora_embedding_B` (embeddings), and `base_model.model.<module>.<param>` for base
 parameters trained in full (listed in `modules_to_save`).
 
+MoSLoRA's mixer M (B M A) is folded into A on export (A' = M A), so the file is a plain PEFT LoRA.
+
 PiSSA trains A, B on the residual W - s B0 A0, which the base checkpoint does not contain. Like PEFT's
 `path_initial_model_for_weight_conversion`, the export folds the init into a plain LoRA on the original
 weights: A' = [A; A0], B' = [B, -B0], rank 2r, alpha doubled (x sqrt(2) with rsLoRA) so the scaling is unchanged.
@@ -95,6 +97,8 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
             out[f"{key}.lora_embedding_B"] = _gather(module.lora_embedding_B)
             continue
         a, b = _gather(module.lora_A), _gather(module.lora_B)
+        if module.lora_AB is not None:  # MoSLoRA: B M A is the rank-r LoRA (B, M A)
+            a = _gather(module.lora_AB) @ a
         init = getattr(module, "pissa_init", None)
         if init is not None:
             a, b = torch.cat([a, init[0]], dim=0), torch.cat([b, -init[1]], dim=1)

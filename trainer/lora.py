@@ -48,15 +48,21 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 class LoraLinear(nn.Module):
-    """y = base(x) + B A dropout(x) * scaling; with DoRA the result is rescaled per output row by m / ||W + s B A||."""
+    """y = base(x) + B A dropout(x) * scaling; with DoRA the result is rescaled per output row by m / ||W + s B A||.
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, use_dora: bool) -> None:
+    MoSLoRA (`mixer`, Wu et al. 2024): a trainable r x r mixer M between the two, y = base(x) + s B M A x, which
+    fuses the r rank-one subspaces of plain LoRA. B (M A) is again a rank-r LoRA, so the export folds M into A.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, use_dora: bool,
+                 mixer: bool = False) -> None:
         super().__init__()
         self.base_layer = base
         kw = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **kw))
         self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, **kw)) if use_dora else None
+        self.lora_AB = nn.Parameter(torch.empty(rank, rank, **kw)) if mixer else None  # PaddleNLP's name
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.scaling = rank, scaling
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -69,7 +75,10 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)
         a, b = self.lora_A, self.lora_B
         xd = self.lora_dropout(x).to(a.dtype)
-        lora = F.linear(F.linear(xd, a), b) * self.scaling
+        h = F.linear(xd, a)
+        if self.lora_AB is not None:
+            h = F.linear(h, self.lora_AB)
+        lora = F.linear(h, b) * self.scaling
         if self.lora_magnitude_vector is None:
             return result + lora.to(result.dtype)
         weight = self.base_layer.weight
@@ -158,6 +167,9 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
             wrapper: nn.Module = (VeraLinear(module, cfg.vera_rank, cfg.lora_dropout) if cfg.pet_type == "vera"
                                   else LokrLinear(module, cfg.lokr_rank, cfg.lokr_alpha, cfg.lokr_decompose_factor))
         elif isinstance(module, nn.Embedding):
+            if cfg.lora_use_mixer:
+                raise ValueError(f"peft.lora_use_mixer: MoSLoRA on embeddings is not supported ({key}); narrow "
+                                 "target_modules")
             if cfg.use_dora:
                 raise ValueError(f"peft.use_dora: DoRA on embeddings is not supported ({key}); narrow target_modules")
             if cfg.pissa:
@@ -167,7 +179,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
             if key == "lm_head" and tied:
                 raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
                                  "checkpoint; target embed_tokens instead")
-            wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora)
+            wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora, cfg.lora_use_mixer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         wrapped.append(key)
@@ -285,6 +297,8 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
             b = _fill(cfg.lora_b_init, tuple(module.lora_B.shape), r, gen)
         _assign(module.lora_A, a)
         _assign(module.lora_B, b)
+        if module.lora_AB is not None:  # MoSLoRA's mixer: kaiming-uniform, as the paper's default
+            _assign(module.lora_AB, _fill("kaiming", tuple(module.lora_AB.shape), r, gen))
         if module.lora_magnitude_vector is not None:
             weight = _full(module.base_layer.weight)
             _assign(module.lora_magnitude_vector, torch.linalg.norm(weight + module.scaling * b @ a, dim=1))
