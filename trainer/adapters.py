@@ -35,7 +35,7 @@ from torch import nn
 
 from trainer.config import PeftSection
 from trainer.lora import LoraEmbedding, base_name, is_adapter_param, lora_modules
-from trainer.peft_methods import VeraLinear, adapter_param_names
+from trainer.peft_methods import MoraLinear, VeraLinear, adapter_param_names
 from trainer.weights import replace_dir
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
             if isinstance(module, VeraLinear) and "base_model.vera_A" not in out:
                 a, b = module.shared  # identical on every rank (drawn from the PRNG key)
                 out["base_model.vera_A"], out["base_model.vera_B"] = a.detach().cpu().clone(), b.detach().cpu().clone()
+            continue
+        if isinstance(module, MoraLinear):
+            out[f"{key}.lora_A.weight"] = _gather(module.lora_A)
             continue
         if isinstance(module, LoraEmbedding):
             out[f"{key}.lora_embedding_A"] = _gather(module.lora_embedding_A)
@@ -164,7 +167,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tmp.mkdir(parents=True)
         try:
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            if cfg.pet_type in ("vera", "lokr"):
+            if cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
                 from trainer.peft_methods import peft_config
 
                 config = peft_config(cfg, _target_list(model, targets), to_save, base_model)

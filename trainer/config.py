@@ -211,6 +211,12 @@ class PeftSection:
     lora_use_mixer: bool = doc(
         "MoSLoRA (PaddleNLP's key): a trainable r x r mixer between A and B (update s B M A); exported folded into "
         "A, as a plain PEFT LoRA.", False)
+    use_mora: bool = doc(
+        "MoRA (PaddleNLP's key): replace each LoRA pair by one trainable square matrix M of side "
+        "r^ = sqrt((in + out) lora_rank) between fixed compression / decompression maps (high-rank update, "
+        "LoRA's parameter count). Saved in this project's format (peft has no MoRA); merge-adapter folds it.", False)
+    mora_type: int = doc("MoRA's compression: 6 = RoPE-rotated chunks (for small ranks) | 1 = summed chunks "
+                         "(sharing, for large ranks).", 6)
     vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
     vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
     vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
@@ -437,7 +443,7 @@ def _validate_peft(p: PeftSection) -> None:
     if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
         raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
     if p.pet_type is None:
-        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged", "lora_use_mixer")
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged", "lora_use_mixer", "use_mora")
                      if getattr(p, k)]
         if p.loraplus_lr_ratio is not None:
             lora_only.append("loraplus_lr_ratio")
@@ -460,11 +466,16 @@ def _validate_peft(p: PeftSection) -> None:
     if p.pet_type == "lokr" and (p.lokr_rank < 1 or p.lokr_alpha <= 0 or p.lora_dropout > 0):
         raise ConfigError("peft.lokr_rank must be >= 1, peft.lokr_alpha > 0, and LoKr takes no lora_dropout")
     if p.pet_type != "lora":
-        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "lora_use_mixer") if getattr(p, k)]
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "lora_use_mixer", "use_mora") if getattr(p, k)]
         if p.loraplus_lr_ratio is not None:
             lora_only.append("loraplus_lr_ratio")
         if lora_only:
             raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora (not {p.pet_type})")
+    if p.use_mora and (p.pissa or p.use_dora or p.lora_use_mixer or p.use_rslora or p.loraplus_lr_ratio):
+        raise ConfigError("peft.use_mora cannot be combined with pissa, use_dora, lora_use_mixer, use_rslora or "
+                          "loraplus_lr_ratio (MoRA has one square matrix, no A/B pair)")
+    if p.mora_type not in (1, 6):
+        raise ConfigError(f"peft.mora_type: {p.mora_type} is not one of 1, 6")
     if p.lora_use_mixer and (p.pissa or p.use_dora):
         raise ConfigError("peft.lora_use_mixer (MoSLoRA) cannot be combined with pissa or use_dora")
     if p.lora_rank < 1:

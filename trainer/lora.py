@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import PeftSection
-from trainer.peft_methods import ADAPTER_MODULES, LokrLinear, VeraLinear, init_vera_lokr
+from trainer.peft_methods import ADAPTER_MODULES, LokrLinear, MoraLinear, VeraLinear, init_vera_lokr
 from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
             wrapper: nn.Module = (VeraLinear(module, cfg.vera_rank, cfg.lora_dropout) if cfg.pet_type == "vera"
                                   else LokrLinear(module, cfg.lokr_rank, cfg.lokr_alpha, cfg.lokr_decompose_factor))
         elif isinstance(module, nn.Embedding):
-            if cfg.lora_use_mixer:
+            if cfg.lora_use_mixer or cfg.use_mora:
                 raise ValueError(f"peft.lora_use_mixer: MoSLoRA on embeddings is not supported ({key}); narrow "
                                  "target_modules")
             if cfg.use_dora:
@@ -179,7 +179,11 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
             if key == "lm_head" and tied:
                 raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
                                  "checkpoint; target embed_tokens instead")
-            wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora, cfg.lora_use_mixer)
+            if cfg.use_mora:
+                wrapper = MoraLinear(module, cfg.lora_rank, cfg.lora_dropout, cfg.mora_type)
+            else:
+                wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora,
+                                     cfg.lora_use_mixer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         wrapped.append(key)
@@ -280,6 +284,9 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
     for name, module in lora_modules(model):
         gen = _generator(seed, name)
         r = module.rank
+        if isinstance(module, MoraLinear):  # MoRA: M = 0, so the model starts as the base
+            _assign(module.lora_A, torch.zeros(module.lora_A.shape))
+            continue
         if isinstance(module, LoraEmbedding):
             _assign(module.lora_embedding_A, torch.zeros(module.lora_embedding_A.shape))
             _assign(module.lora_embedding_B, torch.empty(module.lora_embedding_B.shape).normal_(generator=gen))

@@ -62,7 +62,7 @@ class _Adapter:
     delta: Callable[[tuple[int, ...]], torch.Tensor] | None = None  # the weight's shape -> its update (fp32)
 
 
-MERGEABLE = ("LORA", "VERA", "LOKR")
+MERGEABLE = ("LORA", "VERA", "LOKR", "MORA")
 
 
 def _scaling(config: dict, module: str, rank: int) -> float:
@@ -126,6 +126,8 @@ def _read_vera_lokr(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
                     ) -> tuple[dict, dict[str, _Adapter], dict[str, torch.Tensor]]:
     """VeRA: delta = (lambda_b B[:out]) (lambda_d A[:, :in]) with the shared A, B saved in the file (PEFT's
     save_projection). LoKr: delta = (alpha / r) kron(W1, W2), W1 / W2 whole or as products of their factors."""
+    if config["peft_type"] == "MORA":
+        return _read_mora(config, tensors, w_path)
     vera = config["peft_type"] == "VERA"
     shared = {k: tensors.pop(f"base_model.{k}", None) for k in ("vera_A", "vera_B")} if vera else {}
     if vera and any(v is None for v in shared.values()):
@@ -169,6 +171,28 @@ def _read_vera_lokr(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
         def delta(shape, w1=w1, w2=w2, scale=alpha / rank):
             return (torch.kron(w1, w2) * scale).reshape(shape)
         adapters[module] = _Adapter("delta", None, None, 1.0, delta=delta)
+    return config, adapters, full
+
+
+def _read_mora(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
+               ) -> tuple[dict, dict[str, _Adapter], dict[str, torch.Tensor]]:
+    """This project's MoRA adapter: M per module under <module>.lora_A.weight; delta = the MoRA map of I."""
+    from trainer.peft_methods import mora_delta
+
+    adapters: dict[str, _Adapter] = {}
+    full: dict[str, torch.Tensor] = {}
+    mora_type = int(config.get("mora_type", 6))
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise WeightsError(f"{w_path}: key {key} does not start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        if not name.endswith(".lora_A.weight"):
+            full[name] = t
+            continue
+
+        def delta(shape, m=t):
+            return mora_delta(m.float(), shape[1], shape[0], mora_type)
+        adapters[name[: -len(".lora_A.weight")]] = _Adapter("delta", None, None, 1.0, delta=delta)
     return config, adapters, full
 
 

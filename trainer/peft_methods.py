@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 VERA_SHARED = ("vera_A", "vera_B")
+MORA = "MORA"
 
 
 def _kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -133,9 +134,6 @@ class LokrLinear(nn.Module):
         return ("lokr_w1", "lokr_w2_a", "lokr_w2_b") if self.decomposed else ("lokr_w1", "lokr_w2")
 
 
-ADAPTER_MODULES = (VeraLinear, LokrLinear)
-
-
 def adapter_param_names(module: nn.Module) -> tuple[str, ...]:
     if isinstance(module, VeraLinear):
         return ("vera_lambda_b", "vera_lambda_d")
@@ -182,6 +180,9 @@ def peft_config(cfg, target_modules: list[str], modules_to_save: list[str], base
         "layers_to_transform": None,
         "init_weights": True,
     }
+    if cfg.use_mora:  # peft has no MoRA: our own peft_type, read back by merge-adapter
+        return {**common, "peft_type": MORA, "r": cfg.lora_rank, "mora_type": cfg.mora_type,
+                "lora_dropout": cfg.lora_dropout, "format": "sftkit MoRA: <module>.lora_A.weight is M [r^, r^]"}
     if cfg.pet_type == "vera":
         return {**common, "peft_type": "VERA", "r": cfg.vera_rank, "projection_prng_key": cfg.vera_projection_prng_key,
                 "save_projection": True, "vera_dropout": cfg.lora_dropout, "d_initial": cfg.vera_d_initial,
@@ -190,3 +191,73 @@ def peft_config(cfg, target_modules: list[str], modules_to_save: list[str], base
             "module_dropout": 0.0, "rank_dropout_scale": False, "decompose_both": False,
             "decompose_factor": cfg.lokr_decompose_factor, "use_effective_conv2d": False,
             "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None}
+
+
+# ------------------------------------------------------------------------------------------------- MoRA
+
+
+def mora_rank(in_features: int, out_features: int, lora_rank: int, mora_type: int) -> int:
+    """MoRA's r^: the side of the square matrix with LoRA rank r's parameter count, r^2 ~ (in + out) r
+    (even for the RoPE variant, whose rotation pairs the halves of each chunk)."""
+    r = int(math.sqrt((in_features + out_features) * lora_rank) + 0.5)
+    return max(2, r // 2 * 2) if mora_type == 6 else r
+
+
+def mora_apply(x: torch.Tensor, m: torch.Tensor, in_features: int, out_features: int, mora_type: int) -> torch.Tensor:
+    """MoRA's update f_decomp(M f_comp(x)) (Jiang et al. 2024) for x [..., in] -> [..., out].
+
+    The input is padded to a multiple of r^ by repeating its first features, then cut into chunks of r^.
+    Type 1 (sharing, the paper's eq. 6): the chunks are summed, M applied once, and the result repeated to
+    fill `out`. Type 6 (RoPE, eq. 9): each chunk k is rotated as RoPE rotates position k, M is applied to every
+    chunk, and the concatenation is cut (or repeated) to `out`. The update is linear in x, so merging is exact.
+    """
+    r = m.shape[0]
+    pad = -in_features % r
+    if pad:
+        x = torch.cat([x, x[..., :pad]], dim=-1)
+    chunks = x.reshape(*x.shape[:-1], x.shape[-1] // r, r)
+    if mora_type == 1:
+        out = F.linear(chunks.sum(dim=-2), m)
+    else:
+        n = chunks.shape[-2]
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2, device=x.device, dtype=torch.float32) / r))
+        angles = torch.outer(torch.arange(n, device=x.device, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rotated = torch.cat([-chunks[..., r // 2:], chunks[..., : r // 2]], dim=-1)
+        out = F.linear(chunks * cos + rotated * sin, m).reshape(*x.shape[:-1], n * r)
+    if out.shape[-1] < out_features:
+        out = torch.cat([out] * -(-out_features // out.shape[-1]), dim=-1)
+    return out[..., :out_features]
+
+
+class MoraLinear(nn.Module):
+    """y = base(x) + f_decomp(M f_comp(dropout(x))): one trainable square matrix M [r^, r^], zeros at init."""
+
+    def __init__(self, base: nn.Linear, lora_rank: int, dropout: float, mora_type: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.mora_type = mora_type
+        self.rank = mora_rank(base.in_features, base.out_features, lora_rank, mora_type)
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.rank, device=base.weight.device, dtype=torch.float32))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        m = self.lora_A
+        update = mora_apply(self.lora_dropout(x).to(m.dtype), m, self.in_features, self.out_features, self.mora_type)
+        return result + update.to(result.dtype)
+
+
+def mora_delta(m: torch.Tensor, in_features: int, out_features: int, mora_type: int) -> torch.Tensor:
+    """The [out, in] weight update of a MoRA matrix: the (linear) update applied to the identity."""
+    eye = torch.eye(in_features, dtype=m.dtype, device=m.device)
+    return mora_apply(eye, m, in_features, out_features, mora_type).t()
+
+
+ADAPTER_MODULES = (VeraLinear, LokrLinear, MoraLinear)
