@@ -9,7 +9,11 @@ same optimizer steps, micro-batch, lr schedule, seed and thread count. Only the 
 
 - full:  every parameter trains (AdamW state for all of them);
 - lora:  rank-16 adapters on every projection (q k v o gate up down), base frozen;
-- dora:  the same adapters with DoRA's magnitude vectors.
+- dora:  the same adapters with DoRA's magnitude vectors;
+- qlora: the lora column on an NF4 base (peft.weight_quantize_algo nf4; the tiny --quick model's weights need
+         a double-quantization block of 4 instead of QLoRA's 256 to be quantized at all);
+- moslora, mora: LoRA with MoSLoRA's r x r mixer / MoRA's square matrix (same lora_rank);
+- vera:  VeRA with rank 256 shared projections; lokr: LoKr rank 16 (same targets).
 
 Each column runs in its own child process, so peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`,
 on CPU the process's peak RSS (VmHWM), which includes the Python/torch baseline every column pays alike. Throughput
@@ -37,7 +41,15 @@ MODES = {
     "lora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj"],
     "dora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
              "peft.use_dora=true"],
+    "qlora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+              "peft.weight_quantize_algo=nf4"],
+    "moslora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+                "peft.lora_use_mixer=true"],
+    "mora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.target_modules=.*proj", "peft.use_mora=true"],
+    "vera": ["peft.pet_type=vera", "peft.vera_rank=256", "peft.target_modules=.*proj"],
+    "lokr": ["peft.pet_type=lokr", "peft.lokr_rank=16", "peft.lokr_alpha=32", "peft.target_modules=.*proj"],
 }
+QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"]}
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     sets = [f"model.path={spec['model']}", f"data.train=[{spec['data']}]", f"logging.output_dir={spec['out']}",
             "logging.progress_bar=false", f"train.max_steps={spec['steps']}", "train.lr=1e-4",
             f"data.micro_batch_size={spec['micro_batch']}", "checkpoint.export=false", "checkpoint.resume=none",
-            "train.seed=1234", *MODES[spec["mode"]]]
+            "train.seed=1234", *MODES[spec["mode"]], *(QUICK_EXTRA.get(spec["mode"], []) if spec["quick"] else [])]
     config = load_config(None, sets)
     records: list[dict] = []
     result = train(config, on_step=records.append)
@@ -152,10 +164,11 @@ def main() -> None:
 
     sizes = _sizes(args.quick)
     model, data = prepare(WORK / ("quick" if args.quick else "full"), sizes)
-    spec = {"model": str(model), "data": str(data), **{k: sizes[k] for k in ("steps", "warmup", "micro_batch")}}
+    spec = {"model": str(model), "data": str(data), "quick": args.quick,
+            **{k: sizes[k] for k in ("steps", "warmup", "micro_batch")}}
     results = {mode: run_child(mode, spec, args.threads) for mode in MODES}
 
-    print(f"\n### LoRA vs full fine-tuning ({'--quick' if args.quick else 'full size'}: {sizes['layers']} layers x "
+    print(f"\n### PEFT methods vs full fine-tuning ({'--quick' if args.quick else 'full size'}: {sizes['layers']} layers x "
           f"{sizes['hidden']} wide, rows of {sizes['seq_length']} tokens, micro-batch {sizes['micro_batch']}, "
           f"{sizes['steps']} steps, {args.threads} threads)\n")
     print("| mode | trainable params | % of total | tokens/s | vs full | peak memory MiB | vs full | final loss |")
