@@ -144,3 +144,18 @@ def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
         want = tuned(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(load(model_dir, dtype=torch.float32)(input_ids=ids).logits, want, atol=1e-3)
+
+
+def test_nf4_storage_is_about_a_quarter_byte_per_weight_plus_scales(tiny):
+    """What QLoRA is for: the quantized weights take ~4.1 bits each (4-bit codes, one int8 scale per 64 weights,
+    one fp32 factor per 64 x SCALER_BLOCK) instead of 32."""
+    _, model_dir, _ = tiny
+    model = load_lora_model(str(model_dir), _peft(), seed=0)
+    numel = stored = 0
+    for p in model.parameters():
+        if isinstance(p, NF4Tensor):
+            numel += p.numel()
+            stored += sum(t.numel() * t.element_size() for t in (p.quantized_data, p.quantized_scalers,
+                                                                 p.quantization_factor))
+    bits = 8 * stored / numel
+    assert 4.0 < bits < 4.0 + 8 / 64 + 32 / (64 * SCALER_BLOCK) + 1e-6, bits
