@@ -159,3 +159,20 @@ def test_nf4_storage_is_about_a_quarter_byte_per_weight_plus_scales(tiny):
                                                                  p.quantization_factor))
     bits = 8 * stored / numel
     assert 4.0 < bits < 4.0 + 8 / 64 + 32 / (64 * SCALER_BLOCK) + 1e-6, bits
+
+
+def test_nan_in_a_quantized_tensor_is_refused_naming_it(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from trainer.weights import WeightsError
+
+    _, model_dir, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="model.layers.1.mlp.up_proj.weight holds NaN"):
+        load_lora_model(str(bad), _peft(), seed=0)

@@ -542,6 +542,9 @@ RESUME_BREAKING = (
     "model.path", "model.overrides", "data.train", "data.weights", "data.shuffle", "data.remainder", "train.seed",
     "peft.pet_type", "peft.lora_rank", "peft.lora_alpha", "peft.target_modules", "peft.freeze_include",
     "peft.freeze_exclude", "peft.use_rslora", "peft.use_dora", "peft.pissa", "peft.lora_a_init", "peft.lora_b_init",
+    "peft.weight_quantize_algo", "peft.qlora_weight_blocksize", "peft.qlora_weight_double_quant_block_size",
+    "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank", "peft.vera_d_initial",
+    "peft.vera_projection_prng_key", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
 )
 RESUME_OPTIMIZER = (
     # The update rule and its schedule: a resumed run no longer repeats the one it continues. Allowed with

@@ -107,13 +107,17 @@ def quantize_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_quantized(param: torch.Tensor, full: torch.Tensor) -> None:
+def load_quantized(param: torch.Tensor, full: torch.Tensor, key: str = "") -> None:
     """Quantize one checkpoint tensor into an NF4 parameter, keeping only this rank's rows under FSDP2.
 
     The inner tensors of the (possibly sharded) NF4 parameter are written in place, so FSDP2's references to
     them stay valid; the scale mean and the code table, which FSDP2 does not shard, are set on the object.
     """
     local = getattr(param, "_local_tensor", param)
+    if not bool(torch.isfinite(full).all()):  # the scales would hide it; refuse as for unquantized weights
+        from trainer.weights import WeightsError
+
+        raise WeightsError(f"checkpoint tensor {key or tuple(full.shape)} holds NaN or Inf; refusing to quantize it")
     whole = quantize_like(local, full)
     if local is not param:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -217,7 +217,7 @@ def _load_one(f, key: str, param: torch.Tensor, path: Path) -> None:
     from trainer.quantize import is_quantized, load_quantized
 
     if is_quantized(param):  # QLoRA base: quantize this tensor on the fly, keep this rank's rows
-        load_quantized(param, f.get_tensor(key))
+        load_quantized(param, f.get_tensor(key), f"{path}: {key}")
         return
     if _is_dtensor(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
