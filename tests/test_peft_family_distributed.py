@@ -40,3 +40,21 @@ def test_two_ranks_match_one_rank(tmp_path, repo_root, method):
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-5, key
     assert any((a[k] != 0).any() for k in a if "lambda_b" in k or "lokr_w1" in k or "lora_B" in k)
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch was built without gloo")
+def test_qlora_with_bf16_compute_one_and_two_ranks(tmp_path, repo_root):
+    """The CUDA default path on CPU: bf16 compute, NF4 codes of bf16 weights. One process runs under autocast,
+    two under FSDP2 mixed precision (the NF4 shards are gathered as 4-bit data); both train alike."""
+    model_dir = make_tokenizer_and_model(tmp_path)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
+    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-2",
+              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.dtype=bf16",
+              "model.frozen_dtype=bf16", *METHODS["qlora"]]
+    sets = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
+    _run(sets([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"]), repo_root, 1)
+    _run(sets([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"]), repo_root, 2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=3e-2)
+    assert (tmp_path / "two" / "export" / "adapter_model.safetensors").is_file()
