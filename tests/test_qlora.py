@@ -176,3 +176,16 @@ def test_nan_in_a_quantized_tensor_is_refused_naming_it(tiny, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(WeightsError, match="model.layers.1.mlp.up_proj.weight holds NaN"):
         load_lora_model(str(bad), _peft(), seed=0)
+
+
+@pytest.mark.slow
+def test_hf_backend_quantizes_the_same_linears_and_trains_like_native(tiny):
+    pytest.importorskip("transformers")
+    from trainer.loop import train
+
+    root, model_dir, data_dir = tiny
+    losses = {}
+    for backend in ("hf", "native"):
+        losses[backend] = train(_config(root, model_dir, data_dir, f"backend-{backend}", "train.max_steps=4",
+                                        f"model.backend={backend}", "checkpoint.export=false")).losses
+    assert losses["hf"] == pytest.approx(losses["native"], rel=1e-5)

@@ -227,7 +227,7 @@ class PeftSection:
     weight_quantize_algo: QuantAlgo | None = doc(
         "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key): nf4 = 4-bit "
         "NormalFloat with double quantization (torchao), quantized tensor by tensor while loading, dequantized "
-        "per matmul. Adapters, norms, embeddings and the LM head stay unquantized. null disables. (fp4 and "
+        "per matmul. Adapters, norms, embeddings, the LM head and fused MoE experts stay unquantized. null disables. (fp4 and "
         "weight_only_int8/int4 are not implemented.)", None,
     )
     qlora_weight_blocksize: int = doc("NF4: weights per absmax scale (QLoRA's 64).", 64)

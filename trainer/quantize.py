@@ -16,7 +16,8 @@ Flow, fitted into the trainer's meta build (see `trainer.loop.build_model`):
    what makes the result independent of the world size, because NF4's double quantization subtracts the mean
    of all the tensor's block scales.
 
-Eligible: every frozen `nn.Linear` weight inside the decoder layers whose size is a multiple of
+Eligible, on the native and the hf backend alike: every frozen `nn.Linear` weight inside the decoder layers
+(fused MoE expert tensors are not Linear modules and stay as they are) whose size is a multiple of
 blocksize x double_quant_block_size (all of them in real models). Embeddings, the LM head, norms and biases
 stay in `model.frozen_dtype`; tensors that do not divide are left unquantized and reported.
 """
@@ -59,18 +60,15 @@ def is_quantized(t: torch.Tensor) -> bool:
 def quantize_frozen_base(model: nn.Module, cfg: PeftSection, dtype: torch.dtype) -> QuantReport:
     """Replace eligible frozen Linear weights of the (meta) model by NF4 weights holding `dtype` values.
 
-    Call after `setup_peft` and `store_frozen_in`, before sharding. Under torch.distributed a quantized
+    Call after `setup_peft` and `store_frozen_in`, before sharding (the native `Transformer` or the hf backend's
+    `HFCausalLM`). Under torch.distributed a quantized
     tensor must split evenly into whole double-quantization blocks per rank; otherwise this raises, naming it.
     """
     report = QuantReport()
     if cfg.weight_quantize_algo is None:
         return report
     nf4 = _nf4_class()
-    from trainer.model import Transformer
     from trainer.weights import hf_name
-
-    if not isinstance(model, Transformer):
-        raise ValueError("peft.weight_quantize_algo needs model.backend native (llama, mistral, qwen2, qwen3)")
     block, scaler_block = cfg.qlora_weight_blocksize, cfg.qlora_weight_double_quant_block_size
     unit = block * scaler_block
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
