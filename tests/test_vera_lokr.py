@@ -177,3 +177,15 @@ def test_trainer_run_learns_resumes_exactly_and_exports_peft(tiny, method):
     ids = _ids(theirs.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(_hf(out)(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_refuses_a_changed_adapter_shape_or_quantization():
+    from trainer.config import resume_changes
+
+    base = load_config(None, ["peft.pet_type=vera"]).to_dict()
+    for change in ("peft.vera_rank=16", "peft.vera_projection_prng_key=1", "peft.pet_type=lokr",
+                   "peft.weight_quantize_algo=nf4", "peft.lora_use_mixer=true", "peft.use_mora=true"):
+        pet = ["peft.pet_type=lora"] if change.split("=")[0] in ("peft.weight_quantize_algo", "peft.lora_use_mixer",
+                                                                  "peft.use_mora") else ["peft.pet_type=vera"]
+        now = load_config(None, [*pet, change]).to_dict()
+        assert any(line.startswith(change.split("=")[0]) for line in resume_changes(base, now).breaking), change

@@ -1,4 +1,6 @@
-"""Fold a PEFT LoRA adapter into its base checkpoint: HF safetensors out, one tensor at a time.
+"""Fold a PEFT adapter (LoRA, VeRA, LoKr, and this project's MoRA) into its base checkpoint: HF safetensors
+out, one tensor at a time. VeRA: W + (lambda_b B)(lambda_d A) with the saved shared projections; LoKr:
+W + (alpha / r) kron(W1, W2); MoRA: W + the MoRA map of the identity (see trainer.peft_methods).
 
 Streaming keeps memory at one base tensor plus the adapter: each base shard file is read, the adapted weights
 are replaced by W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)), and the shard is written under the same
