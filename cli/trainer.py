@@ -10,7 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cli.train:run", "Fine-tune on packed shards as a YAML config says (alone or under torchrun)."),
     "config": ("cli.train:describe_config", "Print every config key with its default and documentation."),
     "merge-adapter": ("cli.merge_lora:merge_lora",
-                      "Fold a PEFT LoRA / VeRA / LoKr adapter into base weights (HF safetensors out)."),
+                      "Fold a LoRA / VeRA / LoKr / MoRA adapter into base weights (HF safetensors out)."),
     "merge-lora": ("cli.merge_lora:merge_lora", "Same as merge-adapter (the older name)."),
     "tiny-model": ("cli.tiny_model:tiny_model", "Build a small random Qwen3-shaped model + tokenizer from your data."),
 }

@@ -65,7 +65,7 @@ def tiny(tmp_path_factory):
 
 def test_config():
     assert load_config(None, ["peft.pet_type=lora", "peft.use_mora=true"]).peft.mora_type == 6
-    with pytest.raises(ConfigError, match="mora_type: 3 is not one of"):
+    with pytest.raises(ConfigError, match="mora_type: '3' is not one of 1, 6"):
         load_config(None, ["peft.pet_type=lora", "peft.use_mora=true", "peft.mora_type=3"])
     with pytest.raises(ConfigError, match="use_mora cannot be combined"):
         load_config(None, ["peft.pet_type=lora", "peft.use_mora=true", "peft.use_dora=true"])

@@ -215,7 +215,7 @@ class PeftSection:
         "MoRA (PaddleNLP's key): replace each LoRA pair by one trainable square matrix M of side "
         "r^ = sqrt((in + out) lora_rank) between fixed compression / decompression maps (high-rank update, "
         "LoRA's parameter count). Saved in this project's format (peft has no MoRA); merge-adapter folds it.", False)
-    mora_type: int = doc("MoRA's compression: 6 = RoPE-rotated chunks (for small ranks) | 1 = summed chunks "
+    mora_type: Literal[1, 6] = doc("MoRA's compression: 6 = RoPE-rotated chunks (for small ranks) | 1 = summed chunks "
                          "(sharing, for large ranks).", 6)
     vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
     vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
@@ -453,8 +453,6 @@ def _validate_peft(p: PeftSection) -> None:
             raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora")
         return
     if p.weight_quantize_algo is not None:
-        if p.weight_quantize_algo not in typing.get_args(QuantAlgo):
-            raise ConfigError(f"peft.weight_quantize_algo: '{p.weight_quantize_algo}' is not one of nf4, null")
         if p.pissa or p.use_dora:
             raise ConfigError("peft.weight_quantize_algo cannot be combined with pissa or use_dora (both read and "
                               "rewrite the full-precision base weight)")
@@ -474,8 +472,6 @@ def _validate_peft(p: PeftSection) -> None:
     if p.use_mora and (p.pissa or p.use_dora or p.lora_use_mixer or p.use_rslora or p.loraplus_lr_ratio):
         raise ConfigError("peft.use_mora cannot be combined with pissa, use_dora, lora_use_mixer, use_rslora or "
                           "loraplus_lr_ratio (MoRA has one square matrix, no A/B pair)")
-    if p.mora_type not in (1, 6):
-        raise ConfigError(f"peft.mora_type: {p.mora_type} is not one of 1, 6")
     if p.lora_use_mixer and (p.pissa or p.use_dora):
         raise ConfigError("peft.lora_use_mixer (MoSLoRA) cannot be combined with pissa or use_dora")
     if p.lora_rank < 1:
