@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import PeftSection
-from trainer.peft_methods import ADAPTER_MODULES, LokrLinear, MoraLinear, VeraLinear, init_vera_lokr
+from trainer.peft_methods import (
+    ADAPTER_MODULES,
+    LokrLinear,
+    MoraLinear,
+    VeraLinear,
+    adapter_generator,
+    init_vera_lokr,
+)
 from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
 
 log = logging.getLogger(__name__)
@@ -241,8 +247,7 @@ def count_parameters(model: nn.Module, shards: int = 1) -> LoraReport:
 # ------------------------------------------------------------------------------------------------- init
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+_generator = adapter_generator  # one seeding rule for every adapter method (defined beside VeRA / LoKr)
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:

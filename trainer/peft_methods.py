@@ -18,6 +18,7 @@ Initial values come from the trainer's seed and the module name (world-size inde
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,11 @@ from torch import nn
 
 VERA_SHARED = ("vera_A", "vera_B")
 MORA = "MORA"
+
+
+def adapter_generator(seed: int, name: str) -> torch.Generator:
+    """The CPU generator an adapter's init draws from: a function of the run's seed and the module name only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
 def _kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -144,7 +150,9 @@ def adapter_param_names(module: nn.Module) -> tuple[str, ...]:
 def init_vera_lokr(modules: list[tuple[str, nn.Module]], cfg, seed: int) -> None:
     """Initial values as PEFT's: VeRA lambda_d = d_initial, lambda_b = 0, shared A/B from the PRNG key; LoKr
     W1 = 0 and W2 (or its factors) kaiming-uniform from a generator of (seed, module name)."""
-    from trainer.lora import _assign, _generator
+    from trainer.weights import assign_full as _assign
+
+    _generator = adapter_generator
 
     vera = [m for _, m in modules if isinstance(m, VeraLinear)]
     if vera:

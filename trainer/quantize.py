@@ -68,14 +68,13 @@ def quantize_frozen_base(model: nn.Module, cfg: PeftSection, dtype: torch.dtype)
     if cfg.weight_quantize_algo is None:
         return report
     nf4 = _nf4_class()
-    from trainer.weights import hf_name
     block, scaler_block = cfg.qlora_weight_blocksize, cfg.qlora_weight_double_quant_block_size
     unit = block * scaler_block
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or ".layers." not in f".{name}" or module.weight.requires_grad:
             continue
-        key = hf_name(name)
+        key = name.replace(".base_layer", "")
         weight = module.weight
         if weight.numel() % unit:
             report.skipped.append(key)
@@ -105,17 +104,13 @@ def quantize_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_quantized(param: torch.Tensor, full: torch.Tensor, key: str = "") -> None:
+def load_quantized(param: torch.Tensor, full: torch.Tensor) -> None:
     """Quantize one checkpoint tensor into an NF4 parameter, keeping only this rank's rows under FSDP2.
 
     The inner tensors of the (possibly sharded) NF4 parameter are written in place, so FSDP2's references to
     them stay valid; the scale mean and the code table, which FSDP2 does not shard, are set on the object.
     """
     local = getattr(param, "_local_tensor", param)
-    if not bool(torch.isfinite(full).all()):  # the scales would hide it; refuse as for unquantized weights
-        from trainer.weights import WeightsError
-
-        raise WeightsError(f"checkpoint tensor {key or tuple(full.shape)} holds NaN or Inf; refusing to quantize it")
     whole = quantize_like(local, full)
     if local is not param:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
