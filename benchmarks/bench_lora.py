@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py            # Qwen3-shaped 8 layers x 512 wide, 1024-token rows, 12 steps
     python benchmarks/bench_lora.py --quick    # tiny sizes: checks the script runs
+    python benchmarks/bench_lora.py --preset qwen3-8b --modes lora,qlora   # GPU: Qwen3-8B shape, 36 layers
 
 Setup, identical for every column: one random-init Qwen3-shaped checkpoint (built here with a tokenizer learned
 from synthetic instruction records), one dataset packed by `dataprep pack` (BFD), `trainer.loop.train` with the
@@ -9,7 +10,11 @@ same optimizer steps, micro-batch, lr schedule, seed and thread count. Only the 
 
 - full:  every parameter trains (AdamW state for all of them);
 - lora:  rank-16 adapters on every projection (q k v o gate up down), base frozen;
-- dora:  the same adapters with DoRA's magnitude vectors.
+- dora:  the same adapters with DoRA's magnitude vectors;
+- qlora: the lora column on an NF4 base (peft.weight_quantize_algo nf4; the tiny --quick model's weights need
+         a double-quantization block of 4 instead of QLoRA's 256 to be quantized at all);
+- moslora, mora: LoRA with MoSLoRA's r x r mixer / MoRA's square matrix (same lora_rank);
+- vera:  VeRA with rank 256 shared projections; lokr: LoKr rank 16 (same targets).
 
 Each column runs in its own child process, so peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`,
 on CPU the process's peak RSS (VmHWM), which includes the Python/torch baseline every column pays alike. Throughput
@@ -37,10 +42,29 @@ MODES = {
     "lora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj"],
     "dora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
              "peft.use_dora=true"],
+    "qlora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+              "peft.weight_quantize_algo=nf4"],
+    "moslora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+                "peft.lora_use_mixer=true"],
+    "mora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.target_modules=.*proj", "peft.use_mora=true"],
+    "vera": ["peft.pet_type=vera", "peft.vera_rank=256", "peft.target_modules=.*proj"],
+    "lokr": ["peft.pet_type=lokr", "peft.lokr_rank=16", "peft.lokr_alpha=32", "peft.target_modules=.*proj"],
+}
+QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"]}
+
+
+PRESETS = {
+    # The Qwen3-8B decoder (36 layers x 4096, GQA 32/8 heads of 128, MLP 12288) over this script's small
+    # vocabulary: what QLoRA is for (an NF4 base of ~4.5 GB instead of 16 GB in bf16). Needs a GPU and ~70 GB
+    # of disk/RAM for the fp32 checkpoint this script builds.
+    "qwen3-8b": {"hidden": 4096, "intermediate": 12288, "layers": 36, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                 "vocab": 4096, "records": 3000, "seq_length": 2048, "steps": 8, "warmup": 3, "micro_batch": 1},
 }
 
 
-def _sizes(quick: bool) -> dict[str, Any]:
+def _sizes(quick: bool, preset: str | None = None) -> dict[str, Any]:
+    if preset:
+        return dict(PRESETS[preset])
     if quick:
         return {"hidden": 64, "intermediate": 192, "layers": 2, "heads": 4, "head_dim": 16, "vocab": 400,
                 "records": 400, "seq_length": 128, "steps": 5, "warmup": 2, "micro_batch": 2}
@@ -71,7 +95,7 @@ def prepare(work: Path, sizes: dict[str, Any]) -> tuple[Path, Path]:
     conv.write_text("".join(json.dumps(r) + "\n" for r in records))
     shape = TinyShape(hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
                       num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
-                      num_key_value_heads=sizes["heads"] // 2, head_dim=sizes["head_dim"])
+                      num_key_value_heads=sizes.get("kv_heads", sizes["heads"] // 2), head_dim=sizes["head_dim"])
     model = build_tiny_model(records, work / "model", vocab_size=sizes["vocab"], shape=shape,
                              tokenizer_dir=work / "tokenizer")
     data = work / "data"
@@ -99,7 +123,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     sets = [f"model.path={spec['model']}", f"data.train=[{spec['data']}]", f"logging.output_dir={spec['out']}",
             "logging.progress_bar=false", f"train.max_steps={spec['steps']}", "train.lr=1e-4",
             f"data.micro_batch_size={spec['micro_batch']}", "checkpoint.export=false", "checkpoint.resume=none",
-            "train.seed=1234", *MODES[spec["mode"]]]
+            "train.seed=1234", *MODES[spec["mode"]], *(QUICK_EXTRA.get(spec["mode"], []) if spec["quick"] else [])]
     config = load_config(None, sets)
     records: list[dict] = []
     result = train(config, on_step=records.append)
@@ -140,6 +164,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads per child")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named model shape instead of the default sizes")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated columns (default: all)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -150,17 +176,23 @@ def main() -> None:
         spec_path.with_suffix(".result.json").write_text(json.dumps(child(json.loads(spec_path.read_text()))))
         return
 
-    sizes = _sizes(args.quick)
-    model, data = prepare(WORK / ("quick" if args.quick else "full"), sizes)
-    spec = {"model": str(model), "data": str(data), **{k: sizes[k] for k in ("steps", "warmup", "micro_batch")}}
-    results = {mode: run_child(mode, spec, args.threads) for mode in MODES}
+    sizes = _sizes(args.quick, args.preset)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
+    model, data = prepare(WORK / (args.preset or ("quick" if args.quick else "full")), sizes)
+    spec = {"model": str(model), "data": str(data), "quick": args.quick,
+            **{k: sizes[k] for k in ("steps", "warmup", "micro_batch")}}
+    results = {mode: run_child(mode, spec, args.threads) for mode in modes}
 
-    print(f"\n### LoRA vs full fine-tuning ({'--quick' if args.quick else 'full size'}: {sizes['layers']} layers x "
+    print(f"\n### PEFT methods vs full fine-tuning ({args.preset or ('--quick' if args.quick else 'full size')}: {sizes['layers']} layers x "
           f"{sizes['hidden']} wide, rows of {sizes['seq_length']} tokens, micro-batch {sizes['micro_batch']}, "
           f"{sizes['steps']} steps, {args.threads} threads)\n")
-    print("| mode | trainable params | % of total | tokens/s | vs full | peak memory MiB | vs full | final loss |")
+    ref = "full" if "full" in results else modes[0]
+    print(f"| mode | trainable params | % of total | tokens/s | vs {ref} | peak memory MiB | vs {ref} | final loss |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    full = results.get("full", {})
+    full = results.get(ref, {})  # the reference column: full, else the first mode
     summary: dict[str, Any] = {"bench": "lora", "quick": args.quick, "sizes": sizes, "threads": args.threads}
     for mode, r in results.items():
         if "error" in r:

@@ -1,4 +1,5 @@
-"""`trainer merge-lora`: fold a PEFT LoRA adapter into its base checkpoint (thin shell over trainer.merge_lora)."""
+"""`trainer merge-adapter` (alias `merge-lora`): fold a PEFT LoRA, VeRA or LoKr adapter into its base checkpoint
+(thin shell over trainer.merge_lora)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import click
 from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
 
 
-@click.command("merge-lora", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("merge-adapter", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
               help="Base Hugging Face checkpoint directory (config.json + *.safetensors).")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False),
@@ -23,8 +24,8 @@ from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
 def merge_lora(base_dir: str, adapter_dir: str, out_dir: str, overwrite: bool, as_json: bool, verbose: int) -> None:
     """Write BASE + ADAPTER as full HF safetensors weights that load without peft.
 
-    Each adapted weight becomes W + (alpha/r) B A (rsLoRA: alpha/sqrt(r); DoRA: rescaled per row by its
-    magnitude), computed in fp32 and stored in the base's dtype; shard files, index, config, generation config
+    Each adapted weight becomes W + delta: LoRA (alpha/r) B A (rsLoRA: alpha/sqrt(r); DoRA: rescaled per row by
+    its magnitude), VeRA (lambda_b B)(lambda_d A), LoKr (alpha/r) kron(W1, W2); computed in fp32 and stored in the base's dtype; shard files, index, config, generation config
     and tokenizer files follow the base. Memory: one base tensor at a time plus the adapter.
 
     Exit codes: 0 merged, 1 the adapter does not fit the base or a file is unreadable, 2 usage error.
@@ -47,4 +48,4 @@ def merge_lora(base_dir: str, adapter_dir: str, out_dir: str, overwrite: bool, a
         "dtype": report.dtype,
         "untied_embeddings": report.untied_embeddings,
     }
-    emit_summary("trainer merge-lora", summary, as_json)
+    emit_summary("trainer merge-adapter", summary, as_json)

@@ -5,6 +5,8 @@ A directory holds `adapter_config.json` (a `LoraConfig`) and `adapter_model.safe
 `.lora_embedding_A` / `.lora_embedding_B` (embeddings), and `base_model.model.<module>.<param>` for base
 parameters trained in full (listed in `modules_to_save`).
 
+MoSLoRA's mixer M (B M A) is folded into A on export (A' = M A), so the file is a plain PEFT LoRA.
+
 PiSSA trains A, B on the residual W - s B0 A0, which the base checkpoint does not contain. Like PEFT's
 `path_initial_model_for_weight_conversion`, the export folds the init into a plain LoRA on the original
 weights: A' = [A; A0], B' = [B, -B0], rank 2r, alpha doubled (x sqrt(2) with rsLoRA) so the scaling is unchanged.
@@ -32,7 +34,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainer.config import PeftSection
-from trainer.lora import ADAPTER_MARK, LoraEmbedding, base_name, lora_modules
+from trainer.lora import LoraEmbedding, base_name, is_adapter_param, lora_modules
+from trainer.peft_methods import MoraLinear, VeraLinear, adapter_param_names
 from trainer.weights import replace_dir
 
 log = logging.getLogger(__name__)
@@ -82,11 +85,23 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
     for name, module in lora_modules(model):
         targets.append(name)
         key = PREFIX + name
+        if cfg.pet_type in ("vera", "lokr"):  # PEFT names them as our parameters: <module>.vera_lambda_b, ...
+            for pname in adapter_param_names(module):
+                out[f"{key}.{pname}"] = _gather(getattr(module, pname))
+            if isinstance(module, VeraLinear) and "base_model.vera_A" not in out:
+                a, b = module.shared  # identical on every rank (drawn from the PRNG key)
+                out["base_model.vera_A"], out["base_model.vera_B"] = a.detach().cpu().clone(), b.detach().cpu().clone()
+            continue
+        if isinstance(module, MoraLinear):
+            out[f"{key}.lora_A.weight"] = _gather(module.lora_A)
+            continue
         if isinstance(module, LoraEmbedding):
             out[f"{key}.lora_embedding_A"] = _gather(module.lora_embedding_A)
             out[f"{key}.lora_embedding_B"] = _gather(module.lora_embedding_B)
             continue
         a, b = _gather(module.lora_A), _gather(module.lora_B)
+        if module.lora_AB is not None:  # MoSLoRA: B M A is the rank-r LoRA (B, M A)
+            a = _gather(module.lora_AB) @ a
         init = getattr(module, "pissa_init", None)
         if init is not None:
             a, b = torch.cat([a, init[0]], dim=0), torch.cat([b, -init[1]], dim=1)
@@ -96,11 +111,11 @@ def adapter_state(model: nn.Module, cfg: PeftSection) -> tuple[dict[str, torch.T
     # Base parameters trained in full (freeze_exclude): PEFT saves their whole module as modules_to_save.
     params = dict(model.named_parameters())
     trained_modules = sorted({
-        base_name(hf_name(n)).rsplit(".", 1)[0] for n, p in params.items() if p.requires_grad and ADAPTER_MARK not in n
+        base_name(hf_name(n)).rsplit(".", 1)[0] for n, p in params.items() if p.requires_grad and not is_adapter_param(n)
     })
     for n, p in params.items():
         key = base_name(hf_name(n))
-        if ADAPTER_MARK not in n and key.rsplit(".", 1)[0] in trained_modules:
+        if not is_adapter_param(n) and key.rsplit(".", 1)[0] in trained_modules:
             out[PREFIX + key] = _gather(p)
     if ties_trained_embedding(model, trained_modules):
         out[f"{PREFIX}{HEAD}.weight"] = out[f"{PREFIX}{EMBED}.weight"].clone()  # safetensors refuses shared storage
@@ -152,14 +167,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tmp.mkdir(parents=True)
         try:
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa,
-                                    ties_trained_embedding(model, to_save))
+            if cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
+                from trainer.peft_methods import peft_config
+
+                config = peft_config(cfg, _target_list(model, targets), to_save, base_model)
+            else:
+                config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa,
+                                        ties_trained_embedding(model, to_save))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("saved LoRA adapter (%d tensors, %d modules) to %s", len(tensors), len(targets), out_dir)
+        log.info("saved %s adapter (%d tensors, %d modules) to %s", cfg.pet_type, len(tensors), len(targets), out_dir)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return out_dir

@@ -614,7 +614,7 @@ class Checkpointer:
     def export(self, export_dir: Path) -> Path:
         """Full runs export HF weights; LoRA runs the PEFT adapter (and, if asked, merged weights beside it)."""
         config = self.config
-        if config.peft.pet_type != "lora":
+        if config.peft.pet_type is None:
             return export_hf(self.model, export_dir, source_dir=config.model.path,
                              max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
         from trainer.adapters import save_adapter

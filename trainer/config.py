@@ -146,9 +146,17 @@ class CheckpointSection:
         "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
+PetType = Literal["lora", "vera", "lokr"]
+# Quantized frozen bases (PaddleNLP's weight_quantize_algo values that are implemented).
+QuantAlgo = Literal["nf4"]
+
+
 @dataclass
 class PeftSection:
-    pet_type: Literal["lora"] | None = doc("Parameter-efficient method: null (full fine-tuning) | lora.", None)
+    pet_type: PetType | None = doc(
+        "Parameter-efficient method: null (full fine-tuning) | lora | vera (shared random projections, trained "
+        "scaling vectors; vera_* keys) | lokr (Kronecker-product update; lokr_* keys). All adapt the Linear "
+        "modules target_modules matches and export a PEFT adapter.", None)
     lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
     lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
     lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
@@ -199,6 +207,33 @@ class PeftSection:
     export_merged: bool = doc(
         "Besides the adapter export, also write merged full weights (base + adapter) to output_dir/export-merged.",
         False,
+    )
+    lora_use_mixer: bool = doc(
+        "MoSLoRA (PaddleNLP's key): a trainable r x r mixer between A and B (update s B M A); exported folded into "
+        "A, as a plain PEFT LoRA.", False)
+    use_mora: bool = doc(
+        "MoRA (PaddleNLP's key): replace each LoRA pair by one trainable square matrix M of side "
+        "r^ = sqrt((in + out) lora_rank) between fixed compression / decompression maps (high-rank update, "
+        "LoRA's parameter count). Saved in this project's format (peft has no MoRA); merge-adapter folds it.", False)
+    mora_type: Literal[1, 6] = doc("MoRA's compression: 6 = RoPE-rotated chunks (for small ranks) | 1 = summed chunks "
+                         "(sharing, for large ranks).", 6)
+    vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
+    vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
+    vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
+    lokr_rank: int = doc("LoKr: rank of W2's factors (W2 is kept whole when the rank is at least half its side).", 8)
+    lokr_alpha: float = doc("LoKr: the update kron(W1, W2) is scaled by lokr_alpha / lokr_rank.", 8.0)
+    lokr_decompose_factor: int = doc(
+        "LoKr: split each dimension as factor x (dim / factor); -1 picks the divisor pair nearest the square root.", -1)
+    weight_quantize_algo: QuantAlgo | None = doc(
+        "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key): nf4 = 4-bit "
+        "NormalFloat with double quantization (torchao), quantized tensor by tensor while loading, dequantized "
+        "per matmul. Adapters, norms, embeddings, the LM head and fused MoE experts stay unquantized. null disables. (fp4 and "
+        "weight_only_int8/int4 are not implemented.)", None,
+    )
+    qlora_weight_blocksize: int = doc("NF4: weights per absmax scale (QLoRA's 64).", 64)
+    qlora_weight_double_quant_block_size: int = doc(
+        "NF4 double quantization: block scales per int8-quantized group (QLoRA's 256). A tensor is quantized "
+        "when its size is a multiple of blocksize x this.", 256,
     )
 
 
@@ -275,6 +310,10 @@ KNOWN_ALIASES = {
     "neftune_noise": "neftune_noise_alpha",
     "init_lora_weights": "lora_a_init",
     "tensorboard": "report_to",
+    "lokr_dim": "lokr_rank",
+    "vera": "pet_type",
+    "lokr": "pet_type",
+    "lora": "pet_type",
 }
 
 
@@ -433,12 +472,37 @@ def _validate_peft(p: PeftSection) -> None:
     if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
         raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
     if p.pet_type is None:
-        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged") if getattr(p, k)]
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged", "lora_use_mixer", "use_mora")
+                     if getattr(p, k)]
         if p.loraplus_lr_ratio is not None:
             lora_only.append("loraplus_lr_ratio")
+        if p.weight_quantize_algo is not None:
+            lora_only.append("weight_quantize_algo")
         if lora_only:
             raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora")
         return
+    if p.weight_quantize_algo is not None:
+        if p.pissa or p.use_dora:
+            raise ConfigError("peft.weight_quantize_algo cannot be combined with pissa or use_dora (both read and "
+                              "rewrite the full-precision base weight)")
+        if p.qlora_weight_blocksize < 2 or p.qlora_weight_blocksize % 2 or p.qlora_weight_double_quant_block_size < 1:
+            raise ConfigError("peft.qlora_weight_blocksize must be an even number >= 2 and "
+                              "peft.qlora_weight_double_quant_block_size >= 1")
+    if p.pet_type == "vera" and (p.vera_rank < 1 or p.vera_d_initial == 0):
+        raise ConfigError("peft.vera_rank must be >= 1 and peft.vera_d_initial non-zero")
+    if p.pet_type == "lokr" and (p.lokr_rank < 1 or p.lokr_alpha <= 0 or p.lora_dropout > 0):
+        raise ConfigError("peft.lokr_rank must be >= 1, peft.lokr_alpha > 0, and LoKr takes no lora_dropout")
+    if p.pet_type != "lora":
+        lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "lora_use_mixer", "use_mora") if getattr(p, k)]
+        if p.loraplus_lr_ratio is not None:
+            lora_only.append("loraplus_lr_ratio")
+        if lora_only:
+            raise ConfigError(f"peft.{lora_only[0]} needs peft.pet_type: lora (not {p.pet_type})")
+    if p.use_mora and (p.pissa or p.use_dora or p.lora_use_mixer or p.use_rslora or p.loraplus_lr_ratio):
+        raise ConfigError("peft.use_mora cannot be combined with pissa, use_dora, lora_use_mixer, use_rslora or "
+                          "loraplus_lr_ratio (MoRA has one square matrix, no A/B pair)")
+    if p.lora_use_mixer and (p.pissa or p.use_dora):
+        raise ConfigError("peft.lora_use_mixer (MoSLoRA) cannot be combined with pissa or use_dora")
     if p.lora_rank < 1:
         raise ConfigError("peft.lora_rank must be >= 1")
     if p.lora_alpha <= 0:
@@ -503,6 +567,9 @@ RESUME_BREAKING = (
     "model.path", "model.overrides", "data.train", "data.weights", "data.shuffle", "data.remainder", "train.seed",
     "peft.pet_type", "peft.lora_rank", "peft.lora_alpha", "peft.target_modules", "peft.freeze_include",
     "peft.freeze_exclude", "peft.use_rslora", "peft.use_dora", "peft.pissa", "peft.lora_a_init", "peft.lora_b_init",
+    "peft.weight_quantize_algo", "peft.qlora_weight_blocksize", "peft.qlora_weight_double_quant_block_size",
+    "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank", "peft.vera_d_initial",
+    "peft.vera_projection_prng_key", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
 )
 RESUME_OPTIMIZER = (
     # The update rule and its schedule: a resumed run no longer repeats the one it continues. Allowed with

@@ -48,6 +48,7 @@ from trainer.metrics import StepLogger, StepStats, matmul_params, plot_metrics, 
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.quantize import is_quantized, quantize_frozen_base
 from trainer.reporting import open_reporters
 from trainer.signals import StopFlag, StopRequested
 from trainer.weights import load_hf_weights, materialize
@@ -113,9 +114,10 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
             model = Transformer(model_config)
         blocks = list(model.model.layers)
     # LoRA surgery on the meta model, before sharding, so FSDP2 sees the final tree and frozen flags.
-    lora = config.peft.pet_type == "lora"
+    lora = config.peft.pet_type is not None  # any adapter method (lora, vera, lokr)
     wrapped = setup_peft(model, config.peft)
     store_frozen_in(model, frozen_dtype(config.model.frozen_dtype, dtype))
+    quantize_frozen_base(model, config.peft, frozen_dtype(config.model.frozen_dtype, dtype))  # QLoRA (no-op if off)
     if config.model.activation_checkpointing:
         model.activation_checkpointing = True
         if hf:
@@ -153,7 +155,7 @@ def _refuse_nonfinite_weights(model: torch.nn.Module, info: DistInfo, source: st
     bad = []
     for name, param in model.named_parameters():
         local = param.to_local() if hasattr(param, "to_local") else param
-        if local.numel() and not bool(torch.isfinite(local).all()):
+        if local.numel() and not is_quantized(local) and not bool(torch.isfinite(local).all()):  # NF4: at load
             bad.append(name)
     if all_reduce_sum(float(len(bad)), info) > 0:
         where = f": {', '.join(bad[:5])}" if bad else " (in another rank's shard)"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import PeftSection
+from trainer.peft_methods import (
+    ADAPTER_MODULES,
+    LokrLinear,
+    MoraLinear,
+    VeraLinear,
+    adapter_generator,
+    init_vera_lokr,
+)
 from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
 
 log = logging.getLogger(__name__)
 
 ADAPTER_MARK = ".lora_"
+# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr); anything else is a base parameter.
+ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_")
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(mark in name for mark in ADAPTER_MARKS)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -41,15 +54,21 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 class LoraLinear(nn.Module):
-    """y = base(x) + B A dropout(x) * scaling; with DoRA the result is rescaled per output row by m / ||W + s B A||."""
+    """y = base(x) + B A dropout(x) * scaling; with DoRA the result is rescaled per output row by m / ||W + s B A||.
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, use_dora: bool) -> None:
+    MoSLoRA (`mixer`, Wu et al. 2024): a trainable r x r mixer M between the two, y = base(x) + s B M A x, which
+    fuses the r rank-one subspaces of plain LoRA. B (M A) is again a rank-r LoRA, so the export folds M into A.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, use_dora: bool,
+                 mixer: bool = False) -> None:
         super().__init__()
         self.base_layer = base
         kw = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **kw))
         self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, **kw)) if use_dora else None
+        self.lora_AB = nn.Parameter(torch.empty(rank, rank, **kw)) if mixer else None  # PaddleNLP's name
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.scaling = rank, scaling
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -62,7 +81,10 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)
         a, b = self.lora_A, self.lora_B
         xd = self.lora_dropout(x).to(a.dtype)
-        lora = F.linear(F.linear(xd, a), b) * self.scaling
+        h = F.linear(xd, a)
+        if self.lora_AB is not None:
+            h = F.linear(h, self.lora_AB)
+        lora = F.linear(h, b) * self.scaling
         if self.lora_magnitude_vector is None:
             return result + lora.to(result.dtype)
         weight = self.base_layer.weight
@@ -100,7 +122,7 @@ class LoraEmbedding(nn.Module):
         return result + ((after_a @ self.lora_embedding_B.t()) * self.scaling).to(result.dtype)
 
 
-LORA_MODULES = (LoraLinear, LoraEmbedding)
+LORA_MODULES = (LoraLinear, LoraEmbedding, *ADAPTER_MODULES)  # every adapter wrapper
 
 
 @dataclass
@@ -121,7 +143,7 @@ def base_name(name: str) -> str:
 
 def checkpoint_name_map(name: str) -> str | None:
     """`load_hf_weights` name_map: adapters do not come from the checkpoint, wrapped bases do under their HF key."""
-    return None if ADAPTER_MARK in name else base_name(name)
+    return None if is_adapter_param(name) else base_name(name)
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -131,7 +153,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
-    """Replace every targeted Linear/Embedding with its LoRA wrapper; returns the wrapped module names."""
+    """Replace every targeted Linear/Embedding with its adapter wrapper (LoRA, VeRA or LoKr as pet_type says);
+    returns the wrapped module names."""
     from trainer.weights import hf_name
 
     matches, reading = target_matcher(cfg.target_modules)
@@ -143,17 +166,30 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
         key = hf_name(name)
         if not matches(key, isinstance(module, nn.Linear)):
             continue
-        if isinstance(module, nn.Embedding):
+        if cfg.pet_type in ("vera", "lokr"):
+            if not isinstance(module, nn.Linear) or (key == "lm_head" and tied):
+                raise ValueError(f"peft.target_modules: {cfg.pet_type} adapts untied Linear modules only ({key}); "
+                                 "narrow target_modules")
+            wrapper: nn.Module = (VeraLinear(module, cfg.vera_rank, cfg.lora_dropout) if cfg.pet_type == "vera"
+                                  else LokrLinear(module, cfg.lokr_rank, cfg.lokr_alpha, cfg.lokr_decompose_factor))
+        elif isinstance(module, nn.Embedding):
+            if cfg.lora_use_mixer or cfg.use_mora:
+                raise ValueError(f"peft.lora_use_mixer: MoSLoRA on embeddings is not supported ({key}); narrow "
+                                 "target_modules")
             if cfg.use_dora:
                 raise ValueError(f"peft.use_dora: DoRA on embeddings is not supported ({key}); narrow target_modules")
             if cfg.pissa:
                 raise ValueError(f"peft.pissa: PiSSA on embeddings is not supported ({key}); narrow target_modules")
-            wrapper: nn.Module = LoraEmbedding(module, cfg.lora_rank, scaling)
+            wrapper = LoraEmbedding(module, cfg.lora_rank, scaling)
         else:
             if key == "lm_head" and tied:
                 raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
                                  "checkpoint; target embed_tokens instead")
-            wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora)
+            if cfg.use_mora:
+                wrapper = MoraLinear(module, cfg.lora_rank, cfg.lora_dropout, cfg.mora_type)
+            else:
+                wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora,
+                                     cfg.lora_use_mixer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         wrapped.append(key)
@@ -166,7 +202,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
 
 def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
     """Set requires_grad: LoRA freezes every base parameter; freeze_include adds, freeze_exclude (wins) removes."""
-    lora = cfg.pet_type == "lora"
+    lora = cfg.pet_type is not None
     matched_include: set[str] = set()
     matched_exclude: set[str] = set()
     # modules_to_save (PEFT's name) are freeze_exclude globs over the named modules' parameters.
@@ -174,7 +210,7 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
     excludes = [*cfg.freeze_exclude, *saved]
     for name, param in model.named_parameters():
         key = base_name(name)
-        frozen = lora and ADAPTER_MARK not in name
+        frozen = lora and not is_adapter_param(name)
         for glob in cfg.freeze_include:
             if fnmatch.fnmatchcase(key, glob):
                 frozen = True
@@ -211,8 +247,7 @@ def count_parameters(model: nn.Module, shards: int = 1) -> LoraReport:
 # ------------------------------------------------------------------------------------------------- init
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+_generator = adapter_generator  # one seeding rule for every adapter method (defined beside VeRA / LoKr)
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -248,9 +283,15 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
     from trainer.weights import _reshard_fsdp
 
     _reshard_fsdp(model)  # work on the sharded fp32 parameters, never on a left-over unsharded copy
+    if cfg.pet_type in ("vera", "lokr"):
+        init_vera_lokr(lora_modules(model), cfg, seed)
+        return
     for name, module in lora_modules(model):
         gen = _generator(seed, name)
         r = module.rank
+        if isinstance(module, MoraLinear):  # MoRA: M = 0, so the model starts as the base
+            _assign(module.lora_A, torch.zeros(module.lora_A.shape))
+            continue
         if isinstance(module, LoraEmbedding):
             _assign(module.lora_embedding_A, torch.zeros(module.lora_embedding_A.shape))
             _assign(module.lora_embedding_B, torch.empty(module.lora_embedding_B.shape).normal_(generator=gen))
@@ -268,6 +309,8 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
             b = _fill(cfg.lora_b_init, tuple(module.lora_B.shape), r, gen)
         _assign(module.lora_A, a)
         _assign(module.lora_B, b)
+        if module.lora_AB is not None:  # MoSLoRA's mixer: kaiming-uniform, as the paper's default
+            _assign(module.lora_AB, _fill("kaiming", tuple(module.lora_AB.shape), r, gen))
         if module.lora_magnitude_vector is not None:
             weight = _full(module.base_layer.weight)
             _assign(module.lora_magnitude_vector, torch.linalg.norm(weight + module.scaling * b @ a, dim=1))
@@ -311,8 +354,8 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
 
 def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
     """Surgery + freezing on the (meta) model, before sharding; returns the wrapped module names."""
-    wrapped = apply_lora(model, cfg) if cfg.pet_type == "lora" else []
-    if cfg.pet_type == "lora" or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
+    wrapped = apply_lora(model, cfg) if cfg.pet_type is not None else []
+    if cfg.pet_type is not None or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
         apply_freeze(model, cfg)
     return wrapped
 
@@ -328,9 +371,13 @@ def load_lora_model(model_dir: str, cfg: PeftSection, seed: int, *, device: str 
     with torch.device("meta"):
         model = Transformer(config)
     setup_peft(model, cfg)
+    if cfg.weight_quantize_algo is not None:
+        from trainer.quantize import quantize_frozen_base
+
+        quantize_frozen_base(model, cfg, torch.float32)
     materialize(model, device)
-    load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type == "lora" else None,
+    load_hf_weights(model, model_dir, name_map=checkpoint_name_map if cfg.pet_type is not None else None,
                     show_progress=False)
-    if cfg.pet_type == "lora":
+    if cfg.pet_type is not None:
         init_adapters(model, cfg, seed)
     return model

@@ -1,4 +1,6 @@
-"""Fold a PEFT LoRA adapter into its base checkpoint: HF safetensors out, one tensor at a time.
+"""Fold a PEFT adapter (LoRA, VeRA, LoKr, and this project's MoRA) into its base checkpoint: HF safetensors
+out, one tensor at a time. VeRA: W + (lambda_b B)(lambda_d A) with the saved shared projections; LoKr:
+W + (alpha / r) kron(W1, W2); MoRA: W + the MoRA map of the identity (see trainer.peft_methods).
 
 Streaming keeps memory at one base tensor plus the adapter: each base shard file is read, the adapted weights
 are replaced by W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)), and the shard is written under the same
@@ -21,6 +23,7 @@ import logging
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +56,15 @@ class MergeReport:
 
 @dataclass
 class _Adapter:
-    kind: str  # "linear" | "embedding"
-    a: torch.Tensor
-    b: torch.Tensor
+    kind: str  # "linear" | "embedding" | "delta" (VeRA, LoKr: `delta` computes the whole update)
+    a: torch.Tensor | None
+    b: torch.Tensor | None
     scaling: float
     magnitude: torch.Tensor | None = None
+    delta: Callable[[tuple[int, ...]], torch.Tensor] | None = None  # the weight's shape -> its update (fp32)
+
+
+MERGEABLE = ("LORA", "VERA", "LOKR", "MORA")
 
 
 def _scaling(config: dict, module: str, rank: int) -> float:
@@ -80,11 +87,13 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], di
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise WeightsError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("peft_type") not in MERGEABLE:
+        raise WeightsError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not one of {', '.join(MERGEABLE)}")
     if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":
         raise WeightsError(f"{cfg_path}: fan_in_fan_out / LoRA biases are not supported by merge-lora")
     tensors = load_file(w_path)
+    if config["peft_type"] != "LORA":
+        return _read_vera_lokr(config, tensors, w_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
@@ -115,11 +124,87 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], di
     return config, adapters, full
 
 
+def _read_vera_lokr(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
+                    ) -> tuple[dict, dict[str, _Adapter], dict[str, torch.Tensor]]:
+    """VeRA: delta = (lambda_b B[:out]) (lambda_d A[:, :in]) with the shared A, B saved in the file (PEFT's
+    save_projection). LoKr: delta = (alpha / r) kron(W1, W2), W1 / W2 whole or as products of their factors."""
+    if config["peft_type"] == "MORA":
+        return _read_mora(config, tensors, w_path)
+    vera = config["peft_type"] == "VERA"
+    shared = {k: tensors.pop(f"base_model.{k}", None) for k in ("vera_A", "vera_B")} if vera else {}
+    if vera and any(v is None for v in shared.values()):
+        raise WeightsError(f"{w_path}: a VeRA adapter without base_model.vera_A / vera_B (save_projection: false) "
+                           "cannot be merged")
+    marks = (".vera_lambda_b", ".vera_lambda_d") if vera else (
+        ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise WeightsError(f"{w_path}: key {key} does not start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        mark = next((m for m in marks if name.endswith(m)), None)
+        if mark is None:
+            full[name.replace(".base_layer.", ".")] = t
+        else:
+            parts.setdefault(name[: -len(mark)], {})[mark[1:]] = t.float()
+    adapters = {}
+    for module, p in parts.items():
+        if vera:
+            if set(p) != {"vera_lambda_b", "vera_lambda_d"}:
+                raise WeightsError(f"{w_path}: module {module} has an incomplete VeRA adapter ({', '.join(sorted(p))})")
+
+            def delta(shape, p=p):
+                a, b = shared["vera_A"].float()[:, : shape[1]], shared["vera_B"].float()[: shape[0]]
+                return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
+            adapters[module] = _Adapter("delta", None, None, 1.0, delta=delta)
+            continue
+        w1 = p.get("lokr_w1")
+        if w1 is None and {"lokr_w1_a", "lokr_w1_b"} <= set(p):
+            w1 = p["lokr_w1_a"] @ p["lokr_w1_b"]
+        w2 = p.get("lokr_w2")
+        if w2 is None and {"lokr_w2_a", "lokr_w2_b"} <= set(p):
+            w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+        if w1 is None or w2 is None:
+            raise WeightsError(f"{w_path}: module {module} has an incomplete LoKr adapter ({', '.join(sorted(p))})")
+        rank = int((config.get("rank_pattern") or {}).get(module, config["r"]))
+        alpha = float((config.get("alpha_pattern") or {}).get(module, config["alpha"]))
+
+        def delta(shape, w1=w1, w2=w2, scale=alpha / rank):
+            return (torch.kron(w1, w2) * scale).reshape(shape)
+        adapters[module] = _Adapter("delta", None, None, 1.0, delta=delta)
+    return config, adapters, full
+
+
+def _read_mora(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
+               ) -> tuple[dict, dict[str, _Adapter], dict[str, torch.Tensor]]:
+    """This project's MoRA adapter: M per module under <module>.lora_A.weight; delta = the MoRA map of I."""
+    from trainer.peft_methods import mora_delta
+
+    adapters: dict[str, _Adapter] = {}
+    full: dict[str, torch.Tensor] = {}
+    mora_type = int(config.get("mora_type", 6))
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise WeightsError(f"{w_path}: key {key} does not start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        if not name.endswith(".lora_A.weight"):
+            full[name] = t
+            continue
+
+        def delta(shape, m=t):
+            return mora_delta(m.float(), shape[1], shape[0], mora_type)
+        adapters[name[: -len(".lora_A.weight")]] = _Adapter("delta", None, None, 1.0, delta=delta)
+    return config, adapters, full
+
+
 @torch.no_grad()
 def merged_weight(weight: torch.Tensor, adapter: _Adapter) -> torch.Tensor:
     """The base weight with the adapter folded in, computed in fp32, returned in the weight's dtype."""
     w = weight.float()
-    if adapter.kind == "embedding":  # A: [r, vocab], B: [dim, r]; delta [vocab, dim]
+    if adapter.kind == "delta":
+        delta = adapter.delta(tuple(w.shape))
+    elif adapter.kind == "embedding":  # A: [r, vocab], B: [dim, r]; delta [vocab, dim]
         delta = (adapter.b @ adapter.a).t() * adapter.scaling
     else:
         delta = (adapter.b @ adapter.a) * adapter.scaling

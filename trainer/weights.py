@@ -214,6 +214,14 @@ def _load_one(f, key: str, param: torch.Tensor, path: Path) -> None:
         raise WeightsError(f"{path}: tensor {key} has shape {shape}, the model expects {tuple(param.shape)}")
     if param.device.type == "meta":
         raise WeightsError(f"parameter {key} is on the meta device: call materialize(model, device) first")
+    from trainer.quantize import is_quantized, load_quantized
+
+    if is_quantized(param):  # QLoRA base: quantize this tensor on the fly, keep this rank's rows
+        full = f.get_tensor(key)
+        if not bool(torch.isfinite(full).all()):  # the 4-bit scales would hide it: refuse as for other weights
+            raise WeightsError(f"{path}: tensor {key} holds NaN or Inf; refusing to quantize it")
+        load_quantized(param, full)
+        return
     if _is_dtensor(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
