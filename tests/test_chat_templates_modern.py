@@ -21,6 +21,7 @@ from dataprep.errors import DataError
 from dataprep.templates import get_template, pieces_text
 from dataprep.tokenize import IGNORE, TokenizeOptions, TokenizeStats, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
+from tests.helpers.spans import trained_spans
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
 QWEN3_ADDED = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
@@ -147,22 +148,6 @@ def r1_style(shared_data, tmp_path_factory):
 def ids_of(ref, messages, tools=None, **kw):
     out = ref.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False, **kw)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def trained_spans(tok, sample) -> list[str]:
-    """Decoded runs of target positions (position i is a target when labels[i-1] != IGNORE)."""
-    target = np.zeros(len(sample.labels), dtype=bool)
-    target[1:] = sample.labels[:-1] != IGNORE
-    out, cur = [], []
-    for i, t in enumerate(target):
-        if t:
-            cur.append(int(sample.input_ids[i]))
-        elif cur:
-            out.append(tok.decode(cur))
-            cur = []
-    if cur:
-        out.append(tok.decode(cur))
-    return out
 
 
 def assistant_parts(text: str, header: str, end: str) -> list[str]:

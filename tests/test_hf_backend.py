@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.peft_check import assert_merge_equals_peft  # noqa: E402
 from trainer import hf_backend  # noqa: E402
 from trainer.loss import LossConfig  # noqa: E402
 
@@ -218,11 +219,10 @@ def _moe_config(root, model_dir, data_dir, name, *extra):
 def test_moe_lora_trains_resumes_exactly_and_exports_peft(moe_run):
     """LoRA on a Qwen3-MoE's attention projections (experts frozen): learns, resumes bit for bit, and its
     PEFT adapter and merge-lora output agree through transformers."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     from trainer.loop import train
-    from trainer.merge_lora import merge_lora
 
     root, model_dir, data_dir = moe_run
     straight = train(_moe_config(root, model_dir, data_dir, "straight", "train.max_steps=8"))
@@ -236,15 +236,7 @@ def test_moe_lora_trains_resumes_exactly_and_exports_peft(moe_run):
     export = root / "straight" / "export"
     tensors = load_file(export / "adapter_model.safetensors")
     assert tensors and all(".lora_" in k and "self_attn" in k for k in tensors)  # experts frozen: nothing else
-    merge_lora(model_dir, export, root / "merged", show_progress=False)
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    tuned = peft.PeftModel.from_pretrained(load(model_dir, dtype=torch.float32), export).eval()
-    merged = load(root / "merged", dtype=torch.float32).eval()
-    ids = torch.randint(0, merged.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = tuned(input_ids=ids).logits
-        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(load(model_dir, dtype=torch.float32)(input_ids=ids).logits, want, atol=1e-3)
+    assert_merge_equals_peft(model_dir, export, root / "merged")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.peft_check import assert_merge_equals_peft
 from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import load_lora_model
@@ -117,10 +118,9 @@ def _losses(out_dir) -> list[float]:
 
 @pytest.mark.slow
 def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     from trainer.loop import train
-    from trainer.merge_lora import merge_lora
 
     root, model_dir, data_dir = tiny
     straight = train(_config(root, model_dir, data_dir, "straight", "train.max_steps=24"))
@@ -135,15 +135,7 @@ def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
     # The adapter is an ordinary PEFT LoRA for the full-precision base; merge-lora folds it into that base.
     export = root / "straight" / "export"
     assert json.loads((export / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    merge_lora(model_dir, export, root / "merged", show_progress=False)
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    tuned = peft.PeftModel.from_pretrained(load(model_dir, dtype=torch.float32), export).eval()
-    merged = load(root / "merged", dtype=torch.float32).eval()
-    ids = torch.randint(0, merged.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = tuned(input_ids=ids).logits
-        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(load(model_dir, dtype=torch.float32)(input_ids=ids).logits, want, atol=1e-3)
+    assert_merge_equals_peft(model_dir, export, root / "merged")
 
 
 def test_nf4_storage_is_about_a_quarter_byte_per_weight_plus_scales(tiny):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dataprep.tokenize import IGNORE, TokenizeOptions, tokenize_conversations
+from dataprep.tokenize import TokenizeOptions, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
+from tests.helpers.spans import trained_spans
 
 ALPHABET = st.sampled_from(list("ab xyZ\n\t.,!?-'\"01234") + ["中", "文", "é", "🙂", "<|im_end|>", "\n\n", " 12"])
 CONTENT = st.lists(ALPHABET, max_size=12).map("".join)
@@ -31,21 +31,6 @@ def setup(shared_data, name):
         ref.chat_template = cfg["chat_template"]
         _CACHE[name] = (load_tokenizer(d), ref)
     return _CACHE[name]
-
-
-def spans(tok, sample):
-    target = np.zeros(len(sample.labels), dtype=bool)
-    target[1:] = sample.labels[:-1] != IGNORE
-    out, cur = [], []
-    for i, t in enumerate(target):
-        if t:
-            cur.append(int(sample.input_ids[i]))
-        elif cur:
-            out.append(tok.decode(cur))
-            cur = []
-    if cur:
-        out.append(tok.decode(cur))
-    return out
 
 
 @pytest.mark.parametrize(
@@ -84,7 +69,7 @@ def test_random_contents_match_transformers(shared_data, name, template, end, he
         assert safe.input_ids.tolist().count(eot) == turns
         if not any(end in m["content"] for m in msgs):
             assert safe.input_ids.tolist() == want
-        got = spans(tok, s)
+        got = trained_spans(tok, s)
         assert len(got) == len(answers)
         for text, answer in zip(got, answers, strict=True):
             assert text.endswith(answer + end)
@@ -123,7 +108,7 @@ def test_random_contents_llama2(shared_data):
         assume(all("</s>" not in a for a in answers))
         (s,) = tokenize_conversations([{"id": "p", "messages": msgs}], tok, TokenizeOptions(template="llama2"))
         assert s.input_ids.tolist() == list(ref.apply_chat_template(msgs, tokenize=True, return_dict=False))
-        got = [t.lstrip(" ") for t in spans(tok, s)]
+        got = [t.lstrip(" ") for t in trained_spans(tok, s)]
         assert got == [(a + " </s>").lstrip(" ") for a in answers]
 
     check()
