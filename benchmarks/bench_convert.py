@@ -15,7 +15,8 @@ own process, one after another:
 
 Wall time is measured around the whole process (imports and start-up included), CPU time from the
 children's rusage, and peak RSS is each process's own VmHWM (the rusage maxrss of a child also counts
-the parent's memory on Linux). The two baselines and sftkit write the same ids and messages, and the
+the parent's memory on Linux). The two baselines and sftkit write the same ids, messages and `extra` (the fields
+not mapped, kept rather than dropped), and the
 baseline-per-line output is compared with sftkit's record by record, and the --num-proc P output with
 the --num-proc 1 output byte for byte, before the table is printed. The speed-up column is each sftkit
 row against the json.dump baseline.
@@ -78,8 +79,12 @@ with open(src, encoding="utf-8") as f:
 out = []
 for i, r in enumerate(data):
     user = r["instruction"] + "\n\n" + r["input"] if r.get("input") else r["instruction"]
-    out.append({"id": f"{stem}[{i}]", "messages": [{"role": "user", "content": user},
-                                                   {"role": "assistant", "content": r["output"]}]})
+    rec = {"id": f"{stem}[{i}]", "messages": [{"role": "user", "content": user},
+                                              {"role": "assistant", "content": r["output"]}]}
+    extra = {k: v for k, v in r.items() if k not in ("instruction", "input", "output")}
+    if extra:  # never drop a field silently: keep what is not mapped, as sftkit does
+        rec["extra"] = extra
+    out.append(rec)
 with open(dst, "w", encoding="utf-8") as f:
     if mode == "dump":
         json.dump(out, f)

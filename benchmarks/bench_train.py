@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from child_runs import child_main, run_child  # noqa: E402
+
 WORK = REPO / "benchmarks" / "_work"
 SHARED = REPO.parent / "shared" / "data"
 DATA = SHARED / "alpaca" / "alpaca_gpt4_en_demo_1k.json"
@@ -289,30 +290,6 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(name: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    spec_path = Path(spec["out"]) / "spec.json"
-    shutil.rmtree(spec_path.parent, ignore_errors=True)  # no metrics or result left from an earlier run
-    spec_path.parent.mkdir(parents=True)
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path),
-           "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, check=False)
-    result_path = spec_path.with_name("result.json")
-    if proc.returncode != 0 or not result_path.is_file():
-        return {"error": f"child {name} exited with {proc.returncode}"}
-    return json.loads(result_path.read_text())
-
-
-def child_main(name: str, spec_path: Path, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    spec = json.loads(spec_path.read_text())
-    result = {"ours": child_ours, "padded": child_ours, "hf": child_hf}[name](spec)
-    spec_path.with_name("result.json").write_text(json.dumps(result))
-
-
 # ----------------------------------------------------------------------------------------------- report
 def _fmt(x: float | None, spec: str = ",.0f") -> str:
     return "-" if x is None else format(x, spec)
@@ -331,7 +308,7 @@ def main() -> None:
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_main(args.child, args.spec, args.threads)
+        child_main(args.child, args.spec, args.threads, {"ours": child_ours, "padded": child_ours, "hf": child_hf})
         return
     if not DATA.is_file():
         print(f"skipped: {DATA} not found (the benchmark needs ../shared/data next to the repository)")
@@ -363,7 +340,7 @@ def main() -> None:
     results = {}
     for name in args.only.split(","):
         t = time.perf_counter()
-        results[name] = run_child(name, specs[name], args.threads)
+        results[name] = run_child(__file__, name, specs[name], args.threads)
         print(f"{name}: {time.perf_counter() - t:.1f} s wall", flush=True)
 
     labels = dict(LABELS)

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import _dataset_stats, _peak_rss_mib, _timed  # noqa: E402
+from child_runs import child_main, run_child  # noqa: E402
 
 WORK = REPO / "benchmarks" / "_work" / "train_real"
 SHARED = REPO.parent / "shared" / "data"
@@ -232,30 +232,6 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(name: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    spec_path = Path(spec["out"]) / "spec.json"
-    shutil.rmtree(spec_path.parent, ignore_errors=True)
-    spec_path.parent.mkdir(parents=True)
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path),
-           "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, check=False)
-    result = spec_path.with_name("result.json")
-    if proc.returncode != 0 or not result.is_file():
-        return {"error": f"child {name} exited with {proc.returncode}"}
-    return json.loads(result.read_text())
-
-
-def child_main(name: str, spec_path: Path, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    spec = json.loads(spec_path.read_text())
-    run = {"ours": child_ours, "trl": child_trl, "hf": child_hf}[name.split("-")[0]]
-    spec_path.with_name("result.json").write_text(json.dumps(run(spec)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few steps: checks that the script works")
@@ -266,7 +242,7 @@ def main() -> None:
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_main(args.child, args.spec, args.threads)
+        child_main(args.child, args.spec, args.threads, {"ours": child_ours, "trl": child_trl, "hf": child_hf})
         return
     missing = [p for p in (DATA, TOKENIZER) if not p.exists()]
     if missing:
@@ -290,7 +266,7 @@ def main() -> None:
     results = {}
     for name in args.only.split(","):
         t = time.perf_counter()
-        results[name] = run_child(name, dict(common, lora=name.endswith("lora"), out=str(work / f"run-{name}")),
+        results[name] = run_child(__file__, name, dict(common, lora=name.endswith("lora"), out=str(work / f"run-{name}")),
                                   args.threads)
         print(f"{name}: {time.perf_counter() - t:.1f} s wall", flush=True)
 

@@ -130,6 +130,16 @@ def _at_least(target: float) -> Callable[[float | None, float | None], bool | No
     return lambda ours, ratio: None if ratio is None else ratio >= target
 
 
+def _e2e(j: dict, peer: str) -> tuple[float | None, float | None, float | None]:
+    """Best-of-N records/s of ours and of `peer` (bench_e2e keeps every round per arm)."""
+    def best(arm: str) -> float | None:
+        times = [r["seconds"] for r in j.get("runs", {}).get(arm, []) if r.get("seconds")]
+        return j["records"] / min(times) if times and j.get("records") else None
+
+    ours, other = best("ours"), best(peer)
+    return ours, other, _ratio(ours, other)
+
+
 METRICS: list[Metric] = [
     Metric("convert", "convert (records/s)", "json.load + loop + json.dump", "records/s", ">= 5x",
            _convert, _at_least(5.0), 5.0),
@@ -141,6 +151,11 @@ METRICS: list[Metric] = [
            lambda j: (j.get("ours_tokens_per_s"), j.get("ceiling_encode_batch_tokens_per_s"),
                       _ratio(j.get("ours_tokens_per_s"), j.get("ceiling_encode_batch_tokens_per_s"))),
            _at_least(1 / 1.5), 1 / 1.5),
+    Metric("e2e", "pack end to end, 200k Alpaca-GPT4, Llama 3, seq 4096 (records/s)",
+           "TRL SFTTrainer data preparation (assistant-only loss, bfd packing, save_to_disk)", "records/s", ">= 4x",
+           lambda j: _e2e(j, "trl"), _at_least(4.0), 4.0),
+    Metric("e2e", "pack end to end vs the bare ceiling (render + encode_batch_fast, nothing written)",
+           "ceiling", "records/s", ">= 0.95x", lambda j: _e2e(j, "ceiling"), _at_least(0.95), 0.95),
     Metric("pack", "pack BFD (lengths/s)", "TRL pack_dataset(bfd)", "lengths/s", ">= 10x", _pack_peer,
            _at_least(10.0), 10.0),
     Metric("pack", "pack 1M lengths (s)", "-", "s", "< 1 s", _pack_at(1_000_000, "seconds"),
@@ -195,6 +210,20 @@ class Outcome:
     stderr_tail: str
     data: dict | None
     tables: list[str]
+    reused_from: str | None = None  # with --rerun: when the earlier run whose logs this outcome was read from ran
+
+
+def reuse_logged(script: Path, log_dir: Path) -> Outcome | None:
+    """The outcome of `script` in the last invocation, read back from its logs (None when there is none)."""
+    name = script.stem.removeprefix("bench_")
+    out_log, meta_log = log_dir / f"{name}.stdout.log", log_dir / f"{name}.meta.json"
+    if not out_log.is_file() or not meta_log.is_file():
+        return None
+    meta = json.loads(meta_log.read_text(encoding="utf-8"))
+    out = out_log.read_text(encoding="utf-8")
+    data, tables = parse_output(out)
+    return Outcome(name, script, meta["argv"], meta["returncode"], meta["seconds"], out, meta.get("stderr_tail", ""),
+                   data, tables, reused_from=f"{meta['finished']} UTC, commit {meta['commit'][:10]}")
 
 
 def discover(directory: Path) -> list[Path]:
@@ -242,6 +271,9 @@ def run_one(script: Path, quick: bool, timeout: float, log_dir: Path) -> Outcome
     (log_dir / f"{name}.stdout.log").write_text(out, encoding="utf-8")
     stderr_tail = "\n".join((log_dir / f"{name}.stderr.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
     data, tables = parse_output(out)
+    meta = {"argv": argv, "returncode": code, "seconds": seconds, "stderr_tail": stderr_tail, "commit": git_commit(),
+            "finished": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}"}
+    (log_dir / f"{name}.meta.json").write_text(json.dumps(meta), encoding="utf-8")
     print(f"[run_all] {name}: exit {code} in {seconds:.0f} s", file=sys.stderr, flush=True)
     return Outcome(name, script, argv, code, seconds, out, stderr_tail, data, tables)
 
@@ -369,7 +401,9 @@ def write_report(outcomes: dict[str, Outcome], report: Path, png: Path, quick: b
         "",
         "Every figure below comes from one run of `benchmarks/run_all.py`"
         + (" with `--quick` (tiny sizes: a smoke test, not a measurement)" if quick else "")
-        + ", each benchmark run alone, one after another.",
+        + ", each benchmark run alone, one after another"
+        + ("; the sections marked 'from the run of ...' were not rerun (`--rerun`) and come from that earlier "
+           "invocation's logs." if any(o.reused_from for o in outcomes.values()) else "."),
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC (total {total_s / 60:.1f} min)",
         f"- git commit: {commit}",
@@ -390,7 +424,8 @@ def write_report(outcomes: dict[str, Outcome], report: Path, png: Path, quick: b
               "worst ratio over the worker counts measured at the largest dataset; see each table for all of them."]
     for name, o in outcomes.items():
         lines += ["", f"## {name}", "", f"`{' '.join(['python', *[os.path.relpath(a, REPO) if a.startswith('/') else a for a in o.argv[1:]]])}`"
-                  f" -- exit {o.returncode}, {o.seconds:.0f} s", ""]
+                  f" -- exit {o.returncode}, {o.seconds:.0f} s"
+                  + (f" (from the run of {o.reused_from})" if o.reused_from else ""), ""]
         if o.tables:
             for t in o.tables:
                 lines += [t, ""]
@@ -413,6 +448,9 @@ def main() -> int:
     ap.add_argument("--output", type=Path, default=None,
                     help="report path (default benchmarks/REPORT.md; with --quick benchmarks/_work/REPORT-quick.md)")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds allowed per script")
+    ap.add_argument("--rerun", default="",
+                    help="comma-separated benchmarks to run again; every other one is read back from the logs of the "
+                         "last invocation (benchmarks/_work/run_all_logs) and marked so in the report")
     args = ap.parse_args()
     report = args.output or (HERE / "_work" / "REPORT-quick.md" if args.quick else HERE / "REPORT.md")
     png = report.with_name("report_ratios.png" if report.name == "REPORT.md" else report.stem + "_ratios.png")
@@ -426,8 +464,11 @@ def main() -> int:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     outcomes = {}
+    log_dir = HERE / "_work" / "run_all_logs"
+    rerun = set(filter(None, args.rerun.split(",")))
     for script in scripts:
-        o = run_one(script, args.quick, args.timeout, HERE / "_work" / "run_all_logs")
+        reused = reuse_logged(script, log_dir) if rerun and script.stem.removeprefix("bench_") not in rerun else None
+        o = reused or run_one(script, args.quick, args.timeout, log_dir)
         outcomes[o.name] = o
     write_report(outcomes, report, png, args.quick, started, time.perf_counter() - t0)
     print(f"[run_all] wrote {report} and {png}", file=sys.stderr)

@@ -106,3 +106,45 @@ def emit_summary(title: str, summary: Mapping[str, Any], as_json: bool) -> None:
 
     walk(summary, 0)
     click.echo("\n".join(lines), err=True)
+
+
+# ------------------------------------------------------------------------------------------ shared options
+# One declaration per option that several commands take, so `--json`, `-v`, `--on-error` ... read and behave
+# the same in every command (Click's documented way to share options: a decorator that applies them).
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def apply_options(func: F, options: list[Callable[[F], F]]) -> F:
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def reporting_options(func: F) -> F:
+    """`--json` (the end-of-command summary as JSON on stdout) and `-v/--verbose` (repeatable)."""
+    return apply_options(func, [
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines)."),
+        click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug."),
+    ])
+
+
+def on_error_option(func: F) -> F:
+    return click.option(
+        "--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+        help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
+    )(func)
+
+
+def system_option(func: F) -> F:
+    return click.option("--system", metavar="TEXT", default=None,
+                        help="System prompt added to conversations that have none.")(func)
+
+
+def input_format_option(choices: tuple[str, ...] | list[str], help: str) -> Callable[[F], F]:
+    return click.option("--input-format", type=click.Choice(choices, case_sensitive=False), default="auto",
+                        show_default=True, help=help)
+
+
+def overwrite_option(help: str = "Replace OUTPUT if it exists.") -> Callable[[F], F]:
+    return click.option("--overwrite", is_flag=True, help=help)

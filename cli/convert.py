@@ -7,7 +7,17 @@ from concurrent.futures.process import BrokenProcessPool
 
 import click
 
-from cli.common import emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    emit_summary,
+    handle_errors,
+    input_format_option,
+    on_error_option,
+    overwrite_option,
+    reporting_options,
+    setup_logging,
+    system_option,
+)
 from dataprep.input_formats import ALIASES, FORMATS  # light: conversation + errors only
 
 FORMAT_CHOICES = ["auto", *FORMATS, *ALIASES]
@@ -17,7 +27,7 @@ log = logging.getLogger("dataprep.convert")
 
 @click.command(
     "convert",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=CONTEXT_SETTINGS,
     epilog="""\b
 Examples:
   dataprep convert alpaca.json -o conv.jsonl
@@ -32,14 +42,8 @@ Examples:
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Output file (written atomically); - writes the records to standard output.")
-@click.option(
-    "--input-format",
-    type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
-    default="auto",
-    show_default=True,
-    help="Input record format; auto detects it per file from the first record. "
-    "mindformers / llamafactory = sharegpt, openai = messages.",
-)
+@input_format_option(FORMAT_CHOICES, "Input record format; auto detects it per file from the first record. "
+                     "mindformers / llamafactory = sharegpt, openai = messages.")
 @click.option(
     "--output-style",
     type=click.Choice(["messages", "mindformers"], case_sensitive=False),
@@ -48,17 +52,11 @@ Examples:
     help="messages: canonical JSONL {id, messages}. mindformers: the JSON array MindSpore Transformers' "
     "alpaca converter writes (Stanford Alpaca prompt as the human turn).",
 )
-@click.option("--system", "system", metavar="TEXT", help="System prompt added to records that have none.")
+@system_option
 @click.option("--take", type=click.IntRange(min=1), metavar="N", help="Stop after the first N converted records.")
 @click.option("--shuffle", is_flag=True, help="Shuffle the output (after --take). Spills to a temp file next to OUTPUT.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for --shuffle.")
-@click.option(
-    "--on-error",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    show_default=True,
-    help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
-)
+@on_error_option
 @click.option(
     "--on-unknown-field",
     type=click.Choice(["keep", "fail"]),
@@ -68,7 +66,7 @@ Examples:
     "treat the record as bad (then --on-error decides).",
 )
 @click.option("--rejects", type=click.Path(dir_okay=False), metavar="FILE", help="With --on-error skip: write skipped records (JSONL with location and reason).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and --rejects) if they exist.")
+@overwrite_option("Replace OUTPUT (and --rejects) if they exist.")
 @click.option(
     "--num-proc",
     type=click.IntRange(min=0),
@@ -78,8 +76,7 @@ Examples:
     help="Worker processes that parse and convert (0: one per CPU). Output is identical to N=1. "
     "--take and --shuffle run in one process.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
-@click.option("-v", "--verbose", count=True, help="-v: info logs (detected formats); -vv: debug.")
+@reporting_options
 @handle_errors
 def convert(
     inputs: tuple[str, ...],

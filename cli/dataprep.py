@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.common import CONTEXT_SETTINGS
 from cli.lazy import LazyGroup
 
 COMMANDS = {
@@ -15,7 +16,7 @@ COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="sftkit")
 def main() -> None:
     """Prepare SFT data: convert -> pack (template, tokenize, mask, pack) -> inspect / verify."""

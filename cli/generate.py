@@ -17,7 +17,17 @@ from typing import Any
 
 import click
 
-from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    EXIT_FAILURE,
+    apply_options,
+    emit_summary,
+    handle_errors,
+    overwrite_option,
+    reporting_options,
+    setup_logging,
+    system_option,
+)
 from dataprep.templates import TEMPLATE_CHOICES as _TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -34,7 +44,7 @@ def model_options(func: Callable) -> Callable:
         click.option("--template", type=click.Choice(_TEMPLATES), default=None,
                      help="Chat template, as for `dataprep pack` (default: the one the run's data was packed "
                           "with, for a run/checkpoint dir; else auto)."),
-        click.option("--system", default=None, help="System prompt for conversations that have none."),
+        system_option,
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="0 = greedy decoding; > 0 samples."),
@@ -47,12 +57,8 @@ def model_options(func: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N"),
         click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                      help="auto: bf16 on CUDA, fp32 on CPU."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result/summary as JSON on stdout."),
-        click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return apply_options(reporting_options(func), options)
 
 
 class Session:
@@ -160,7 +166,7 @@ def _read_messages(path: str) -> tuple[list[dict], list[dict] | None]:
     return messages, tools
 
 
-@click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("generate", context_settings=CONTEXT_SETTINGS)
 @model_options
 @click.option("--prompt", default=None, help="One user message to answer.")
 @click.option("--messages", "messages_file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -241,7 +247,7 @@ def _interactive(session: Session, as_json: bool) -> None:
             click.echo(f"[stopped at --max-new-tokens {session.sampling.max_new_tokens}]", err=True)
 
 
-@click.command("predict", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("predict", context_settings=CONTEXT_SETTINGS)
 @model_options
 @click.option("--data", "inputs", required=True, multiple=True,
               help="Input file(s) in any format `dataprep convert` reads (repeatable; globs quoted).")
@@ -255,7 +261,7 @@ def _interactive(session: Session, as_json: bool) -> None:
 @click.option("--take", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--metrics", "metrics_spec", default=None, metavar="em,bleu,rougeL",
               help="Score predictions against the references (CJK scored per character).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option()
 @click.option("--compile", "compile_step", is_flag=True,
               help="torch.compile the one-token decode step (for GPUs; each new batch shape compiles again).")
 @handle_errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from cli.common import emit_summary, handle_errors, setup_logging
+from cli.common import CONTEXT_SETTINGS, emit_summary, handle_errors, reporting_options, setup_logging
 from formats.schema import IGNORE_INDEX
 
 _HIST_BINS = 10
@@ -48,7 +48,7 @@ def render_row(row, decode, ignore_index: int = IGNORE_INDEX) -> str:
     return "\n".join(out)
 
 
-@click.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("inspect", context_settings=CONTEXT_SETTINGS)
 @click.argument("directory", type=click.Path())
 @click.option(
     "--row", "row_index", type=int, default=None, metavar="I", help="Decode row I, trained spans in [[...]]."
@@ -67,8 +67,7 @@ def render_row(row, decode, ignore_index: int = IGNORE_INDEX) -> str:
     show_default=True,
     help="Rows sampled for the length histogram.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@reporting_options
 @handle_errors
 def inspect(
     directory: str,

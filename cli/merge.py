@@ -6,12 +6,19 @@ import sys
 
 import click
 
-from cli.common import emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    emit_summary,
+    handle_errors,
+    overwrite_option,
+    reporting_options,
+    setup_logging,
+)
 
 
 @click.command(
     "merge",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=CONTEXT_SETTINGS,
     epilog="""\b
 Examples:
   dataprep merge parts/p0 parts/p1 parts/p2 -o data/
@@ -29,14 +36,9 @@ Examples:
     "symlink: relative symlinks (any filesystem; the parts must stay where they are).",
 )
 @click.option("--allow-partial", is_flag=True, help="Merge a subset of a partitioned job's parts on purpose.")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace an existing OUTPUT. Without it, an OUTPUT merged from the same parts is reused (exit 0) "
-    "and any other is refused (exit 1).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@overwrite_option("Replace an existing OUTPUT. Without it, an OUTPUT merged from the same parts is reused "
+                  "(exit 0) and any other is refused (exit 1).")
+@reporting_options
 @handle_errors
 def merge(
     parts: tuple[str, ...], output: str, link: str, allow_partial: bool, overwrite: bool, as_json: bool, verbose: int

@@ -7,19 +7,26 @@ import sys
 
 import click
 
-from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    EXIT_FAILURE,
+    emit_summary,
+    handle_errors,
+    overwrite_option,
+    reporting_options,
+    setup_logging,
+)
 
 
-@click.command("merge-adapter", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("merge-adapter", context_settings=CONTEXT_SETTINGS)
 @click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
               help="Base Hugging Face checkpoint directory (config.json + *.safetensors).")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False),
               help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors), e.g. RUN/export.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write the merged checkpoint to (appears atomically when complete).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@overwrite_option()
+@reporting_options
 @handle_errors
 def merge_lora(base_dir: str, adapter_dir: str, out_dir: str, overwrite: bool, as_json: bool, verbose: int) -> None:
     """Write BASE + ADAPTER as full HF safetensors weights that load without peft.

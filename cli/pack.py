@@ -6,7 +6,17 @@ import sys
 
 import click
 
-from cli.common import emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    emit_summary,
+    handle_errors,
+    input_format_option,
+    on_error_option,
+    overwrite_option,
+    reporting_options,
+    setup_logging,
+    system_option,
+)
 from cli.convert import FORMAT_CHOICES
 from dataprep.chat_types import CONTENT_SPECIALS, TEMPLATE_CHOICES
 from dataprep.packing import ALGORITHMS
@@ -16,7 +26,7 @@ from formats.schema import MAX_SEQ_LENGTH
 
 @click.command(
     "pack",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=CONTEXT_SETTINGS,
     epilog="""\b
 Examples:
   dataprep pack conv.jsonl -o data/ --tokenizer ./Qwen2.5-7B-Instruct --seq-length 4096
@@ -130,21 +140,9 @@ Examples:
     "text; special makes it the control token, as apply_chat_template does. Such records are counted.",
 )
 @click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompts included.")
-@click.option(
-    "--input-format",
-    type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
-    default="auto",
-    show_default=True,
-    help="Input record format (see `dataprep convert --help`).",
-)
-@click.option("--system", metavar="TEXT", help="System prompt added to records that have none.")
-@click.option(
-    "--on-error",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    show_default=True,
-    help="fail: stop at the first bad record (exit 1). skip: count it by reason and go on.",
-)
+@input_format_option(FORMAT_CHOICES, "Input record format (see `dataprep convert --help`).")
+@system_option
+@on_error_option
 @click.option(
     "--partition",
     "partition_spec",
@@ -160,14 +158,9 @@ Examples:
     help="record: converted record k goes to partition k mod N (every part reads all inputs, tokenizes 1/N). "
     "file: input j goes to partition j mod N (each part reads only its files).",
 )
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace an existing dataset at OUTPUT. Without it, an OUTPUT made from the same inputs and options "
-    "is reused (exit 0) and any other is refused (exit 1).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (for pipelines).")
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@overwrite_option("Replace an existing dataset at OUTPUT. Without it, an OUTPUT made from the same inputs and "
+                  "options is reused (exit 0) and any other is refused (exit 1).")
+@reporting_options
 @handle_errors
 def pack(
     inputs: tuple[str, ...],

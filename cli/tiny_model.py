@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.common import emit_summary, handle_errors, setup_logging
+from cli.common import emit_summary, handle_errors, reporting_options, setup_logging
 
 if TYPE_CHECKING:
     from trainer.tiny_model import TinyShape
@@ -52,8 +52,7 @@ def build_tiny_model(records: Sequence[dict[str, Any]], out_dir: str | Path, *, 
 @click.option("--hidden-size", default=128, show_default=True, help="Model width.")
 @click.option("--heads", default=4, show_default=True, help="Attention heads (KV heads = heads / 2).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random init.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("-v", "--verbose", count=True)
+@reporting_options
 @handle_errors
 def tiny_model(inputs: tuple[str, ...], out_dir: str, vocab_size: int, layers: int, hidden_size: int, heads: int,
                seed: int, as_json: bool, verbose: int) -> None:

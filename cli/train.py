@@ -8,7 +8,14 @@ import sys
 
 import click
 
-from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_errors, setup_logging
+from cli.common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    emit_summary,
+    handle_errors,
+    reporting_options,
+    setup_logging,
+)
 
 
 @click.command("run")
@@ -23,8 +30,7 @@ from cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, emit_summary, handle_erro
 @click.option("--allow-config-change", is_flag=True, default=False,
               help="On resume, apply changed optimizer/schedule settings (lr, schedule, warmup, ...) instead of "
                    "refusing them. Model, adapter, data and seed changes are always refused.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@reporting_options
 @handle_errors
 def run(config_path: str | None, overrides: tuple[str, ...], resume: str | None, save_format: str | None,
         allow_config_change: bool, as_json: bool, verbose: int) -> None:

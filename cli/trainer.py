@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.common import CONTEXT_SETTINGS
 from cli.lazy import LazyGroup
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="sftkit")
 def main() -> None:
     """Train on packed shards (full-parameter or LoRA), resume from faults, export HF weights."""

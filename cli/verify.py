@@ -6,10 +6,17 @@ import sys
 
 import click
 
-from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
+from cli.common import (
+    CONTEXT_SETTINGS,
+    EXIT_FAILURE,
+    emit_summary,
+    handle_errors,
+    reporting_options,
+    setup_logging,
+)
 
 
-@click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("verify", context_settings=CONTEXT_SETTINGS)
 @click.argument("directory", type=click.Path())
 @click.option(
     "--vocab-size",
@@ -18,8 +25,7 @@ from cli.common import EXIT_FAILURE, emit_summary, handle_errors, setup_logging
     metavar="N",
     help="Token ids must be below N (the model's embedding rows); default: the tokenizer's size in the manifest.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug.")
+@reporting_options
 @handle_errors
 def verify(directory: str, vocab_size: int | None, as_json: bool, verbose: int) -> None:
     """Re-hash every shard and check every row of the dataset in DIRECTORY.

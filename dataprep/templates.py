@@ -320,35 +320,47 @@ def llama2(tok: Tokenizer) -> ChatTemplate:
 # ---- vicuna -----------------------------------------------------------------------------------------------------
 
 
-def vicuna(tok: Tokenizer) -> ChatTemplate:
-    """FastChat vicuna_v1.1 (separator style "add colon two": sep " ", sep2 "</s>"):
-    `SYSTEM USER: u ASSISTANT: a</s>USER: ...`. The default system prompt is FastChat's. Trains " a" + </s>."""
+def _text_turns(tok: Tokenizer, name: str, description: str, *, default_system: str, system_sep: str,
+                user: tuple[str, str], assistant_lead: str, answer_lead: str, between: str,
+                prompt_tail: str) -> ChatTemplate:
+    """A plain-text conversation format (no special tokens but bos/eos): the system text (or the format's
+    default), then per user turn `user[0] + content + user[1]`, per assistant turn the text so far +
+    `assistant_lead` untrained and `answer_lead + content` + eos trained, `between` starting the next text.
+    A generation prompt ends with `prompt_tail`."""
     if tok.eos_id is None:
-        raise DataError("template 'vicuna' needs an eos token", source=str(tok.source), reason="template_mismatch")
+        raise DataError(f"template '{name}' needs an eos token", source=str(tok.source), reason="template_mismatch")
     bos, eos = tok.bos_id, tok.eos_id
 
     def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        _refuse_tools("vicuna", messages, tools)
+        _refuse_tools(name, messages, tools)
         system, rest = _split_system(messages)
         out: list[Piece] = [(bos, False), (FRESH, False)] if bos is not None else []
-        text = (VICUNA_SYSTEM if system is None else system) + " "
+        text = (default_system if system is None else system) + system_sep
         pending = True
         for m in rest:
             if m["role"] == "user":
-                text += "USER: " + m["content"] + " "
+                text += user[0] + m["content"] + user[1]
                 pending = True
             else:
                 train = trained(m)
-                out += [(text + "ASSISTANT:", False), (" " + m["content"], train), (eos, train)]
-                text, pending = "", False
+                out += [(text + assistant_lead, False), (answer_lead + m["content"], train), (eos, train)]
+                text, pending = between, False
         if pending:  # a conversation that ends with a user turn keeps it as (untrained) context
             out.append((text, False))
         return out
 
     def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        return _untrained(render(messages, tools)) + [("ASSISTANT:", False)]
+        return _untrained(render(messages, tools)) + ([(prompt_tail, False)] if prompt_tail else [])
 
-    return ChatTemplate("vicuna", render, (eos,), "FastChat vicuna_v1.1", prompt)
+    return ChatTemplate(name, render, (eos,), description, prompt)
+
+
+def vicuna(tok: Tokenizer) -> ChatTemplate:
+    """FastChat vicuna_v1.1 (separator style "add colon two": sep " ", sep2 "</s>"):
+    `SYSTEM USER: u ASSISTANT: a</s>USER: ...`. The default system prompt is FastChat's. Trains " a" + </s>."""
+    return _text_turns(tok, "vicuna", "FastChat vicuna_v1.1", default_system=VICUNA_SYSTEM, system_sep=" ",
+                       user=("USER: ", " "), assistant_lead="ASSISTANT:", answer_lead=" ", between="",
+                       prompt_tail="ASSISTANT:")
 
 
 # ---- alpaca -----------------------------------------------------------------------------------------------------
@@ -359,32 +371,9 @@ def alpaca(tok: Tokenizer) -> ChatTemplate:
     converter merged one) fills {instruction}. As in Stanford's train.py the response follows "### Response:"
     directly and ends with eos. A system message replaces the preamble. Later turns repeat the
     Instruction/Response blocks."""
-    if tok.eos_id is None:
-        raise DataError("template 'alpaca' needs an eos token", source=str(tok.source), reason="template_mismatch")
-    bos, eos = tok.bos_id, tok.eos_id
-
-    def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        _refuse_tools("alpaca", messages, tools)
-        system, rest = _split_system(messages)
-        out: list[Piece] = [(bos, False), (FRESH, False)] if bos is not None else []
-        text = (ALPACA_PREAMBLE if system is None else system) + "\n\n"
-        pending = True
-        for m in rest:
-            if m["role"] == "user":
-                text += "### Instruction:\n" + m["content"] + "\n\n### Response:"
-                pending = True
-            else:
-                train = trained(m)
-                out += [(text, False), (m["content"], train), (eos, train)]
-                text, pending = "\n\n", False
-        if pending:
-            out.append((text, False))
-        return out
-
-    def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        return _untrained(render(messages, tools))
-
-    return ChatTemplate("alpaca", render, (eos,), "Stanford Alpaca", prompt)
+    return _text_turns(tok, "alpaca", "Stanford Alpaca", default_system=ALPACA_PREAMBLE, system_sep="\n\n",
+                       user=("### Instruction:\n", "\n\n### Response:"), assistant_lead="", answer_lead="",
+                       between="\n\n", prompt_tail="")
 
 
 # ---- plain ------------------------------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ def _umask() -> int:
     return mask
 
 
+def plain_file_mode() -> int:
+    """The permissions open() gives a new file under the current umask (mkstemp and safetensors use 0600)."""
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, *, overwrite: bool = True, buffering: int = 1 << 20) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes `path` on clean exit (fsynced, renamed, directory fsynced).
@@ -144,7 +149,7 @@ def atomic_write(path: str | Path, *, overwrite: bool = True, buffering: int = 1
     directory = path.absolute().parent
     directory.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path.absolute().parent / f".{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, plain_file_mode())
     try:
         with os.fdopen(fd, "wb", buffering=buffering) as out:
             yield out

@@ -70,3 +70,19 @@ def resolve(
     except Exception as exc:  # repository not found, gated, network errors when downloading was allowed
         raise HubNotCachedError(f"cannot get {kind} {spec} from the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
     return Path(local)
+
+
+_SNAPSHOT = re.compile(r"(?:^|/)(models|datasets)--([^/]+)/snapshots/[0-9a-f]+/?$")
+
+
+def repo_id_of(directory: str | os.PathLike) -> str | None:
+    """The hub id (`ORG/NAME`) of a snapshot directory in a hub cache, else None: what an export should name
+    as its base model so it loads on another machine, instead of this machine's cache path."""
+    m = _SNAPSHOT.search(Path(directory).resolve().as_posix())
+    return m.group(2).replace("--", "/", 1) if m else None
+
+
+def portable_ref(path: str | os.PathLike) -> str:
+    """How an export names a base model: its hub id when it came from a hub cache, else its absolute path (a
+    relative one would break as soon as the export is used from another directory)."""
+    return repo_id_of(path) or str(Path(path).resolve())

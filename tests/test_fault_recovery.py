@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import tiny_setup
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -24,10 +24,7 @@ STEPS = 24
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault")
-    model_dir = make_tokenizer_and_model(root)
-    data_dir = pack_rows(model_dir, root / "data", n_records=200, seq_length=96)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("fault"), n_records=200, seq_length=96)
 
 
 def _cmd(model_dir, data_dir, out, nproc=1, accum=2, extra=()):

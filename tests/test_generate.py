@@ -235,3 +235,36 @@ def test_bad_settings_and_prompts_are_refused():
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1, 2], []], 0)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_hf_backend_family_matches_transformers_full_adapter_and_merged(family, tmp_path):
+    """Families the native decoder does not implement generate through the HF backend (transformers' own cache
+    and masks): Gemma 3 has sliding-window layers and scaled embeddings, Phi-3 fused qkv / gate_up projections."""
+    from test_hf_backend import make_hf
+
+    from trainer.hf_backend import is_hf_backend
+    from trainer.merge_lora import merge_lora
+
+    base_dir = tmp_path / "base"
+    make_hf(family).save_pretrained(base_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    loaded = load_model(base_dir)
+    assert is_hf_backend(loaded.model)
+    prompts = _prompts(seed=4)
+    stop = _stop_from(hf, prompts[0])
+    cfg = SamplingConfig(max_new_tokens=NEW, stop_ids=(stop,))
+    assert [g.tokens for g in generate(loaded.model, prompts, cfg)] == _hf_greedy(hf, prompts, stop)
+    assert [generate(loaded.model, [p], cfg)[0].tokens for p in prompts] == [_hf_greedy(hf, [p], stop)[0]
+                                                                             for p in prompts]
+
+    base_tokens = _hf_greedy(hf, prompts, None)
+    peft_model = _peft_adapter(hf, tmp_path / "adapter", seed=7, target_modules=["o_proj", "down_proj"])
+    ref = _hf_greedy(peft_model, prompts, None)
+    assert ref != base_tokens  # the adapter changes what the model says, so the comparisons below mean something
+    plain = SamplingConfig(max_new_tokens=NEW)
+    adapted = load_model(base_dir, tmp_path / "adapter")
+    assert adapted.kind == "hf+adapter" and is_hf_backend(adapted.model)
+    assert [g.tokens for g in generate(adapted.model, prompts, plain)] == ref
+    merge_lora(base_dir, tmp_path / "adapter", tmp_path / "merged", show_progress=False)
+    assert [g.tokens for g in generate(load_model(tmp_path / "merged").model, prompts, plain)] == ref

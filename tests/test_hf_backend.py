@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tests.helpers.peft_check import assert_merge_equals_peft  # noqa: E402
+from tests.helpers.tiny_run import logged_losses  # noqa: E402
 from trainer import hf_backend  # noqa: E402
 from trainer.loss import LossConfig  # noqa: E402
 
@@ -189,11 +190,6 @@ def hf_model_with_tokenizer(root, family: str, **overrides):
     return out
 
 
-def _losses(out_dir) -> list[float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
     from tests.helpers.tiny_run import pack_rows
@@ -230,7 +226,7 @@ def test_moe_lora_trains_resumes_exactly_and_exports_peft(moe_run):
     assert 0 < straight.trainable_params < 0.1 * straight.total_params
     train(_moe_config(root, model_dir, data_dir, "resumed", "train.max_steps=4", "checkpoint.every_steps=4"))
     resumed = train(_moe_config(root, model_dir, data_dir, "resumed", "train.max_steps=8", "checkpoint.every_steps=4"))
-    assert _losses(root / "resumed") == _losses(root / "straight") == straight.losses
+    assert logged_losses(root / "resumed") == logged_losses(root / "straight") == straight.losses
     assert resumed.steps == 8
 
     export = root / "straight" / "export"
@@ -271,13 +267,10 @@ def test_moe_lora_with_experts_trained_in_full(moe_run):
 @pytest.mark.dist
 def test_two_ranks_match_one_rank_on_the_hf_backend(tmp_path, repo_root):
     """FSDP2 over 2 gloo ranks trains a Gemma 3 (tied, sliding-window layers) to the same losses and export as 1 rank."""
-    import os
-    import subprocess
-    import sys
-
     import torch.distributed as dist
     from safetensors.torch import load_file
 
+    from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
     from tests.helpers.tiny_run import pack_rows
 
     if not dist.is_gloo_available():
@@ -286,23 +279,12 @@ def test_two_ranks_match_one_rank_on_the_hf_backend(tmp_path, repo_root):
     data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
     common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-3",
               "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.backend=hf"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
-    for nproc, accum, name in ((1, 2, "one"), (2, 1, "two")):
-        sets = [x for item in [*common, f"logging.output_dir={tmp_path / name}", f"train.grad_accum_steps={accum}"]
-                for x in ("--set", item)]
-        launch = ([sys.executable, "-m", "cli.trainer", "run"] if nproc == 1 else
-                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "cli.trainer", "run"])
-        proc = subprocess.run([*launch, *sets], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = one_and_two_ranks(common, tmp_path, repo_root)
     assert len(one) == len(two) == 4 and one[-1] < one[0]
     assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
-    a = load_file(tmp_path / "one" / "export" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "export" / "model.safetensors")
-    assert a.keys() == b.keys() == set(load_file(model_dir / "model.safetensors"))
-    for key in a:
-        assert (a[key] - b[key]).abs().max() < 1e-5, key
+    a = assert_same_tensors(tmp_path / "one" / "export" / "model.safetensors",
+                            tmp_path / "two" / "export" / "model.safetensors")
+    assert a.keys() == set(load_file(model_dir / "model.safetensors"))
 
 
 def test_activation_checkpointing_keeps_loss_and_grads(saved):

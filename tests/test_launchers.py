@@ -58,3 +58,44 @@ def test_the_slurm_script_launches_a_two_process_run(tmp_path, repo_root):
     resolved = (out / "config.resolved.yaml").read_text()
     assert "max_steps: 3" in resolved
     assert not (tmp_path / "scontrol.log").exists()  # finished: nothing to requeue
+
+
+def test_the_kubernetes_launcher_runs_pod_zero_of_a_one_pod_job(tmp_path, repo_root):
+    model_dir = make_tokenizer_and_model(tmp_path, layers=1)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=40, seq_length=64)
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(repo_root),
+               NNODES="1", NPROC_PER_NODE="2", RDZV_HOST="127.0.0.1", RDZV_PORT=str(_free_port()),
+               JOB_COMPLETION_INDEX="0", RUN_ID="test")
+    sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
+            "train.max_steps=2", "data.micro_batch_size=1"]
+    proc = subprocess.run(["bash", "examples/kubernetes/launch.sh", *[x for s in sets for x in ("--set", s)]],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 2
+
+
+def test_the_kubernetes_manifest_agrees_with_its_launcher(repo_root):
+    import yaml
+
+    from cli.common import EXIT_INTERRUPTED
+
+    docs = list(yaml.safe_load_all((repo_root / "examples/kubernetes/finetune-job.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    service = next(d for d in docs if d["kind"] == "Service")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    name = job["metadata"]["name"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(env["NNODES"])
+    # Pod i of an Indexed Job is <job>-<i>; the headless Service named as the pods' subdomain makes it resolvable.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": name}
+    assert pod["subdomain"] == service["metadata"]["name"] and env["RDZV_HOST"] == f"{name}-0.{pod['subdomain']}"
+    assert service["spec"]["ports"][0]["port"] == int(env["RDZV_PORT"])
+    assert int(env["NPROC_PER_NODE"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    launcher = repo_root / container["command"][0]
+    assert launcher.is_file() and os.access(launcher, os.X_OK)
+    retried = [r for r in job["spec"]["podFailurePolicy"]["rules"] if "onExitCodes" in r]
+    assert retried and EXIT_INTERRUPTED in retried[0]["onExitCodes"]["values"] and retried[0]["action"] == "Ignore"

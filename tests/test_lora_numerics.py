@@ -18,6 +18,7 @@ from trainer.adapters import save_adapter
 from trainer.config import PeftSection
 from trainer.lora import LoraEmbedding, lora_modules
 from trainer.lora import load_lora_model as build
+from trainer.peft_targets import translated_patterns
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -28,6 +29,11 @@ VARIANTS = {
     "dora": dict(target_modules=".*k_proj|.*gate_proj", use_dora=True),
     "pissa": dict(target_modules=".*q_proj|.*up_proj", pissa=True),
     "embed_tied": dict(target_modules="model.embed_tokens|.*o_proj", lora_a_init="normal"),
+    # PEFT's rank_pattern / alpha_pattern: suffix keys, a full-path regex, a MindFormers name (w2 = down_proj)
+    "patterns": dict(target_modules=".*q_proj|.*v_proj|.*down_proj",
+                     rank_pattern={"w2": 8, r"layers\.0\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 3.0}),
+    "pissa_patterns": dict(target_modules=".*q_proj|.*up_proj", pissa=True, rank_pattern={"up_proj": 2},
+                           alpha_pattern={"q_proj": 4.0}),
 }
 FAMILY = {"embed_tied": "qwen2_bias_tied"}
 
@@ -35,7 +41,8 @@ FAMILY = {"embed_tied": "qwen2_bias_tied"}
 def _peft_config(cfg: PeftSection, targets: list[str]):
     init = "pissa" if cfg.pissa else ("gaussian" if cfg.lora_a_init == "normal" else True)
     return peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=targets,
+                           target_modules=targets, rank_pattern=translated_patterns(cfg.rank_pattern),
+                           alpha_pattern=translated_patterns(cfg.alpha_pattern),
                            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init)
 
 
@@ -77,6 +84,10 @@ def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
 def test_init_forward_and_gradients_match_peft(pair):
     variant, _, cfg, ours, theirs = pair
     pairs = _pairs(ours, theirs)
+    ranks = {name: m.rank for name, m in lora_modules(ours)}
+    if variant == "patterns":  # the per-module ranks PEFT built are the ones we built
+        assert ranks["model.layers.0.self_attn.q_proj"] == 2 and ranks["model.layers.1.self_attn.q_proj"] == 4
+        assert ranks["model.layers.1.mlp.down_proj"] == 8 and ranks["model.layers.0.self_attn.v_proj"] == 4
     with torch.no_grad():
         for mine, ref in pairs:  # deterministic in the base weight: compare, do not copy
             if cfg.pissa or mine.ndim == 1:
@@ -120,6 +131,8 @@ def test_saved_adapter_loads_in_peft_and_merge_matches(pair, tmp_path):
     out = save_adapter(ours, tmp_path / "adapter", cfg, base_model=str(base_dir))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == (8 if cfg.pissa else 4)  # PiSSA is exported as a rank-2r LoRA on the original W
+    if variant == "pissa_patterns":
+        assert config["rank_pattern"] == {"up_proj": 4} and config["alpha_pattern"] == {"q_proj": 8.0}
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
     loaded = peft.PeftModel.from_pretrained(hf, out).eval()
     ids = _ids(ours.config.vocab_size, seed=5)

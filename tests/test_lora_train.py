@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import apply_freeze, apply_lora, install_neftune, load_lora_model, translate_targets
 from trainer.model import Transformer
@@ -19,10 +19,7 @@ from trainer.optim import build_optimizer
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    model_dir = make_tokenizer_and_model(root)
-    data_dir = pack_rows(model_dir, root / "data", n_records=160, seq_length=128)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("lora"))
 
 
 def _meta_model(model_dir) -> Transformer:
@@ -121,7 +118,7 @@ def _config(root, model_dir, data_dir, name, *extra):
     ])
 
 
-def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny):
+def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny, monkeypatch, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from torch.distributed.checkpoint import FileSystemReader
@@ -131,9 +128,13 @@ def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny):
     root, model_dir, data_dir = tiny
     # A random tiny model's frozen tied lm_head bounds its logits; training the final norm in full
     # (freeze_exclude, exported as PEFT modules_to_save) lets the adapters' progress show in the loss.
-    result = train(_config(root, model_dir, data_dir, "run", "train.max_steps=24", "data.micro_batch_size=2",
+    # Relative paths, as a user in the project directory writes them: the export must not depend on that cwd.
+    monkeypatch.chdir(root)
+    result = train(_config(root, model_dir.relative_to(root), data_dir.relative_to(root), "run",
+                           "train.max_steps=24", "data.micro_batch_size=2",
                            "checkpoint.every_steps=12", "peft.export_merged=true", "peft.loraplus_lr_ratio=2",
                            "peft.freeze_exclude=[model.norm.weight]"))
+    monkeypatch.chdir(tmp_path)
     first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
     assert last < first - 0.2, result.losses
     assert 0 < result.trainable_params < 0.2 * result.total_params
@@ -143,9 +144,23 @@ def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny):
     model_keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert model_keys and all(".lora_" in k or k == "model.model.norm.weight" for k in model_keys), model_keys
     assert any(k.startswith("optim.state.") and ".lora_B" in k for k in meta.state_dict_metadata)
-    # The export is a PEFT adapter: peft loads it onto the transformers base model.
-    assert sorted(p.name for p in (out / "export").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The export is a PEFT adapter: peft loads it onto the transformers base model. It stands alone: the
+    # tokenizer, a model card, the base model by absolute path, files with ordinary permissions.
+    from formats.atomic import plain_file_mode
+    from formats.manifest import dataset_fingerprint, read_manifest
+    from formats.tokenizer_id import TOKENIZER_FILES
+
+    files = sorted(p.name for p in (out / "export").iterdir())
+    tokenizer_files = sorted(n for n in TOKENIZER_FILES if (model_dir / n).is_file())
+    assert files == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", *tokenizer_files])
+    assert (out / "export" / "adapter_model.safetensors").stat().st_mode & 0o777 == plain_file_mode()
+    card = (out / "export" / "README.md").read_text()
+    assert "library_name: peft" in card and dataset_fingerprint(read_manifest(data_dir)) in card
     config = json.loads((out / "export" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model_dir.resolve())
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "export")
+    assert tok("red cat").input_ids == transformers.AutoTokenizer.from_pretrained(model_dir)("red cat").input_ids
     assert config["modules_to_save"] == ["model.norm"]
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -156,6 +171,7 @@ def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny):
     with torch.no_grad():
         want = tuned(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(auto(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(plain(input_ids=ids).logits, want, atol=1e-3)  # training changed something
 
 

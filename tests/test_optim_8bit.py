@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows  # noqa: E402
+from tests.helpers.tiny_run import logged_losses, make_tokenizer_and_model, pack_rows  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _losses(out_dir) -> list[float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def test_adamw_8bit_state_training_and_exact_resume(tmp_path):
@@ -47,4 +40,4 @@ def test_adamw_8bit_state_training_and_exact_resume(tmp_path):
     assert eight.losses != fp32.losses  # it really is another optimizer
     train(cfg("resumed", "train.max_steps=3", "checkpoint.every_steps=3", "train.optimizer=adamw_8bit"))
     train(cfg("resumed", "train.max_steps=6", "checkpoint.every_steps=3", "train.optimizer=adamw_8bit"))
-    assert _losses(tmp_path / "resumed") == eight.losses
+    assert logged_losses(tmp_path / "resumed") == eight.losses

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-from safetensors.torch import load_file
 
+from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
 from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
-from tests.test_lora_distributed import _losses, _run
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -28,17 +27,11 @@ def test_two_ranks_match_one_rank(tmp_path, repo_root, method):
     data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
     common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=3e-2",
               "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", *METHODS[method]]
-    sets = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"]), repo_root, 1)
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"]), repo_root, 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = one_and_two_ranks(common, tmp_path, repo_root)
     assert len(one) == len(two) == 3
     assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
-    a = load_file(tmp_path / "one" / "export" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "export" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] - b[key]).abs().max() < 1e-5, key
+    a = assert_same_tensors(tmp_path / "one" / "export" / "adapter_model.safetensors",
+                            tmp_path / "two" / "export" / "adapter_model.safetensors")
     assert any((a[k] != 0).any() for k in a if "lambda_b" in k or "lokr_w1" in k or "lora_B" in k)
 
 
@@ -51,10 +44,7 @@ def test_qlora_with_bf16_compute_one_and_two_ranks(tmp_path, repo_root):
     common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-2",
               "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.dtype=bf16",
               "model.frozen_dtype=bf16", *METHODS["qlora"]]
-    sets = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"]), repo_root, 1)
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"]), repo_root, 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = one_and_two_ranks(common, tmp_path, repo_root)
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=3e-2)
     assert (tmp_path / "two" / "export" / "adapter_model.safetensors").is_file()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.peft_check import assert_merge_equals_peft
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import logged_losses, tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import load_lora_model
 
@@ -25,10 +25,7 @@ QUANT = ["peft.weight_quantize_algo=nf4", f"peft.qlora_weight_double_quant_block
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qlora")
-    model_dir = make_tokenizer_and_model(root)
-    data_dir = pack_rows(model_dir, root / "data", n_records=160, seq_length=128)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("qlora"))
 
 
 def _peft(**kw) -> PeftSection:
@@ -111,11 +108,6 @@ def _config(root, model_dir, data_dir, name, *extra):
     ])
 
 
-def _losses(out_dir) -> list[float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.slow
 def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
     pytest.importorskip("transformers")
@@ -128,7 +120,7 @@ def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
     assert last < first - 0.2, straight.losses
     train(_config(root, model_dir, data_dir, "resumed", "train.max_steps=12", "checkpoint.every_steps=12"))
     train(_config(root, model_dir, data_dir, "resumed", "train.max_steps=24", "checkpoint.every_steps=12"))
-    assert _losses(root / "resumed") == _losses(root / "straight") == straight.losses
+    assert logged_losses(root / "resumed") == logged_losses(root / "straight") == straight.losses
     a = load_file(root / "straight" / "export" / "adapter_model.safetensors")
     b = load_file(root / "resumed" / "export" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch.distributed as dist
 
+from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
 from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-
-def _run(args: list[str], cwd, nproc: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(cwd))
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "cli.trainer", "run", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "cli.trainer", "run", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
-def _losses(out_dir) -> list[float]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch was built without gloo")
@@ -36,18 +17,10 @@ def test_two_ranks_match_one_rank(tmp_path, repo_root):
     data_dir = pack_rows(model_dir, tmp_path / "data", n_records=120, seq_length=96)
     common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=6", "train.lr=3e-3",
               "logging.progress_bar=false", "data.micro_batch_size=1", "data.shuffle=true", "train.seed=3"]
-    sets = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"]), repo_root, 1)
-    _run(sets([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"]), repo_root, 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = one_and_two_ranks(common, tmp_path, repo_root)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
     assert one[-1] < one[0]
     # Both exports hold the same trained weights (rank 0 gathered the FSDP shards).
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "one" / "export" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "export" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] - b[key]).abs().max() < 1e-5, key
+    assert_same_tensors(tmp_path / "one" / "export" / "model.safetensors",
+                        tmp_path / "two" / "export" / "model.safetensors")

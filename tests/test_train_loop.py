@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import pack_rows, tiny_setup
 from trainer.config import load_config
 from trainer.loop import train
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tokenizer_and_model(root)
-    data_dir = pack_rows(model_dir, root / "data", n_records=160, seq_length=128)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("tiny"))
 
 
 def _config(root, model_dir, data_dir, name, *extra):
@@ -72,6 +70,20 @@ def test_export_reproduces_logits_in_transformers(tiny):
     before = load_pretrained(model_dir)
     with torch.no_grad():
         assert not torch.allclose(before(ids), ours(ids))  # training changed the weights
+    # The export stands alone: the tokenizer (with its chat template), a model card naming the data it was
+    # trained on by fingerprint, and weight files anyone on the machine can read.
+    from formats.atomic import plain_file_mode
+    from formats.manifest import dataset_fingerprint, read_manifest
+
+    export = Path(result.export_dir)
+    tok, base_tok = (transformers.AutoTokenizer.from_pretrained(d) for d in (export, model_dir))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red cat"}]
+    assert tok.chat_template and tok.apply_chat_template(chat) == base_tok.apply_chat_template(chat)
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nbase_model: " + str(model_dir.resolve()))
+    assert dataset_fingerprint(read_manifest(data_dir)) in card and "max_steps: 2" in card
+    for weights in export.glob("*.safetensors"):
+        assert weights.stat().st_mode & 0o777 == plain_file_mode(), weights
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import logged_losses, tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import load_lora_model
 from trainer.peft_methods import LokrLinear, VeraLinear, factorization
@@ -23,10 +23,7 @@ ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_pro
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vera_lokr")
-    model_dir = make_tokenizer_and_model(root)
-    data_dir = pack_rows(model_dir, root / "data", n_records=160, seq_length=128)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("vera_lokr"))
 
 
 def _hf(model_dir):
@@ -138,11 +135,6 @@ def _config(root, model_dir, data_dir, name, *extra):
     ])
 
 
-def _losses(out_dir) -> list[float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["peft.pet_type=vera", "peft.vera_rank=16", "train.lr=5e-2"],
                                     ["peft.pet_type=lokr", "peft.lokr_rank=4"]], ids=["vera", "lokr"])
@@ -161,7 +153,7 @@ def test_trainer_run_learns_resumes_exactly_and_exports_peft(tiny, method):
     train(_config(root, model_dir, data_dir, f"{tag}-resumed", "train.max_steps=8", "checkpoint.every_steps=8", *method))
     train(_config(root, model_dir, data_dir, f"{tag}-resumed", "train.max_steps=16", "checkpoint.every_steps=8",
                   *method))
-    assert _losses(root / f"{tag}-resumed") == straight.losses
+    assert logged_losses(root / f"{tag}-resumed") == straight.losses
     export = root / f"{tag}-straight" / "export"
     a, b = load_file(export / "adapter_model.safetensors"), load_file(root / f"{tag}-resumed" / "export" /
                                                                         "adapter_model.safetensors")

@@ -30,13 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
 from trainer.config import PeftSection
 from trainer.lora import LoraEmbedding, base_name, is_adapter_param, lora_modules
 from trainer.peft_methods import MoraLinear, VeraLinear, adapter_param_names
-from trainer.weights import replace_dir
+from trainer.weights import copy_tokenizer_files, replace_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +129,15 @@ def ties_trained_embedding(model: nn.Module, modules_to_save: list[str]) -> bool
 
 def adapter_config(cfg: PeftSection, target_modules: list[str], modules_to_save: list[str],
                    base_model: str | None, pissa_converted: bool, ensure_weight_tying: bool = False) -> dict[str, Any]:
+    from trainer.peft_targets import translated_patterns
+
     rank, alpha = cfg.lora_rank, cfg.lora_alpha
-    if pissa_converted:
-        rank, alpha = 2 * rank, alpha * (2**0.5 if cfg.use_rslora else 2)
+    rank_pattern, alpha_pattern = translated_patterns(cfg.rank_pattern), translated_patterns(cfg.alpha_pattern)
+    if pissa_converted:  # the converted adapter is [A; -A0] / [B, B0]: twice the rank, the same scale
+        grow = 2**0.5 if cfg.use_rslora else 2
+        rank, alpha = 2 * rank, alpha * grow
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * grow for k, v in alpha_pattern.items()}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -148,16 +153,21 @@ def adapter_config(cfg: PeftSection, target_modules: list[str], modules_to_save:
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         # PEFT then ties lm_head to the trained embedding copy (it reads both keys from the weights file).
         "ensure_weight_tying": ensure_weight_tying,
     }
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, base_model: str | None = None,
+                 tokenizer_dir: str | Path | None = None, extra_files: dict[str, str] | None = None,
                  overwrite: bool = True) -> Path:
-    """Write a PEFT adapter directory atomically (temp sibling renamed into place). Collective under FSDP2."""
+    """Write a PEFT adapter directory atomically (temp sibling renamed into place). Collective under FSDP2.
+
+    `base_model` is written as `base_model_name_or_path` as given (callers pass a hub id or an absolute path,
+    see `formats.hub.portable_ref`); the tokenizer files of `tokenizer_dir` and `extra_files` (name -> text,
+    e.g. the model card) go in too, so the directory is usable on its own."""
     out_dir = Path(out_dir)
     tensors, targets, to_save = adapter_state(model, cfg)
     if _rank() == 0:
@@ -166,7 +176,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             if cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
                 from trainer.peft_methods import peft_config
 
@@ -175,6 +185,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
                 config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa,
                                         ties_trained_embedding(model, to_save))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
             replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

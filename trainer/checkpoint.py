@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from formats.atomic import fsync_path, publish_dir, remove_stale_under, temp_name, write_text_atomic
+from formats.hub import portable_ref
 from formats.manifest import hash_file
 from trainer.config import TrainConfig, resume_changes
 from trainer.distributed import DistInfo, barrier
@@ -602,24 +603,33 @@ class Checkpointer:
         self.last_saved = step
         if self.config.checkpoint.save_format == "dcp+hf":
             exports = self.out_dir / "exports"
-            self.export(exports / f"step-{step:08d}")
+            self.export(exports / f"step-{step:08d}", step)
             if self.info.is_main:
                 _prune_exports(exports, self.config.checkpoint.keep)
         return path
 
-    def export_final(self) -> Path | None:
+    def export_final(self, step: int) -> Path | None:
         """The run's export (`output_dir/export`) when `checkpoint.export` is on."""
-        return self.export(self.out_dir / "export") if self.config.checkpoint.export else None
+        return self.export(self.out_dir / "export", step) if self.config.checkpoint.export else None
 
-    def export(self, export_dir: Path) -> Path:
-        """Full runs export HF weights; LoRA runs the PEFT adapter (and, if asked, merged weights beside it)."""
+    def export(self, export_dir: Path, step: int) -> Path:
+        """Full runs export HF weights; LoRA runs the PEFT adapter (and, if asked, merged weights beside it).
+
+        Either stands alone: tokenizer files and chat template, a model card (README.md) with the config and the
+        data fingerprints, and a base model named by hub id or absolute path, whatever the working directory."""
+        from trainer.model_card import CARD_FILE, model_card
+
         config = self.config
+        base = portable_ref(config.model.path)
+        card = {CARD_FILE: model_card(config, base_model=base, step=step,
+                                      kind="full" if config.peft.pet_type is None else "adapter")}
         if config.peft.pet_type is None:
-            return export_hf(self.model, export_dir, source_dir=config.model.path,
+            return export_hf(self.model, export_dir, source_dir=config.model.path, extra_files=card,
                              max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
         from trainer.adapters import save_adapter
 
-        save_adapter(self.model, export_dir, config.peft, base_model=config.model.path)
+        save_adapter(self.model, export_dir, config.peft, base_model=base, tokenizer_dir=config.model.path,
+                     extra_files=card)
         if config.peft.export_merged:
             if self.info.is_main:
                 from trainer.merge_lora import merge_lora

@@ -191,6 +191,12 @@ class PeftSection:
         "Globs over parameter names never frozen; exclude wins over include. With LoRA, base parameters matched "
         "here train in full next to the adapters (e.g. '*norm.weight').", factory=list,
     )
+    rank_pattern: dict[str, int] = doc(
+        "PEFT's rank_pattern: a rank per module, by regex matched against the end of the module name (the first "
+        "key where `(.*\\.)?(KEY)$` matches wins), e.g. {'down_proj': 16, 'layers\\.0\\.self_attn\\.q_proj': 4}; "
+        "others keep lora_rank. Exported as is, so PEFT loads the same ranks.", factory=dict)
+    alpha_pattern: dict[str, float] = doc(
+        "PEFT's alpha_pattern: a lora_alpha per module, matched as rank_pattern is.", factory=dict)
     use_rslora: bool = doc("rsLoRA: scale by alpha / sqrt(r) so large ranks keep learning.", False)
     loraplus_lr_ratio: float | None = doc(
         "LoRA+: B matrices learn at lr x this ratio (e.g. 16); null = same lr as A.", None
@@ -362,6 +368,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if len(args) == 2:
+            return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if annotation is float:
         if isinstance(value, str):
@@ -505,6 +513,16 @@ def _validate_peft(p: PeftSection) -> None:
         raise ConfigError("peft.lora_use_mixer (MoSLoRA) cannot be combined with pissa or use_dora")
     if p.lora_rank < 1:
         raise ConfigError("peft.lora_rank must be >= 1")
+    for key, patterns in (("rank_pattern", p.rank_pattern), ("alpha_pattern", p.alpha_pattern)):
+        if patterns and (p.pet_type != "lora" or p.use_mora):
+            raise ConfigError(f"peft.{key} applies to LoRA adapters (pet_type: lora, without use_mora)")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"peft.{key}: '{pattern}' is not a valid regex ({exc})") from None
+            if value <= 0 or (key == "rank_pattern" and value < 1):
+                raise ConfigError(f"peft.{key}.{pattern} must be {'>= 1' if key == 'rank_pattern' else '> 0'}")
     if p.lora_alpha <= 0:
         raise ConfigError("peft.lora_alpha must be > 0")
     if not 0.0 <= p.lora_dropout < 1.0:

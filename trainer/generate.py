@@ -167,7 +167,10 @@ def generate_padded(
                     longest, model.config.max_position_embeddings)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     last = torch.where(valid, torch.arange(width, device=device), -1).amax(1)
-    cache = KVCache(model.config, b, width + cfg.max_new_tokens, device, dtype)
+    # the HF backend brings its own cache (transformers'); the native model uses our static one
+    new_cache = getattr(model, "new_cache", None)
+    cache = (new_cache(b, width + cfg.max_new_tokens, device, dtype) if new_cache is not None
+             else KVCache(model.config, b, width + cfg.max_new_tokens, device, dtype))
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     vocab = model.config.vocab_size
     seen = None
@@ -498,6 +501,7 @@ def load_model(
 ) -> LoadedModel:
     """Load anything `trainer run` produces for generation (see the module docstring for the kinds)."""
     from trainer.adapters import CONFIG_FILE
+    from trainer.hf_backend import resolve_backend
     from trainer.weights import load_pretrained
 
     path = Path(model_dir)
@@ -524,7 +528,12 @@ def load_model(
             raise FileNotFoundError(f"{path / CONFIG_FILE}: base_model_name_or_path {base_name!r} is not a local "
                                     "directory; pass the base model as --model and this directory as --adapter")
         adapter_dir, path = path, Path(base_name)
-    model = load_pretrained(path, device=device, dtype=dtype)
+    if resolve_backend("auto", path) == "hf":  # a family the native decoder does not implement
+        from trainer.hf_backend import load_pretrained as load_hf
+
+        model = load_hf(path, device=device, dtype=dtype)
+    else:
+        model = load_pretrained(path, device=device, dtype=dtype)
     tokenizer_dir = path
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)

@@ -48,14 +48,15 @@ from trainer.weights import (
     LoadReport,
     NameMap,
     WeightsError,
-    _fmt_names,
     _load_one,
     _targets,
     assign_full,
+    check_checkpoint_keys,
     checkpoint_index,
 )
 
 log = logging.getLogger(__name__)
+_ANY_LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")  # a decoder layer under any model prefix
 
 Backend = Literal["auto", "native", "hf"]
 # auto: transformers picks (sdpa where the model supports it, else eager).
@@ -204,6 +205,9 @@ class HFCausalLM(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if labels is not None:
             return head_loss(hidden, self.head, labels, self.loss_config)
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
         cfg = self.loss_config
         if cfg.logit_scale != 1.0:
@@ -211,6 +215,22 @@ class HFCausalLM(nn.Module):
         if cfg.softcap is not None:
             logits = torch.tanh(logits / cfg.softcap) * cfg.softcap
         return logits
+
+    # ---- generation: the interface trainer.generate drives (as trainer.model.Transformer's) ----
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> HFGenerationCache:
+        return HFGenerationCache(self.hf_model.config, batch, max_len, device)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: HFGenerationCache,
+                       logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the next tokens given the cache (transformers' own cache and masking: sliding windows,
+        softcapping and per-family quirks stay transformers'); `logit_index` [B] keeps one position per row."""
+        out = self.body(input_ids=input_ids, position_ids=positions, attention_mask=cache.attention_mask(),
+                        past_key_values=cache.past, use_cache=True)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if logit_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logit_index][:, None]
+        return self._logits(hidden)
 
     def to_checkpoint_tensors(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Export hook of `trainer.weights.export_hf`: this model tensor in the checkpoint's layout."""
@@ -347,33 +367,11 @@ def load_weights(model: HFCausalLM, model_dir: str | Path, *, strict: bool = Tru
     source_of = {k: layout.renamed.get(k, k) for k in targets if k not in layout.fused}
     fused_sources = {k for spec in layout.fused.values() for keys in spec.sources for k in keys}
     n_layers = model.config.num_hidden_layers
-    layer_re = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
-    report = LoadReport()
-    used = set(source_of.values()) | fused_sources
-    unexpected = []
-    for key in files:
-        if key in used:
-            continue
-        m = layer_re.match(key)
-        if m and int(m.group(1)) >= n_layers:
-            report.skipped["layer_beyond_num_hidden_layers"] = report.skipped.get("layer_beyond_num_hidden_layers", 0) + 1
-        elif model.config.tie_word_embeddings and key == f"{model.head_name}.weight":
-            report.skipped["tied_lm_head"] = report.skipped.get("tied_lm_head", 0) + 1
-        elif key.endswith("rotary_emb.inv_freq"):
-            report.skipped["rotary_inv_freq"] = report.skipped.get("rotary_inv_freq", 0) + 1
-        else:
-            unexpected.append(key)
-    missing = sorted(k for k, src in source_of.items() if src not in files)
-    problems = []
-    if missing:
-        problems.append(f"missing from checkpoint ({len(missing)}): {_fmt_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected in checkpoint ({len(unexpected)}): {_fmt_names(sorted(unexpected))}")
-    if problems and strict:
-        raise WeightsError(f"{model_dir}: checkpoint does not match the {type(model.hf_model).__name__} model; "
-                           + "; ".join(problems))
-    for p in problems:
-        log.warning("%s: %s", model_dir, p)
+    report = check_checkpoint_keys(
+        model_dir, files, used=set(source_of.values()) | fused_sources,
+        missing=[k for k, src in source_of.items() if src not in files], n_layers=n_layers,
+        tied_head=f"{model.head_name}.weight" if model.config.tie_word_embeddings else None,
+        layer_re=_ANY_LAYER_RE, strict=strict, what=f"the {type(model.hf_model).__name__} model")
 
     by_file: dict[Path, list[str]] = {}
     for key, src in source_of.items():
@@ -413,16 +411,52 @@ def to_checkpoint_tensors(model: HFCausalLM, key: str, tensor: torch.Tensor) -> 
     return out
 
 
+class HFGenerationCache:
+    """The decode state of an `HFCausalLM`: transformers' DynamicCache (built from the model config, so sliding
+    and full layers are handled as transformers handles them) plus which cache slots hold real tokens, so a batch
+    may be padded: padded prompt slots are masked out of every later attention, as `generate` does."""
+
+    def __init__(self, hf_config: Any, batch: int, max_len: int, device: torch.device | str) -> None:
+        from transformers import DynamicCache
+
+        self.past = DynamicCache(config=hf_config)
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.max_len = max_len
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The next T tokens of every row (`valid` [B, T]: False for padding)."""
+        t = positions.shape[1]
+        if self.valid.shape[1] + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.valid.shape[1]} + {t} tokens > {self.max_len} slots")
+        step = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        self.valid = torch.cat([self.valid, step.to(self.valid.device, torch.bool)], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        return self.valid.long()
+
+
+def load_pretrained(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> HFCausalLM:
+    """Single-process load (generation, tests): meta build, materialise, stream the weights in."""
+    model = build_meta_model(model_dir)
+    model.to(dtype)
+    materialize(model, device)
+    load_weights(model, model_dir, show_progress=False)
+    return model
+
+
 def is_hf_backend(model: nn.Module) -> bool:
     return bool(getattr(model, "is_hf_backend", False))
 
 
 __all__ = [
     "HFCausalLM",
+    "HFGenerationCache",
     "Layout",
     "build_meta_model",
     "decoder_blocks",
     "is_hf_backend",
+    "load_pretrained",
     "load_weights",
     "materialize",
     "plan_layout",

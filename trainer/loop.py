@@ -70,6 +70,7 @@ class RunResult:
     export_dir: str | None = None
     trainable_params: int = 0
     total_params: int = 0
+    world_size: int = 1  # processes that trained (torchrun ranks)
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was dropped (non-finite)
     plot: str | None = None  # output_dir/loss.png when drawn
     generation_evals: list[dict[str, Any]] = field(default_factory=list)  # eval.generate_every_n_steps records
@@ -296,7 +297,7 @@ def _train(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[str, Any
            generation_eval: GenerationEval | None = None) -> RunResult:
     # A hub id (`Qwen/Qwen3-8B`) names its snapshot in the local Hugging Face cache (never downloaded here);
     # the resolved config then records the exact snapshot directory that was trained.
-    model_dir = str(resolve_hub(config.model.path, "model"))
+    model_dir = str(resolve_hub(config.model.path, "model").resolve())
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_dir))
     out_dir = Path(config.logging.output_dir)
     with contextlib.ExitStack() as stack:
@@ -342,7 +343,7 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     checkpointer = Checkpointer(config, info, out_dir, model, optimizer, scheduler, dataset, global_batch)
     start_step = checkpointer.resume()
 
-    result = RunResult(steps=start_step, output_dir=str(out_dir))
+    result = RunResult(steps=start_step, output_dir=str(out_dir), world_size=info.world_size)
     result.total_params = sum(p.numel() for p in model.parameters()) * shards
     result.trainable_params = sum(p.numel() for p in trainable) * shards
     stop = StopFlag().install()
@@ -351,7 +352,7 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     finally:
         stop.restore()
     checkpointer.save_final(result.steps)
-    export_dir = checkpointer.export_final()
+    export_dir = checkpointer.export_final(result.steps)
     result.export_dir = str(export_dir) if export_dir else None
     if info.is_main and config.logging.plot and (out_dir / "metrics.jsonl").exists():
         plot = plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")

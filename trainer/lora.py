@@ -36,7 +36,12 @@ from trainer.peft_methods import (
     adapter_generator,
     init_vera_lokr,
 )
-from trainer.peft_targets import target_matcher, translate_targets  # noqa: F401 - translate_targets re-exported
+from trainer.peft_targets import (  # noqa: F401 - translate_targets re-exported
+    pattern_value,
+    target_matcher,
+    translate_targets,
+    translated_patterns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +163,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
     from trainer.weights import hf_name
 
     matches, reading = target_matcher(cfg.target_modules)
-    scaling = lora_scaling(cfg.lora_alpha, cfg.lora_rank, cfg.use_rslora)
+    rank_pattern, alpha_pattern = translated_patterns(cfg.rank_pattern), translated_patterns(cfg.alpha_pattern)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     wrapped = []
@@ -166,6 +171,8 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
         key = hf_name(name)
         if not matches(key, isinstance(module, nn.Linear)):
             continue
+        rank = int(pattern_value(rank_pattern, key, cfg.lora_rank))
+        scaling = lora_scaling(pattern_value(alpha_pattern, key, cfg.lora_alpha), rank, cfg.use_rslora)
         if cfg.pet_type in ("vera", "lokr"):
             if not isinstance(module, nn.Linear) or (key == "lm_head" and tied):
                 raise ValueError(f"peft.target_modules: {cfg.pet_type} adapts untied Linear modules only ({key}); "
@@ -180,7 +187,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
                 raise ValueError(f"peft.use_dora: DoRA on embeddings is not supported ({key}); narrow target_modules")
             if cfg.pissa:
                 raise ValueError(f"peft.pissa: PiSSA on embeddings is not supported ({key}); narrow target_modules")
-            wrapper = LoraEmbedding(module, cfg.lora_rank, scaling)
+            wrapper = LoraEmbedding(module, rank, scaling)
         else:
             if key == "lm_head" and tied:
                 raise ValueError("peft.target_modules matches lm_head, but it is tied to embed_tokens in this "
@@ -188,7 +195,7 @@ def apply_lora(model: nn.Module, cfg: PeftSection) -> list[str]:
             if cfg.use_mora:
                 wrapper = MoraLinear(module, cfg.lora_rank, cfg.lora_dropout, cfg.mora_type)
             else:
-                wrapper = LoraLinear(module, cfg.lora_rank, scaling, cfg.lora_dropout, cfg.use_dora,
+                wrapper = LoraLinear(module, rank, scaling, cfg.lora_dropout, cfg.use_dora,
                                      cfg.lora_use_mixer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)

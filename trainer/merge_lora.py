@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -29,16 +28,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from trainer.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from trainer.peft_targets import pattern_value
 from trainer.weights import (
     INDEX_FILE,
     SINGLE_FILE,
     TOKENIZER_FILES,
     WeightsError,
     checkpoint_index,
+    copy_tokenizer_files,
     replace_dir,
+    write_safetensors,
 )
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,7 @@ MERGEABLE = ("LORA", "VERA", "LOKR", "MORA")
 
 
 def _scaling(config: dict, module: str, rank: int) -> float:
-    alpha = float(config["lora_alpha"])
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = float(value)
-            break
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, float(config["lora_alpha"])))
     return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
 
@@ -167,8 +165,8 @@ def _read_vera_lokr(config: dict, tensors: dict[str, torch.Tensor], w_path: Path
             w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
         if w1 is None or w2 is None:
             raise WeightsError(f"{w_path}: module {module} has an incomplete LoKr adapter ({', '.join(sorted(p))})")
-        rank = int((config.get("rank_pattern") or {}).get(module, config["r"]))
-        alpha = float((config.get("alpha_pattern") or {}).get(module, config["alpha"]))
+        rank = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["alpha"]))
 
         def delta(shape, w1=w1, w2=w2, scale=alpha / rank):
             return (torch.kron(w1, w2) * scale).reshape(shape)
@@ -278,7 +276,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
                         t = merged_weight(t, adapters[module])
                         report.merged_modules += 1
                     out[key] = t.contiguous()
-            save_file(out, tmp / path.name, metadata=metadata or {"format": "pt"})
+            write_safetensors(out, tmp / path.name, metadata=metadata or {"format": "pt"})
             weight_map.update(dict.fromkeys(out, path.name))
             report.files.append(path.name)
         if (base_dir / INDEX_FILE).is_file():
@@ -291,9 +289,11 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         if untie:
             hf_config["tie_word_embeddings"] = False
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in ("generation_config.json", *TOKENIZER_FILES):
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
+        # The tokenizer the adapter was trained with travels with it (sftkit exports carry it); else the base's.
+        adapter_has_tokenizer = any((Path(adapter_dir) / name).is_file() for name in TOKENIZER_FILES)
+        copy_tokenizer_files(adapter_dir if adapter_has_tokenizer else base_dir, tmp)
         if report.merged_modules != len(adapters):
             raise WeightsError(f"merged {report.merged_modules} of {len(adapters)} adapted modules")
         report.dtype = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))

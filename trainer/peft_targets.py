@@ -82,3 +82,19 @@ def check_target_spec(spec: str | list[str]) -> None:
             re.compile(translate_targets(spec))
         except re.error as exc:
             raise ValueError(f"not a valid regex ({exc})") from None
+
+
+def pattern_value(patterns: dict[str, float] | dict[str, int], name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern rule: the value of the first key (a regex) that matches the end of
+    `name` at a dot boundary, else `default`. One rule for training, merge and generation, so the ranks we train
+    are the ranks PEFT loads. Config keys go through `translated_patterns` first; keys read from an adapter file
+    are used as written."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def translated_patterns(patterns: dict[str, float] | dict[str, int]) -> dict:
+    """The pattern keys as PEFT must read them in an export (MindFormers / Megatron names -> HF names)."""
+    return {translate_targets(k): v for k, v in patterns.items()}

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from formats.atomic import publish_dir
+from formats.atomic import plain_file_mode, publish_dir
 from formats.tokenizer_id import TOKENIZER_FILES
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
@@ -144,6 +144,42 @@ def _targets(model: nn.Module, name_map: NameMap | None) -> dict[str, torch.Tens
     return out
 
 
+def check_checkpoint_keys(
+    model_dir: Path, files: dict[str, Path], *, used: set[str], missing: list[str], n_layers: int | None,
+    tied_head: str | None, layer_re: re.Pattern, strict: bool, what: str,
+) -> LoadReport:
+    """Compare a checkpoint's keys with what the model takes: a key the model does not use is skipped (and
+    counted) when it is a layer beyond a reduced `num_hidden_layers`, the duplicate head of a tied checkpoint
+    or a saved rotary buffer; any other, and any `missing` parameter, is a problem: an error naming them with
+    `strict`, else a warning. One rule for the native and the HF backend's loader."""
+    report = LoadReport()
+    unexpected: list[str] = []
+    for key in files:
+        if key in used:
+            continue
+        m = layer_re.match(key)
+        if m and n_layers is not None and int(m.group(1)) >= n_layers:
+            reason = "layer_beyond_num_hidden_layers"
+        elif key == tied_head:
+            reason = "tied_lm_head"
+        elif key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer; it is recomputed
+            reason = "rotary_inv_freq"
+        else:
+            unexpected.append(key)
+            continue
+        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    problems = []
+    if missing:
+        problems.append(f"missing from checkpoint ({len(missing)}): {_fmt_names(sorted(missing))}")
+    if unexpected:
+        problems.append(f"unexpected in checkpoint ({len(unexpected)}): {_fmt_names(sorted(unexpected))}")
+    if problems and strict:
+        raise WeightsError(f"{model_dir}: checkpoint does not match {what}; " + "; ".join(problems))
+    for p in problems:
+        log.warning("%s: %s", model_dir, p)
+    return report
+
+
 @torch.no_grad()
 def load_hf_weights(
     model: nn.Module,
@@ -167,30 +203,9 @@ def load_hf_weights(
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
-    report = LoadReport()
-    unexpected: list[str] = []
-    for key in files:
-        if key in targets:
-            continue
-        m = _LAYER_RE.match(key)
-        if m and n_layers is not None and int(m.group(1)) >= n_layers:
-            report.skipped["layer_beyond_num_hidden_layers"] = report.skipped.get("layer_beyond_num_hidden_layers", 0) + 1
-        elif key == "lm_head.weight" and tied:
-            report.skipped["tied_lm_head"] = report.skipped.get("tied_lm_head", 0) + 1
-        elif key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer; we recompute it
-            report.skipped["rotary_inv_freq"] = report.skipped.get("rotary_inv_freq", 0) + 1
-        else:
-            unexpected.append(key)
-    missing = sorted(k for k in targets if k not in files)
-    problems = []
-    if missing:
-        problems.append(f"missing from checkpoint ({len(missing)}): {_fmt_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected in checkpoint ({len(unexpected)}): {_fmt_names(sorted(unexpected))}")
-    if problems and strict:
-        raise WeightsError(f"{model_dir}: checkpoint does not match the model; " + "; ".join(problems))
-    for p in problems:
-        log.warning("%s: %s", model_dir, p)
+    report = check_checkpoint_keys(
+        model_dir, files, used=set(targets), missing=[k for k in targets if k not in files], n_layers=n_layers,
+        tied_head="lm_head.weight" if tied else None, layer_re=_LAYER_RE, strict=strict, what="the model")
 
     by_file: dict[Path, list[str]] = {}
     for key, path in files.items():
@@ -305,6 +320,27 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the file mode a plain open() gives: safetensors creates its files
+    0600, which makes a shared export unreadable to the rest of a team or a serving user."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, plain_file_mode())
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path, *, required: bool = False) -> list[str]:
+    """Copy the tokenizer files (and chat template files) of `src` into `dst`, so an export loads with
+    `AutoTokenizer` on its own; returns the names copied. `required`: no tokenizer file in `src` is an error."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)  # contents only: a read-only cache blob stays read-only there
+            copied.append(name)
+    if required and not copied:
+        raise WeightsError(f"{src}: no tokenizer files found ({', '.join(TOKENIZER_FILES)})")
+    return copied
+
+
 def export_hf(
     model: nn.Module,
     out_dir: str | Path,
@@ -315,6 +351,7 @@ def export_hf(
     dtype: torch.dtype | None = None,
     name_map: NameMap | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -323,6 +360,7 @@ def export_hf(
     gathered collectively); only rank 0 writes. `config.json` is the model's config with overrides applied; `generation_config.json` is copied
     from `source_dir` when present (else derived from the config); tokenizer files are copied from
     `tokenizer_dir` (default: `source_dir`). `dtype` casts on write (default: the parameters' dtype).
+    `extra_files` (name -> text, e.g. the model card) are written inside the same atomic rename.
     The directory appears atomically: everything goes to a temporary sibling renamed at the end.
     """
     out_dir = Path(out_dir)
@@ -338,6 +376,8 @@ def export_hf(
         if rank == 0:
             saved_dtype = dtype or next(model.parameters()).dtype
             _write_metadata(model.config, tmp, weight_map, total, saved_dtype, source_dir, tokenizer_dir)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
             replace_dir(tmp, out_dir)
     except BaseException:
         if rank == 0:
@@ -359,7 +399,7 @@ def _write_shards(
     def flush() -> None:
         nonlocal shard, shard_bytes
         if shard:
-            save_file(shard, tmp / f"part-{len(shard_names):05d}.safetensors", metadata={"format": "pt"})
+            write_safetensors(shard, tmp / f"part-{len(shard_names):05d}.safetensors", metadata={"format": "pt"})
             shard_names.append(list(shard))
         shard, shard_bytes = {}, 0
 
@@ -420,13 +460,6 @@ def _write_metadata(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else (Path(source_dir) if source_dir else None)
-    copied = []
-    if tok_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, tmp / name)
-                copied.append(name)
-        if tokenizer_dir and not copied:
-            raise WeightsError(f"{tok_dir}: no tokenizer files found ({', '.join(TOKENIZER_FILES)})")
+    copied = copy_tokenizer_files(tok_dir, tmp, required=bool(tokenizer_dir)) if tok_dir is not None else []
     log.info("exported %d tensors (%.1f MB) in %d file(s); tokenizer files: %s",
              len(weight_map), total / 1e6, len(set(weight_map.values())), copied or "none")

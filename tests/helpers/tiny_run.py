@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from dataprep.tokenize import TokenizeOptions, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
@@ -64,3 +65,15 @@ def pack_rows(model_dir: Path, out_dir: Path, n_records: int, seq_length: int, s
             writer.write_row(ids, labels, [len(s.input_ids) for s in row], [s.id for s in row])
         writer.finish(tokenizer={"fingerprint": tokenizer.fingerprint}, template="chatml")
     return out_dir
+
+
+def tiny_setup(root: Path, n_records: int = 160, seq_length: int = 128) -> tuple[Path, Path, Path]:
+    """(root, model dir, packed data dir) under `root`: what the trainer tests' module fixtures start from."""
+    model_dir = make_tokenizer_and_model(root)
+    return root, model_dir, pack_rows(model_dir, root / "data", n_records=n_records, seq_length=seq_length)
+
+
+def logged_losses(out_dir: Path) -> list[float]:
+    """The per-step losses a run wrote to its metrics.jsonl (eval rows left out)."""
+    rows = [orjson.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]

@@ -1,0 +1,41 @@
+"""Launch `trainer run` as 1 process or under torchrun (gloo on CPU) and compare what the runs wrote: the
+multi-rank tests all check that N ranks train like 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.tiny_run import logged_losses
+
+
+def run_trainer(overrides: list[str], cwd: Path, nproc: int, timeout: float = 300) -> None:
+    """`trainer run --set ...` in a fresh process (torchrun --standalone when nproc > 1); fails with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(cwd))
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    sets = [x for item in overrides for x in ("--set", item)]
+    proc = subprocess.run([sys.executable, *launch, "-m", "cli.trainer", "run", *sets], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def one_and_two_ranks(common: list[str], tmp_path: Path, cwd: Path) -> tuple[list[float], list[float]]:
+    """Run `common` as 1 process with 2 accumulation steps and as 2 ranks with 1 (the same global batch), into
+    tmp_path/one and tmp_path/two; returns both loss curves."""
+    run_trainer([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"], cwd, 1)
+    run_trainer([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"], cwd, 2)
+    return logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+
+
+def assert_same_tensors(a_file: Path, b_file: Path, atol: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Both safetensors files hold the same names and (within atol) the same values; returns the first."""
+    a, b = load_file(a_file), load_file(b_file)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < atol, key
+    return a
