@@ -384,7 +384,7 @@ class MemoryPlan:
     def table(self) -> str:
         m = self.mesh
         lines = [
-            f"memory plan per rank: {self.model['model_type']} {self.model['params_b']:.3g}B parameters "
+            f"memory plan per rank: {self.model['model_type']}, {_count(self.params_total)} parameters "
             f"({self.params_trainable:,} trainable), {self.model['layers']} layers, vocab {self.model['vocab']:,}"
             + (" [blocks estimated from config.json]" if self.model.get("approximate") else ""),
             f"rows of {self.seq_length:,} tokens x micro batch {self.micro_batch_size}; {self.compute_dtype} compute "
@@ -407,7 +407,14 @@ class MemoryPlan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.3f} GiB" if n < 10 * GiB else f"{n / GiB:.1f} GiB"
+    if n < GiB:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if n < 100 * GiB else f"{n / GiB:.0f} GiB"
+
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 _BYTES = {"fp32": 4, "bf16": 2}
@@ -641,6 +648,10 @@ def plan_memory(
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 3 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
     comps.append(Component("backward working set", int(bwd), "forward", "one block's activation gradients"))
+    if mc.activation_checkpointing:
+        # The first block is recomputed when every later block's gradients already exist.
+        comps.append(Component("recomputed block", int(tokens * max(split) + bwd), "backward",
+                               "the first block's activations and gradients, beside the others' gradients"))
 
     total_params = sum(t.numel for t in inv.tensors) + adapter_n
     info = {"model_type": s.model_type, "params_b": total_params / 1e9, "layers": layers, "vocab": v,

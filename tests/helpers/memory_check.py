@@ -9,6 +9,7 @@ of the plan either (nor of GPU memory). RSS would count them, and the 300+ MB of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,14 +78,17 @@ CASES = [
     Case("LoRA all-linear", ("peft.pet_type=lora", "peft.target_modules=all-linear")),
     Case("QLoRA nf4", ("peft.pet_type=lora", "peft.target_modules=all-linear", "peft.weight_quantize_algo=nf4")),
     Case("full, loss full", ("model.loss=full",)),
+    Case("full, bf16 autocast", ("model.dtype=bf16",)),
+    Case("LoRA, bf16 autocast + base", ("peft.pet_type=lora", "model.dtype=bf16", "model.frozen_dtype=bf16")),
 ]
 
 
 def case_config(root: Path, model_dir: Path, data_dir: Path, case: Case, steps: int = 3) -> Any:
     from trainer.config import load_config
 
+    out = root / "runs" / re.sub(r"\W+", "-", case.name)
     return load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / 'runs' / case.name}",
+        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
         "logging.progress_bar=false", "logging.report_to=[none]", "logging.plot=false", "checkpoint.export=false",
         f"train.max_steps={steps}", "data.micro_batch_size=2", "train.lr=1e-3", *case.sets,
     ])
