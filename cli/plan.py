@@ -68,9 +68,10 @@ def plan(config_path: str | None, overrides: tuple[str, ...], world_size: int | 
     from trainer.memory_plan import PlanError, dataset_facts, mesh_from_config, plan_memory
 
     fraction = trained_fraction
+    doc_length = None
     if (seq_length is None or fraction is None) and config.data.train:
         try:
-            seq, share = dataset_facts(config.data.train[0])
+            seq, share, doc_length = dataset_facts(config.data.train[0])
         except Exception as exc:  # a missing or unfinished dataset: the options can still say what it would be
             if seq_length is None:
                 raise click.UsageError(f"--seq-length is needed: {exc}") from None
@@ -86,7 +87,7 @@ def plan(config_path: str | None, overrides: tuple[str, ...], world_size: int | 
         raise click.UsageError(f"mesh: {exc}") from None
     try:
         result = plan_memory(config, seq_length=seq_length, mesh=mesh, device=device,  # type: ignore[arg-type]
-                             trained_fraction=fraction if fraction is not None else 1.0)
+                             trained_fraction=fraction if fraction is not None else 1.0, doc_length=doc_length)
     except PlanError as exc:
         raise click.UsageError(str(exc)) from None
     except ValueError as exc:  # the model's config.json is unreadable or describes an unsupported model

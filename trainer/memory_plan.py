@@ -428,12 +428,14 @@ def plan_memory(
     device: Literal["cuda", "cpu"] = "cuda",
     trained_fraction: float = 1.0,
     shape: ModelShape | None = None,
+    doc_length: float | None = None,
 ) -> MemoryPlan:
     """The expected peak memory per rank of `config` for rows of `seq_length` tokens on `mesh`.
 
     `device` resolves `model.dtype: auto` and the attention backend as the trainer would there.
     `trained_fraction`: the share of a row's positions with a label (the chunked loss's head runs on those only);
-    1.0 is the bound, a packed dataset's manifest gives the real share.
+    1.0 is the bound, a packed dataset's manifest gives the real share. `doc_length`: the mean document length
+    (default: the row length, the bound), which sizes CPU attention's per-document probabilities.
     """
     if seq_length < 1:
         raise PlanError(f"sequence length must be >= 1, got {seq_length}")
@@ -530,6 +532,21 @@ def plan_memory(
             return 0.0
         return a * config.peft.lora_rank * (2 if config.peft.lora_use_mixer else 1)
 
+    nh = s.num_attention_heads
+    backend = mc.attn_backend if mc.attn_backend != "auto" else ("varlen" if device == "cuda" and a == 2 else
+                                                                 "flex" if device == "cuda" else "sdpa")
+    doc = min(float(doc_length or seq_length), seq_length / cp)
+    # fp32 q/k norm weights under autocast promote q, k and RoPE's output to fp32; attention casts them back
+    qk_bytes = 4 + 2 if (s.qk_norm and autocast) else a
+    if device == "cpu" and backend == "sdpa" and nh != s.num_key_value_heads:
+        # CPU SDPA with grouped kv heads takes the math path, per document: scaled q, the repeated scaled k and
+        # v, the [heads x L x L] probabilities (per token: heads x the document length) and the causal mask.
+        attn_kept = a * 3 * q_ + a * nh * doc + doc
+        attn_note = f"; CPU math attention: heads x document length ({doc:,.0f}) per token"
+    else:  # flash-style kernels (varlen, flex, CPU flash): q, k, v, the output and logsumexp
+        attn_kept = qk_bytes * (q_ + kv_) + a * (kv_ + q_) + 4 * nh
+        attn_note = ""
+
     def block_bytes(i: int) -> float:
         """Bytes per token kept by decoder layer `i` from its forward to its backward (see trainer.model)."""
         p = f"model.layers.{i}"
@@ -542,18 +559,14 @@ def plan_memory(
         mlp_in = [f"{p}.mlp.{n}" for n in ("gate_proj", "up_proj")] if not s.is_moe_layer(i) else [f"{p}.mlp.gate"]
         b += norm_bytes(f"{p}.post_attention_layernorm.weight", h_, mlp_in)
         b += sum(lora_bytes(m) for m in (*attn, o))
-        # RoPE's products with cos/sin keep nothing per token (cos/sin need no gradient); attention keeps the
-        # rotated q, k and v, its output and logsumexp.
+        # RoPE's products with cos/sin keep nothing per token (cos/sin need no gradient); what attention keeps
+        # is `attn_kept` (below).
         if s.qk_norm:
             for width, name in ((q_, "q_norm"), (kv_, "k_norm")):
                 b += norm_bytes(f"{p}.self_attn.{name}.weight", width, [])
                 if a == 4:
                     b += 4 * width  # the norm's input (x.float() is the projection output itself)
-            # under autocast the fp32 norm weight promotes q, k (and RoPE's output) to fp32; SDPA casts them back
-            b += (4 + 2) * (q_ + kv_) if autocast else a * (q_ + kv_)
-        else:
-            b += a * (q_ + kv_)
-        b += a * kv_ + a * q_ + 4 * s.num_attention_heads
+        b += attn_kept
         if keeps_input(o):
             b += a * q_  # the heads' outputs concatenated: o_proj's input
         if s.is_moe_layer(i):
@@ -587,12 +600,10 @@ def plan_memory(
         act_note = f"{sum(per_block) / layers:,.0f} bytes/token/block kept for backward"
     # per-forward tables: RoPE cos/sin, and the sdpa backend's block-diagonal mask
     rows = config.data.micro_batch_size
-    backend = mc.attn_backend if mc.attn_backend != "auto" else ("varlen" if device == "cuda" and a == 2 else
-                                                                 "flex" if device == "cuda" else "sdpa")
     act += 2 * tokens * s.head_dim * a
     if backend == "sdpa":
         act += rows * (seq_length / cp) * (seq_length / cp)  # [B, T, T] bool, kept by the checkpointed blocks too
-        act_note += "; sdpa mask B x T x T"
+        act_note += "; sdpa mask B x T x T" + attn_note
     comps.append(Component("activations", int(act), "forward", act_note))
 
     # ---- the loss
@@ -647,6 +658,8 @@ def plan_memory(
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 3 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
+    if inv.nf4:  # QLoRA: one weight dequantized at a time for its matmul
+        bwd += max(t.numel for t in inv.tensors if t.name in inv.nf4) / tp * a
     comps.append(Component("backward working set", int(bwd), "forward", "one block's activation gradients"))
     if mc.activation_checkpointing:
         # The first block is recomputed when every later block's gradients already exist.
@@ -680,10 +693,12 @@ def mesh_from_config(config: TrainConfig, world_size: int | None = None, *, dp_r
     )
 
 
-def dataset_facts(path: str | Path) -> tuple[int, float | None]:
-    """(seq_length, trained share of positions) from a packed dataset's manifest."""
+def dataset_facts(path: str | Path) -> tuple[int, float | None, float | None]:
+    """(seq_length, trained share of positions, mean document length) from a packed dataset's manifest."""
     from formats.manifest import read_manifest
 
     manifest = read_manifest(Path(path))
     seq, rows = int(manifest["seq_length"]), int(manifest["num_rows"])
-    return seq, (int(manifest["num_trainable"]) / (rows * seq) if rows else None)
+    docs = int(manifest["num_docs"])
+    share = int(manifest["num_trainable"]) / (rows * seq) if rows else None
+    return seq, share, (int(manifest["num_tokens"]) / docs if docs else None)

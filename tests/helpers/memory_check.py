@@ -100,8 +100,8 @@ def run_case(root: Path, model_dir: Path, data_dir: Path, case: Case) -> dict[st
     from trainer.memory_plan import dataset_facts, plan_memory
 
     config = case_config(root, model_dir, data_dir, case)
-    seq, share = dataset_facts(data_dir)
-    plan = plan_memory(config, seq_length=seq, device="cpu", trained_fraction=share or 1.0)
+    seq, share, doc = dataset_facts(data_dir)
+    plan = plan_memory(config, seq_length=seq, device="cpu", trained_fraction=share or 1.0, doc_length=doc)
     _, measured = measure_peak_bytes(lambda: train(config))
     return {"case": case.name, "predicted": plan.total, "measured": measured, "ratio": plan.total / measured,
             "plan": plan}
