@@ -593,8 +593,8 @@ def plan_memory(
     # the last block's output (kept by the final norm's pow) and the norm; the chunked loss keeps no hidden state
     final_norm = a * h_ + norm_bytes("model.norm.weight", h_, []) + (a * h_ if mc.loss == "full" and head_trains else 0)
     if mc.activation_checkpointing:
-        act = tokens * (a * h_ * layers + max(split)) + tokens * final_norm / tp
-        act_note = f"checkpointing: {layers} block inputs + one block recomputed ({max(split):,.0f} B/token)"
+        act = tokens * (a * h_ * layers + final_norm / tp)
+        act_note = f"checkpointing: the {layers} block inputs (a block recomputed: {max(split):,.0f} B/token)"
     else:
         act = tokens * (sum(split) + final_norm / tp)
         act_note = f"{sum(per_block) / layers:,.0f} bytes/token/block kept for backward"
@@ -616,12 +616,12 @@ def plan_memory(
         work = chunk * v * 4 + (chunk * v * a if a != 4 else 0) + trained * h_ * a
         if not fsdp and a != (4 if head_trains else fb):
             work += v * h_ * a  # autocast: the head weight cast to the compute dtype for the chunks' matmuls
-        loss_b = held + work
         loss_note = f"chunked: {int(chunk):,} of {int(trained):,} trained tokens x vocab at a time"
     else:
-        loss_b = tokens * v * (4 * 3 + (a if a != 4 else 0))
-        loss_note = "full: log-probabilities [tokens x vocab] fp32, and their gradient"
-    comps.append(Component("loss", int(loss_b), "forward", loss_note))
+        held = tokens * v * 4  # fp32 log-probabilities, kept for backward
+        work = tokens * v * 4 * 2  # the logits and log-softmax in forward; their gradients in backward
+        loss_note = "full: [tokens x vocab] fp32 log-probabilities kept for backward"
+    comps.append(Component("loss", int(held), "forward", loss_note))
 
     # ---- compute-dtype copies of the weights
     copies = 0.0
@@ -657,14 +657,17 @@ def plan_memory(
         step_work += max(block_numel) * 4  # one block's unsharded fp32 gradients before the reduce-scatter
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
-    bwd = tokens * (2 * h_ + 3 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
+    bwd = tokens * (2 * h_ + 2 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
     if inv.nf4:  # QLoRA: one weight dequantized at a time for its matmul
         bwd += max(t.numel for t in inv.tensors if t.name in inv.nf4) / tp * a
-    comps.append(Component("backward working set", int(bwd), "forward", "one block's activation gradients"))
+    # The loss's forward and the first block's backward do not overlap: the larger of the two.
+    comps.append(Component("working set", int(max(work, bwd)), "forward",
+                           "the larger of the loss's chunk work and one block's activation gradients"))
     if mc.activation_checkpointing:
-        # The first block is recomputed when every later block's gradients already exist.
-        comps.append(Component("recomputed block", int(tokens * max(split) + bwd), "backward",
-                               "the first block's activations and gradients, beside the others' gradients"))
+        # A block is recomputed beside the other blocks' inputs and, for the first block, every later block's
+        # gradients (counted in the backward moment).
+        comps.append(Component("recomputed block", int(tokens * (max(split) + a * h_ * layers) + bwd), "backward",
+                               "one block's activations and gradients, the block inputs, beside the gradients"))
 
     total_params = sum(t.numel for t in inv.tensors) + adapter_n
     info = {"model_type": s.model_type, "params_b": total_params / 1e9, "layers": layers, "vocab": v,
