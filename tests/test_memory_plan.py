@@ -19,7 +19,7 @@ from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.memory_plan import Mesh, ModelShape, PlanError, mesh_from_config, plan_memory
 
-PEAK_TOLERANCE = 0.25  # |predicted / measured - 1| for the whole peak
+PEAK_TOLERANCE = 0.20  # |predicted / measured - 1| for the whole peak (the cases measured land within 12%)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,8 @@ def test_sharding_divides_what_it_should(tiny):
     for name in ("parameters", "optimizer state", "gradients"):
         assert fsdp.component(name) == pytest.approx(one.component(name) / 4, rel=1e-6)
         assert fsdp.component(name) < tp.component(name) < 2 * fsdp.component(name)  # tp: block weights only
-    assert fsdp.component("activations") == pytest.approx(one.component("activations"), rel=1e-6)
+    # FSDP2 does not divide activations; one process under autocast keeps more (each Linear its own bf16 cast)
+    assert fsdp.component("activations") < one.component("activations") < 1.5 * fsdp.component("activations")
     assert cp.component("activations") < 0.6 * fsdp.component("activations")
     assert tp.component("activations") < 0.8 * fsdp.component("activations")
     ac = plan_memory(_config(model_dir, data_dir, "model.dtype=bf16", "model.activation_checkpointing=true"),

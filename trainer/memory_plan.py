@@ -614,6 +614,8 @@ def plan_memory(
         held = trained * h_ * a * 2  # the trained hidden states' gradient: computed in forward, scaled in backward
         held += v * h_ * 4 if head_trains else 0  # the head's fp32 weight gradient, computed in forward
         work = chunk * v * 4 + (chunk * v * a if a != 4 else 0) + trained * h_ * a
+        if head_trains:
+            work += v * h_ * (4 + (a if a != 4 else 0))  # each chunk's g^T h, before it is added to the gradient
         if not fsdp and a != (4 if head_trains else fb):
             work += v * h_ * a  # autocast: the head weight cast to the compute dtype for the chunks' matmuls
         loss_note = f"chunked: {int(chunk):,} of {int(trained):,} trained tokens x vocab at a time"

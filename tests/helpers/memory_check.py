@@ -67,6 +67,21 @@ def make_model_and_data(root: Path, seq_length: int, n_records: int) -> tuple[Pa
 class Case:
     name: str
     sets: tuple[str, ...]
+    vocab: int | None = None  # a model with a larger vocabulary than the tokenizer's (the head and loss weigh)
+
+
+def wide_vocab_model(model_dir: Path, vocab: int) -> Path:
+    """The same shape with `vocab` embedding rows (ids of the tokenizer's 300 stay valid), built once."""
+    import json
+
+    from trainer.tiny_model import TinyShape, build_tiny_checkpoint
+
+    out = model_dir.with_name(f"model-v{vocab}")
+    if not (out / "config.json").is_file():
+        cfg = json.loads((model_dir / "config.json").read_text())
+        build_tiny_checkpoint(out, model_dir, vocab_size=vocab, eos_token_id=cfg.get("eos_token_id"),
+                              pad_token_id=cfg.get("pad_token_id"), shape=TinyShape(**SHAPE))
+    return out
 
 
 CASES = [
@@ -80,6 +95,9 @@ CASES = [
     Case("full, loss full", ("model.loss=full",)),
     Case("full, bf16 autocast", ("model.dtype=bf16",)),
     Case("LoRA, bf16 autocast + base", ("peft.pet_type=lora", "model.dtype=bf16", "model.frozen_dtype=bf16")),
+    Case("full, vocab 8192", (), vocab=8192),
+    Case("full, vocab 8192, loss full", ("model.loss=full",), vocab=8192),
+    Case("LoRA, vocab 8192, AC on", ("peft.pet_type=lora", "model.activation_checkpointing=true"), vocab=8192),
 ]
 
 
@@ -99,6 +117,8 @@ def run_case(root: Path, model_dir: Path, data_dir: Path, case: Case) -> dict[st
     from trainer.loop import train
     from trainer.memory_plan import dataset_facts, plan_memory
 
+    if case.vocab is not None:
+        model_dir = wide_vocab_model(model_dir, case.vocab)
     config = case_config(root, model_dir, data_dir, case)
     seq, share, doc = dataset_facts(data_dir)
     plan = plan_memory(config, seq_length=seq, device="cpu", trained_fraction=share or 1.0, doc_length=doc)
