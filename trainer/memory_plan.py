@@ -10,21 +10,24 @@ The model is written from what the trainer does, not from rules of thumb, so tha
 - Gradients: fp32, trainable parameters only. Optimizer state: AdamW's two fp32 moments (8 bytes per trainable
   parameter), or 2 bytes with `adamw_8bit`. None of this exists for frozen weights.
 - Activations: the tensors autograd keeps from forward to backward, counted per token and per block from the
-  block's code (`trainer.model`): the residual inputs, RMSNorm's fp32 internals, q/k/v and the RoPE outputs, the
+  block's code (`trainer.model`): the residual inputs, RMSNorm's fp32 internals, the rotated q and k, v, the
   attention output, the MLP's gate / activation / up / product. Which of them are kept depends on what trains:
   a frozen Linear does not keep its input, a frozen norm does not keep its normalised input, so LoRA on the
-  attention keeps less than full fine-tuning. With activation checkpointing only each block's input is kept,
-  plus one block's activations while it is recomputed.
+  attention keeps less than full fine-tuning. With activation checkpointing only each block's input is kept;
+  the block being recomputed in backward counts at the end-of-backward moment, beside the gradients.
 - Loss: the chunked loss (`trainer.loss`) holds the gradient of the trained hidden states and, when the head
-  trains, its fp32 weight gradient from the forward on, and one [loss_chunk_tokens x vocab] fp32 logits chunk
-  at a time; `model.loss: full` holds [tokens x vocab] log-probabilities instead.
+  trains, its fp32 weight gradient from the forward on; while it runs, one [loss_chunk_tokens x vocab] fp32 logits
+  chunk and each chunk's head-gradient product. `model.loss: full` holds [tokens x vocab] fp32 log-probabilities.
+  The loss's work and the first block's backward never overlap, so the larger of the two is one working set.
+- Attention: flash-style kernels (varlen, flex, CPU flash) keep q, k, v, the output and logsumexp; CPU SDPA with
+  grouped kv heads takes its math path and keeps each document's [heads x L x L] probabilities.
 - Compute copies: with bf16 compute one process runs under autocast, which keeps a bf16 copy of every fp32
   weight a matmul reads until its backward (one block's with activation checkpointing, for frozen weights);
   under FSDP2 the all-gathered compute-dtype blocks (two at a time with reshard_after_forward, all of them
   without) and the root's embeddings and head, for the whole forward/backward.
 
 The peak is the larger of two moments of a step: the end of the forward (activations and loss buffers alive,
-no gradients yet) and the end of the backward / optimizer step (all gradients, no activations). Parameters and
+no gradients yet) and the end of the backward / optimizer step (all gradients, no activations but the block checkpointing recomputes). Parameters and
 optimizer state are there at both.
 
 Sharding: FSDP2 divides parameters, gradients and optimizer state by `dp_shard` (`dp_replicate` replicates);
@@ -440,7 +443,10 @@ def plan_memory(
     if seq_length < 1:
         raise PlanError(f"sequence length must be >= 1, got {seq_length}")
     mesh = mesh or Mesh()
-    shape = shape or ModelShape.from_model_dir(config.model.path, config.model.overrides)
+    if shape is None:
+        from formats.hub import resolve as resolve_hub  # a hub id names its snapshot in the local cache
+
+        shape = ModelShape.from_model_dir(resolve_hub(config.model.path, "model"), config.model.overrides)
     inv = inventory(shape, config)
     mc, pc = config.model, config.parallel
     compute = {"auto": "bf16" if device == "cuda" else "fp32"}.get(mc.dtype, mc.dtype)
@@ -649,6 +655,8 @@ def plan_memory(
         copies_note = "autocast: bf16 copies of fp32 weights until their backward"
     if copies:
         comps.append(Component("compute copies", int(copies), "forward", copies_note))
+    if fsdp and copies:  # FSDP2 keeps the root gathered, and gathers each block again, through the backward
+        comps.append(Component("compute copies (bwd)", int(copies), "backward", "the same, until the backward ends"))
 
     # ---- gradients and the working sets of backward and of the optimizer step
     comps.append(Component("gradients", int(train_local_b), "backward", "fp32, trainable parameters only"))
@@ -656,7 +664,10 @@ def plan_memory(
     if s.tie_word_embeddings and head_trains:
         step_work = max(step_work, v * h_ * 4)  # the embedding's gradient, added into the tied head's
     if fsdp:
-        step_work += max(block_numel) * 4  # one block's unsharded fp32 gradients before the reduce-scatter
+        block_grads = [sum(t.numel / tp_div(t) for t in inv.tensors if t.layer == i and t.name in inv.trainable)
+                       + sum(ad.numel for ad in inv.adapters if ad.module.startswith(f"model.layers.{i}."))
+                       for i in range(layers)]
+        step_work += max(block_grads) * 4  # one block's unsharded fp32 gradients before the reduce-scatter
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 2 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
