@@ -206,3 +206,32 @@ def test_model_shape_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: invalid JSON"):
         ModelShape.from_model_dir(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("sets", [()], ids=["full"])  # one case: a 2-rank launch costs ~25 s on 2 cores
+def test_plan_for_two_fsdp2_ranks_is_within_tolerance_of_each_ranks_measured_peak(tiny, repo_root, tmp_path, sets):
+    """dp_shard 2 on gloo: sharded parameters, gradients and optimizer state, the gathered blocks and root."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from tests.helpers.memory_check import Case, case_config
+    from trainer.memory_plan import dataset_facts
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    root, model_dir, data_dir = tiny
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "tests/helpers/memory_dist_worker.py", str(root), str(model_dir), str(data_dir), str(tmp_path), *sets]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    peaks = [json.loads((tmp_path / f"rank{r}.json").read_text())["peak"] for r in range(2)]
+    seq, share, doc = dataset_facts(data_dir)
+    plan = plan_memory(case_config(root, model_dir, data_dir, Case("x", sets)), seq_length=seq, device="cpu",
+                       mesh=Mesh.resolve(2), trained_fraction=share or 1.0, doc_length=doc)
+    assert abs(plan.total / max(peaks) - 1) <= PEAK_TOLERANCE, (plan.total, peaks)
