@@ -10,6 +10,7 @@ from cli.lazy import LazyGroup
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cli.train:run", "Fine-tune on packed shards as a YAML config says (alone or under torchrun)."),
     "config": ("cli.train:describe_config", "Print every config key with its default and documentation."),
+    "plan": ("cli.plan:plan", "Expected memory per rank (parameters, optimizer, activations) for a config and mesh."),
     "merge-adapter": ("cli.merge_lora:merge_lora",
                       "Fold a LoRA / VeRA / LoKr / MoRA adapter into base weights (HF safetensors out)."),
     "merge-lora": ("cli.merge_lora:merge_lora", "Same as merge-adapter (the older name)."),
