@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from cli.common import EXIT_FAILURE, handle_errors
+from cli.common import CONTEXT_SETTINGS, EXIT_FAILURE, handle_errors, reporting_options, setup_logging
 
 
-@click.command("plan")
+@click.command("plan", context_settings=CONTEXT_SETTINGS)
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False), metavar="[CONFIG.yaml]")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value (YAML syntax), as `trainer run --set`. Repeatable.")
@@ -28,11 +28,11 @@ from cli.common import EXIT_FAILURE, handle_errors
                    "else 1.0, the bound).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Where the run will train: resolves model.dtype auto (bf16 on CUDA) and the attention backend.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@reporting_options
 @handle_errors
 def plan(config_path: str | None, overrides: tuple[str, ...], world_size: int | None, dp_replicate: int | None,
          dp_shard: int | None, tp: int | None, cp: int | None, seq_length: int | None,
-         trained_fraction: float | None, device: str, as_json: bool) -> None:
+         trained_fraction: float | None, device: str, as_json: bool, verbose: int) -> None:
     """Expected memory per rank for the config's model, row length, micro batch and device mesh.
 
     \b
@@ -46,6 +46,7 @@ def plan(config_path: str | None, overrides: tuple[str, ...], world_size: int | 
     Exit codes: 0 printed; 1 the config file or the model's config.json cannot be read; 2 usage error (an
     unknown key, a mesh that does not fit the world size).
     """
+    setup_logging(verbose)
     import os
 
     import yaml
