@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trainer.loss import LossConfig, head_loss
-from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
+from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 from trainer.weights import (
     LoadReport,
     NameMap,
@@ -69,13 +69,7 @@ def resolve_backend(requested: str, model_dir: str | Path) -> Literal["native", 
         return requested  # type: ignore[return-value]
     if requested != "auto":
         raise ValueError(f"model.backend must be auto, native or hf, got {requested!r}")
-    path = Path(model_dir) / "config.json"
-    try:
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no config.json in the model directory") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    model_type = read_config_json(model_dir).get("model_type")
     return "native" if model_type in SUPPORTED_MODEL_TYPES else "hf"
 
 

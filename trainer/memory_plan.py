@@ -43,14 +43,13 @@ blocks are estimated from config.json keys and said to be).
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from trainer.config import TrainConfig
-from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
+from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 
 GiB = 2**30
 Phase = Literal["always", "forward", "backward"]
@@ -126,14 +125,7 @@ class ModelShape:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, overrides: dict[str, Any] | None = None) -> ModelShape:
         path = Path(model_dir) / "config.json"
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json in the model directory") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        raw = read_config_json(model_dir)
         overrides = dict(overrides or {})
         if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
             own = {k: v for k, v in overrides.items() if k != "attn_backend"}

@@ -20,6 +20,20 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """A model directory's config.json as a dict; errors name the file (and the line of a JSON error)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json in the model directory") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -140,14 +154,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json in the model directory") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_hf(hf, **overrides)
+        return cls.from_hf(read_config_json(model_dir), **overrides)
 
     def num_params(self) -> int:
         """Parameter count, for logging and FLOPs estimates without building the model."""
