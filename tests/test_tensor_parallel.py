@@ -139,7 +139,7 @@ def test_pipeline_parallel_refused_by_the_mesh_too() -> None:
 def test_a_world_of_one_refuses_tp_before_starting(monkeypatch) -> None:
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(MeshError, match=r"= 2, but the world size is 1"):
+    with pytest.raises(MeshError, match=r"world size 1 is not divisible by .*parallel\.tp \(2\)"):
         init_distributed("gloo", parallel=_parallel(tp=2))
     info = init_distributed("gloo", parallel=_parallel())
     assert (info.dp_rank, info.dp_size, info.fsdp, info.tensor_parallel) == (0, 1, False, False)
@@ -196,7 +196,10 @@ def _losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _assert_same_export(a_dir: Path, b_dir: Path, tol: float = 1e-5) -> None:
+def _assert_same_export(a_dir: Path, b_dir: Path, tol: float = 1e-4) -> None:
+    """Same keys and shapes, values equal to rounding: the split matmuls add their partial sums in another
+    order, and Adam turns the ~1e-7 gradient differences of near-zero gradients into update differences of up
+    to ~lr x 1e-2. Measured on CPU fp32: max |a - b| 2e-5, ||a - b|| / ||a|| 1.1e-5 (tp=2, 4 steps)."""
     from safetensors.torch import load_file
 
     a = load_file(a_dir / "export" / "model.safetensors")
@@ -205,6 +208,10 @@ def _assert_same_export(a_dir: Path, b_dir: Path, tol: float = 1e-5) -> None:
     for key in a:
         assert a[key].shape == b[key].shape, key
         assert (a[key] - b[key]).abs().max() < tol, key
+        assert (a[key] - b[key]).norm() <= tol * a[key].norm(), key
+    # Both runs report the model's real size (a DTensor's numel is the whole tensor's).
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a_dir, b_dir))
+    assert sa["total_params"] == sb["total_params"] == sum(t.numel() for t in a.values()), (sa, sb)
 
 
 gloo = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch was built without gloo")
@@ -321,4 +328,4 @@ def test_tp2_on_nccl_matches_one_gpu(tiny_setup, tmp_path, repo_root) -> None:
     ref, tp = _losses(one), _losses(two)
     # GPU matmuls reduce in another order when split: rounding only, but more of it than on CPU.
     assert [tp[s] for s in range(1, 5)] == pytest.approx([ref[s] for s in range(1, 5)], rel=1e-4, abs=1e-5)
-    _assert_same_export(one, two, tol=1e-4)
+    _assert_same_export(one, two, tol=1e-3)

@@ -52,8 +52,8 @@ from trainer.model_config import ModelConfig
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.quantize import is_quantized, quantize_frozen_base
 from trainer.reporting import open_reporters
-from trainer.tensor_parallel import check_sequence, clip_grad_norm
 from trainer.signals import StopFlag, StopRequested
+from trainer.tensor_parallel import check_sequence, clip_grad_norm
 from trainer.weights import load_hf_weights, materialize
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     _refuse_nonfinite_weights(model, info, config.model.path)
     if config.peft.neftune_noise_alpha is not None:
         install_neftune(model, config.peft.neftune_noise_alpha)
-    counts = count_parameters(model, info.world_size if info.distributed else 1)
+    counts = count_parameters(model)  # DTensor.numel() is the whole tensor's: no per-shard scaling
     log.info("trainable parameters: %d of %d (%.3f%%)%s", counts.trainable_params, counts.total_params,
              counts.trainable_pct, f"; LoRA on {len(wrapped)} modules" if lora else "")
     return model
@@ -341,15 +341,16 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
-    shards = info.world_size if info.distributed else 1  # FSDP parameters hold 1/world of each tensor locally
+    # Counts from numel(): a DTensor's (FSDP2 or tensor-parallel shard) is that of the whole tensor, so no rank
+    # count multiplies them (which would count a 2-rank run's parameters twice).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run = Run(config, info, model, dataset, optimizer, scheduler, matmul_params(model) * shards, trainable)
+    run = Run(config, info, model, dataset, optimizer, scheduler, matmul_params(model), trainable)
     checkpointer = Checkpointer(config, info, out_dir, model, optimizer, scheduler, dataset, global_batch)
     start_step = checkpointer.resume()
 
     result = RunResult(steps=start_step, output_dir=str(out_dir))
-    result.total_params = sum(p.numel() for p in model.parameters()) * shards
-    result.trainable_params = sum(p.numel() for p in trainable) * shards
+    result.total_params = sum(p.numel() for p in model.parameters())
+    result.trainable_params = sum(p.numel() for p in trainable)
     stop = StopFlag().install()
     try:
         _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step, generation_eval)
