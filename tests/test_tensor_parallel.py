@@ -267,52 +267,18 @@ def test_tp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, reference_run,
 @pytest.mark.dist
 @pytest.mark.slow
 @gloo
-def test_fsdp_over_dp_shard_composed_with_tp(tiny_setup, reference_run, tmp_path, repo_root) -> None:
-    """4 ranks: FSDP2 shards the tp-split blocks over 2 data-parallel ranks, each reading its own rows."""
+def test_fsdp_over_dp_shard_composed_with_tp_without_sequence_parallel(tiny_setup, reference_run, tmp_path,
+                                                                        repo_root) -> None:
+    """4 ranks: FSDP2 shards the tp-split blocks over 2 data-parallel ranks, each reading its own rows; the
+    residual stream and norms whole on every tp rank (parallel.use_seq_parallel: false)."""
     model_dir, data_dir = tiny_setup
     out = tmp_path / "dp2tp2"
-    _run(_sets([*_common(model_dir, data_dir), f"logging.output_dir={out}", "parallel.tp=2",
-                "parallel.dp_shard=2", "train.grad_accum_steps=1"]), repo_root, 4)
+    _run(_sets([*_common(model_dir, data_dir), f"logging.output_dir={out}", "parallel.tensor_parallel_degree=2",
+                "parallel.dp_shard=2", "parallel.use_seq_parallel=false", "train.grad_accum_steps=1"]),
+         repo_root, 4)
     ref, got = _losses(reference_run), _losses(out)
     assert [got[s] for s in range(1, 5)] == pytest.approx([ref[s] for s in range(1, 5)], rel=2e-5, abs=1e-6)
     _assert_same_export(reference_run, out)
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@gloo
-def test_tp2_without_sequence_parallel_matches_one_rank(tmp_path, repo_root) -> None:
-    """A Llama-shaped model (untied head, no q/k norm), the residual stream whole on each tp rank."""
-    from formats.tokenizer_id import TOKENIZER_FILES
-    from tests.tiny_checkpoints import save_hf_checkpoint
-
-    base = make_tokenizer_and_model(tmp_path)
-    model_dir = tmp_path / "llama"
-    save_hf_checkpoint("llama", model_dir, vocab_size=300)
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            (model_dir / name).write_bytes((base / name).read_bytes())
-    # 95 positions do not split over 2 ranks: without sequence parallelism rows are never split.
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=120, seq_length=95)
-    common = _common(model_dir, data_dir) + ["checkpoint.every_steps=0"]
-    one, two = tmp_path / "one", tmp_path / "tp2"
-    _run(_sets([*common, f"logging.output_dir={one}"]), repo_root, 1)
-    _run(_sets([*common, f"logging.output_dir={two}", "parallel.tensor_parallel_degree=2",
-                "parallel.use_seq_parallel=false"]), repo_root, 2)
-    ref, tp = _losses(one), _losses(two)
-    assert [tp[s] for s in range(1, 5)] == pytest.approx([ref[s] for s in range(1, 5)], rel=2e-5, abs=1e-6)
-    _assert_same_export(one, two)
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@gloo
-def test_mesh_that_does_not_fit_the_world_fails_on_every_rank(tiny_setup, tmp_path, repo_root) -> None:
-    model_dir, data_dir = tiny_setup
-    proc = _run(_sets([*_common(model_dir, data_dir), f"logging.output_dir={tmp_path / 'bad'}", "parallel.tp=2",
-                       "parallel.dp_shard=2"]), repo_root, 2, expect_ok=False)
-    assert proc.returncode != 0
-    assert "= 4, but the world size is 2" in proc.stderr
 
 
 @pytest.mark.dist
