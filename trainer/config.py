@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -126,6 +126,43 @@ class ParallelSection:
         "memory and each block's shard is copied to the GPU for its compute; for models whose shards do not fit.",
         False,
     )
+    dp_replicate: int = doc(
+        "Data-parallel replicas (HSDP): parameters are sharded over dp_shard ranks inside each replica and "
+        "gradients all-reduced across replicas; 1 = plain FSDP2 over dp_shard.", 1)
+    dp_shard: int = doc(
+        "Ranks FSDP2 shards parameters over; -1 = whatever is left of the world size after "
+        "dp_replicate x tp x cp. Rows are split over dp_replicate x dp_shard ranks (ranks of one tp group read "
+        "the same rows). MindFormers data_parallel, PaddleNLP sharding_parallel_degree.", -1)
+    tp: int = doc(
+        "Tensor-parallel degree (native models, full fine-tuning): each block's q/k/v/gate/up projections are "
+        "split by output column and o/down by input row over tp ranks (DTensor), composed with FSDP2 on the "
+        "data-parallel ranks; must divide the attention and key/value head counts and intermediate_size. "
+        "MindFormers model_parallel, PaddleNLP tensor_parallel_degree.", 1)
+    sequence_parallel: bool = doc(
+        "With tp > 1, also shard the norms and the residual stream along the sequence between the "
+        "tensor-parallel matmuls (Megatron's sequence parallelism: the same result, activations / tp; needs "
+        "seq_length divisible by tp); false keeps them whole on every tp rank. MindFormers use_seq_parallel.",
+        True)
+    cp: int = doc(
+        "Context-parallel degree (rows split along the sequence): not implemented in this version; values "
+        "above 1 are refused. MindFormers context_parallel, PaddleNLP sep_parallel_degree.", 1)
+    pp: int = doc(
+        "Pipeline-parallel stages: not supported (only 1); use tp and dp_shard. MindFormers pipeline_stage, "
+        "PaddleNLP pipeline_parallel_degree.", 1)
+
+    # The seeds' names for these keys, read as this section's own (see `_apply_key_aliases`).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {
+        "data_parallel": "dp_shard",  # MindFormers
+        "model_parallel": "tp",
+        "context_parallel": "cp",
+        "pipeline_stage": "pp",
+        "use_seq_parallel": "sequence_parallel",
+        "tensor_parallel_degree": "tp",  # PaddleNLP
+        "sharding_parallel_degree": "dp_shard",
+        "sep_parallel_degree": "cp",
+        "context_parallel_degree": "cp",
+        "pipeline_parallel_degree": "pp",
+    }
 
 
 @dataclass
@@ -288,9 +325,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def global_batch(self, world_size: int) -> int:
-        """Rows per optimizer step over the whole job: what the data position and exact resume depend on."""
-        return self.data.micro_batch_size * self.train.grad_accum_steps * world_size
+    def global_batch(self, dp_size: int) -> int:
+        """Rows per optimizer step over the whole job: what the data position and exact resume depend on.
+
+        `dp_size` counts the ranks that read different rows: the world size divided by parallel.tp (ranks of
+        one tensor-parallel group read the same rows), so a tp=2 run and a tp=1 run of half the ranks have the
+        same global batch and resume from each other."""
+        return self.data.micro_batch_size * self.train.grad_accum_steps * dp_size
 
 
 # Names users bring from Hugging Face TrainingArguments, MindFormers and PaddleNLP configs.
@@ -404,8 +445,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
+    for key, value, path in _apply_key_aliases(cls, data, where):
         if key not in fields:
             raise ConfigError(f"unknown key '{path}'{_suggest(str(key), list(fields))}")
         annotation = hints[key]
@@ -414,6 +454,31 @@ def _build(cls: type, data: Any, where: str) -> Any:
         else:
             kwargs[key] = _coerce(value, annotation, path)
     return cls(**kwargs)
+
+
+def _apply_key_aliases(cls: type, data: dict[str, Any], where: str) -> list[tuple[str, Any, str]]:
+    """(key, value, path shown in errors) with a section's alias keys renamed to their targets.
+
+    Other tools' names (MindFormers' model_parallel, PaddleNLP's tensor_parallel_degree) are accepted as they
+    are written; an alias and its target (or two aliases of one key) given with different values are refused
+    rather than letting one silently win."""
+    aliases: dict[str, str] = getattr(cls, "KEY_ALIASES", {})
+    out: list[tuple[str, Any, str]] = []
+    given: dict[str, tuple[Any, str]] = {}  # target key -> (value, path it came from)
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        target = aliases.get(key, key)
+        if target != key:
+            path = f"{path} (read as {where}.{target})"
+        if target in given:
+            before, before_path = given[target]
+            if before != value or type(before) is not type(value):
+                raise ConfigError(f"{path.split(' ')[0]} = {value!r} conflicts with {before_path.split(' ')[0]} = "
+                                  f"{before!r}: they name the same setting ({where}.{target}); give one of them")
+            continue
+        given[target] = (value, path)
+        out.append((target, value, path))
+    return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -463,6 +528,7 @@ def validate(config: TrainConfig) -> None:
     if len(config.train.betas) != 2:
         raise ConfigError("train.betas needs exactly two values")
     _validate_peft(config.peft)
+    _validate_parallel(config)
     ev = config.eval
     if ev.generate_every_n_steps < 0:
         raise ConfigError("eval.generate_every_n_steps must be >= 0")
@@ -474,6 +540,36 @@ def validate(config: TrainConfig) -> None:
     unknown = [m for m in ev.generate_metrics if m not in ("em", "bleu", "rougeL")]
     if unknown:
         raise ConfigError(f"eval.generate_metrics: unknown {', '.join(unknown)} (choose from em, bleu, rougeL)")
+
+
+def _validate_parallel(config: TrainConfig) -> None:
+    """What the mesh keys allow by themselves; the world size and the model are checked when they are known
+    (`trainer.distributed.resolve_mesh_shape`, `trainer.tensor_parallel.check_model`)."""
+    p = config.parallel
+    if p.pp != 1:
+        raise ConfigError(f"parallel.pp = {p.pp}: pipeline parallelism is not supported; use parallel.tp and "
+                          "parallel.dp_shard (pp must be 1)")
+    for key in ("dp_replicate", "tp", "cp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} = {getattr(p, key)} must be >= 1")
+    if p.dp_shard < 1 and p.dp_shard != -1:
+        raise ConfigError(f"parallel.dp_shard = {p.dp_shard} must be >= 1, or -1 for what is left of the world size")
+    if p.tp == 1:
+        return
+    # Tensor parallelism splits the native model's Linear layers; what wraps or replaces them is not split yet.
+    refused = []
+    if config.model.backend == "hf":
+        refused.append("model.backend hf (tensor parallelism is implemented for the native models)")
+    if config.peft.pet_type is not None:
+        refused.append(f"peft.pet_type {config.peft.pet_type} (adapters on split layers are not implemented; "
+                       "tensor parallelism is for full fine-tuning)")
+    if config.peft.neftune_noise_alpha is not None:
+        refused.append("peft.neftune_noise_alpha")
+    if config.eval.generate_every_n_steps:
+        refused.append("eval.generate_every_n_steps (generation's KV cache holds every head)")
+    if refused:
+        raise ConfigError(f"parallel.tp = {p.tp} cannot be combined with {'; '.join(refused)}: set parallel.tp: 1 "
+                          "or drop those")
 
 
 def _validate_peft(p: PeftSection) -> None:

@@ -1,22 +1,98 @@
-"""Process group, device mesh and FSDP2 sharding.
+"""Process group, device mesh, tensor parallelism and FSDP2 sharding.
 
 One code path for every launch: `trainer run` alone is a world of one (no process group, no FSDP
-wrapping, nothing to pay for); under `torchrun` the env vars say the rank and world size, and every
-transformer block is `fully_shard`-ed on a 1-D data-parallel mesh, then the root module.
+wrapping, nothing to pay for); under `torchrun` the env vars say the rank and world size, and the
+`parallel.*` keys lay the ranks out on a named device mesh:
+
+    dp_replicate x dp_shard x cp x tp = world size      (tp innermost: a tp group is adjacent ranks, one node)
+
+Only the dimensions larger than 1 are in the mesh (plus dp_shard when dp_replicate needs it for HSDP).
+Tensor parallelism (`trainer.tensor_parallel`) is applied first, then every transformer block and the root
+are `fully_shard`-ed on the data-parallel part of the mesh (2-D `dp_replicate x dp_shard`: HSDP). Ranks of
+one tp group hold one model replica between them, so they read the same rows and count the same tokens:
+data partition, token counts and loss normalisation use the data-parallel rank and size (`DistInfo.dp_*`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+if TYPE_CHECKING:
+    from trainer.config import ParallelSection
+
 log = logging.getLogger(__name__)
+
+
+class MeshError(ValueError):
+    """The parallel.* keys do not fit the world size or the device; the message names the keys and values."""
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """How many ranks each mesh dimension has (all 1 for a world of one)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different rows (the data-parallel size)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp
+
+    def dims(self) -> list[tuple[str, int]]:
+        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP."""
+        out = []
+        if self.dp_replicate > 1:
+            out.append(("dp_replicate", self.dp_replicate))
+        if self.dp_shard > 1 or self.dp_replicate > 1:
+            out.append(("dp_shard", self.dp_shard))
+        if self.cp > 1:
+            out.append(("cp", self.cp))
+        if self.tp > 1:
+            out.append(("tp", self.tp))
+        return out
+
+
+def resolve_mesh_shape(parallel: ParallelSection, world_size: int, device_type: str) -> MeshShape:
+    """The mesh the config asks for on `world_size` ranks, or a MeshError naming the keys that do not fit."""
+    if parallel.pp != 1:
+        raise MeshError(f"parallel.pp = {parallel.pp}: pipeline parallelism is not supported; use parallel.tp "
+                        "and parallel.dp_shard")
+    if parallel.cp > 1:
+        if device_type != "cuda":
+            raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism needs CUDA (this run is on "
+                            f"{device_type}); use parallel.tp / parallel.dp_shard, or parallel.cp: 1")
+        raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism is not implemented in this version; "
+                        "set parallel.cp: 1 (parallel.tp with sequence_parallel also divides activations)")
+    fixed = parallel.dp_replicate * parallel.tp * parallel.cp
+    named = (f"parallel.dp_replicate ({parallel.dp_replicate}) x parallel.tp ({parallel.tp}) x "
+             f"parallel.cp ({parallel.cp})")
+    if parallel.dp_shard == -1:
+        if world_size % fixed:
+            raise MeshError(f"world size {world_size} is not divisible by {named} = {fixed}, so parallel.dp_shard "
+                            "(-1: the rest) has no whole value; change those keys or the number of ranks")
+        dp_shard = world_size // fixed
+    else:
+        dp_shard = parallel.dp_shard
+        if dp_shard * fixed != world_size:
+            raise MeshError(f"{named} x parallel.dp_shard ({dp_shard}) = {dp_shard * fixed}, but the world size "
+                            f"is {world_size} (ranks started by torchrun); make the product equal it, or set "
+                            "parallel.dp_shard: -1")
+    return MeshShape(parallel.dp_replicate, dp_shard, parallel.cp, parallel.tp)
 
 
 @dataclass
@@ -25,7 +101,12 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh (named dims) when world_size > 1
+    shape: MeshShape = field(default_factory=MeshShape)
+    dp_rank: int = 0  # this rank's index among the data-parallel ranks (which rows it reads)
+    dp_mesh: object | None = None  # the mesh FSDP2 shards over; None when there is one data-parallel rank
+    tp_mesh: object | None = None  # the tensor-parallel sub-mesh; None when parallel.tp is 1
+    sequence_parallel: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +116,29 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp_size(self) -> int:
+        return self.shape.dp
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    """Read torchrun's environment; start the process group and mesh only when there is more than one rank."""
+    @property
+    def fsdp(self) -> bool:
+        """Whether parameters are FSDP2-sharded (there is more than one data-parallel rank)."""
+        return self.dp_mesh is not None
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.tp_mesh is not None
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
+                     parallel: ParallelSection | None = None) -> DistInfo:
+    """Read torchrun's environment; start the process group and mesh only when there is more than one rank.
+
+    The mesh shape is checked against the world size before the process group starts, so a config that does
+    not fit fails on every rank with the same message instead of hanging in a collective."""
+    from trainer.config import ParallelSection
+
+    parallel = parallel or ParallelSection()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,17 +147,34 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInf
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    shape = resolve_mesh_shape(parallel, world_size, device.type)
     if world_size == 1:
-        return DistInfo(0, 1, 0, device, None)
+        return DistInfo(0, 1, 0, device, None, shape, sequence_parallel=parallel.sequence_parallel)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    log.info("rank %d/%d on %s (backend %s)", rank, world_size, device, backend)
-    return DistInfo(rank, world_size, local_rank, device, mesh)
+    names = [name for name, _ in shape.dims()]
+    mesh = init_device_mesh(device.type, tuple(size for _, size in shape.dims()), mesh_dim_names=tuple(names))
+    dp_mesh = None
+    if shape.dp_replicate > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"]  # HSDP: replicate over dim 0, shard over dim 1
+    elif shape.dp_shard > 1:
+        dp_mesh = mesh if names == ["dp_shard"] else mesh["dp_shard"]
+    dp_rank = 0
+    if "dp_shard" in names:
+        dp_rank = mesh.get_local_rank("dp_shard")
+        if "dp_replicate" in names:
+            dp_rank += mesh.get_local_rank("dp_replicate") * shape.dp_shard
+    tp_mesh = None
+    if shape.tp > 1:
+        tp_mesh = mesh if names == ["tp"] else mesh["tp"]
+    log.info("rank %d/%d on %s (backend %s), mesh %s, data-parallel rank %d/%d", rank, world_size, device,
+             backend, dict(shape.dims()), dp_rank, shape.dp)
+    return DistInfo(rank, world_size, local_rank, device, mesh, shape, dp_rank, dp_mesh, tp_mesh,
+                    parallel.sequence_parallel)
 
 
 def shard_model(
@@ -68,25 +186,30 @@ def shard_model(
     reshard_after_forward: bool,
     cpu_offload: bool = False,
 ) -> nn.Module:
-    """FSDP2: shard each block, then the root (embeddings, final norm, head).
+    """Tensor parallelism first (when parallel.tp > 1), then FSDP2: shard each block, then the root.
 
-    FSDP2 averages gradients over the data-parallel ranks; the loop multiplies its loss by the world size to
-    undo that (see `loop._train`). Setting FSDP's divide factor to 1 instead would need PREMUL_SUM, which
-    gloo does not have. `cpu_offload` keeps the sharded parameters, their gradients and so the optimizer state in
-    host memory (FSDP2's CPUOffloadPolicy), copying each block's shard to the device for its forward/backward.
+    FSDP2 averages gradients over the data-parallel ranks; the loop multiplies its loss by the data-parallel
+    size to undo that (see `loop.train_step`). Setting FSDP's divide factor to 1 instead would need
+    PREMUL_SUM, which gloo does not have. `cpu_offload` keeps the sharded parameters, their gradients and so
+    the optimizer state in host memory (FSDP2's CPUOffloadPolicy), copying each block's shard to the device
+    for its forward/backward.
     """
-    if cpu_offload and (not info.distributed or info.device.type == "cpu"):
+    if cpu_offload and (not info.fsdp or info.device.type == "cpu"):
         # FSDP2's offload pins host memory for copies to an accelerator; without one (or without FSDP, in one
         # process) the parameters already live where the offload would put them.
-        log.warning("parallel.cpu_offload ignored: it needs FSDP2 on an accelerator (device %s, world size %d)",
-                    info.device.type, info.world_size)
+        log.warning("parallel.cpu_offload ignored: it needs FSDP2 on an accelerator (device %s, %d "
+                    "data-parallel ranks)", info.device.type, info.dp_size)
         cpu_offload = False
-    if not info.distributed:
+    if info.tensor_parallel:
+        from trainer.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, info.tp_mesh, sequence_parallel=info.sequence_parallel)
+    if not info.fsdp:
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    kw = {"mesh": info.mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp,
+    kw = {"mesh": info.dp_mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp,
           "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for block in blocks:
         fully_shard(block, **kw)
@@ -94,13 +217,22 @@ def shard_model(
     return model
 
 
-def all_reduce_sum(value: float | int | torch.Tensor, info: DistInfo) -> float:
-    """Sum a number over ranks (identity for a world of one)."""
+def all_reduce_sum(value: float | int | torch.Tensor, info: DistInfo, *, data_parallel: bool = False) -> float:
+    """Sum a number over ranks (identity for a world of one).
+
+    `data_parallel`: over the data-parallel ranks only, for what every rank of a tensor-parallel group holds
+    the same copy of (the batch's token count, its loss sum): summing over the whole world would count it tp
+    times."""
     if not info.distributed:
         return float(value)
     tensor = torch.as_tensor(value, dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     tensor = tensor.detach().clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if not data_parallel or (info.shape.tp == 1 and info.shape.cp == 1):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    else:
+        for name in ("dp_shard", "dp_replicate"):
+            if info.mesh is not None and name in (info.mesh.mesh_dim_names or ()) and info.mesh[name].size() > 1:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=info.mesh.get_group(name))
     return float(tensor.item())
 
 

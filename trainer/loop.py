@@ -2,9 +2,11 @@
 
 One optimizer step on every rank:
 1. take this rank's `grad_accum_steps` micro-batches from the loader;
-2. all-reduce their trainable-token count, so every rank knows the global batch's denominator;
-3. forward/backward each micro-batch with loss = summed CE / global trainable tokens, times the world
-   size because FSDP2 averages gradients over ranks; so accumulation and world size do not change the update;
+2. all-reduce their trainable-token count over the data-parallel ranks (the ranks of one tensor-parallel
+   group hold the same rows), so every rank knows the global batch's denominator;
+3. forward/backward each micro-batch with loss = summed CE / global trainable tokens, times the data-parallel
+   size because FSDP2 averages gradients over those ranks; so accumulation and world size do not change the
+   update;
 4. clip, step, schedule, and tell the loader the step's rows are consumed (exact resume).
 """
 
@@ -51,6 +53,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.quantize import is_quantized, quantize_frozen_base
 from trainer.reporting import open_reporters
 from trainer.signals import StopFlag, StopRequested
+from trainer.tensor_parallel import check_sequence, clip_grad_norm
 from trainer.weights import load_hf_weights, materialize
 
 log = logging.getLogger(__name__)
@@ -130,8 +133,8 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
             block.compile()
     # Parameters stay fp32 (the optimizer's master copy). Several ranks: FSDP2 casts them to `dtype` for
     # compute. One process: the forward runs under autocast (see `_forward_loss`), to the same effect.
-    param_dtype = dtype if (info.distributed and dtype != torch.float32) else None
-    model.autocast_dtype = dtype if (not info.distributed and dtype != torch.float32) else None
+    param_dtype = dtype if (info.fsdp and dtype != torch.float32) else None
+    model.autocast_dtype = dtype if (not info.fsdp and dtype != torch.float32) else None
     shard_model(
         model, blocks, info, param_dtype=param_dtype, reshard_after_forward=config.parallel.reshard_after_forward,
         cpu_offload=config.parallel.cpu_offload,
@@ -145,7 +148,7 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     _refuse_nonfinite_weights(model, info, config.model.path)
     if config.peft.neftune_noise_alpha is not None:
         install_neftune(model, config.peft.neftune_noise_alpha)
-    counts = count_parameters(model, info.world_size if info.distributed else 1)
+    counts = count_parameters(model)  # DTensor.numel() is the whole tensor's: no per-shard scaling
     log.info("trainable parameters: %d of %d (%.3f%%)%s", counts.trainable_params, counts.total_params,
              counts.trainable_pct, f"; LoRA on {len(wrapped)} modules" if lora else "")
     return model
@@ -203,13 +206,13 @@ def evaluate(model: Transformer, path: str, config: TrainConfig, info: DistInfo,
     """Mean token loss over the whole eval dataset (every row once, padded rows not counted)."""
     dataset = PackedIterableDataset(
         path,
-        global_batch_size=config.data.micro_batch_size * info.world_size,  # one micro-batch per rank a step
+        global_batch_size=config.data.micro_batch_size * info.dp_size,  # one micro-batch per rank a step
         micro_batch_size=config.data.micro_batch_size,
         shuffle=False,
         remainder="pad",
         epochs=1,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=info.dp_rank,
+        world_size=info.dp_size,
         expected_seq_length=seq_length,
     )
     model.eval()
@@ -219,8 +222,8 @@ def evaluate(model: Transformer, path: str, config: TrainConfig, info: DistInfo,
         loss_sum += float(_forward_loss(model, batch))
         tokens += batch["num_trainable"]
     model.train()
-    loss_sum = all_reduce_sum(loss_sum, info)
-    tokens = int(all_reduce_sum(tokens, info))
+    loss_sum = all_reduce_sum(loss_sum, info, data_parallel=True)
+    tokens = int(all_reduce_sum(tokens, info, data_parallel=True))
     return loss_sum / max(tokens, 1)
 
 
@@ -267,7 +270,7 @@ def train(
 
     `generation_eval`: evaluation by generation every N steps on prompts the caller rendered to ids (the
     trainer never imports dataprep; `trainer run` builds it from eval.generate_data)."""
-    info = info or init_distributed(config.parallel.backend)
+    info = info or init_distributed(config.parallel.backend, parallel=config.parallel)
     try:
         return _train(config, info, on_step, generation_eval)
     finally:
@@ -319,7 +322,7 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     barrier(info)
 
     model = build_model(config, info, resolve_dtype(config.model.dtype, info.device))
-    global_batch = config.global_batch(info.world_size)
+    global_batch = config.global_batch(info.dp_size)
     dataset = PackedIterableDataset(
         config.data.train,
         global_batch_size=global_batch,
@@ -329,23 +332,26 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
         shuffle=config.data.shuffle,
         remainder=config.data.remainder,
         epochs=None,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=info.dp_rank,
+        world_size=info.dp_size,
         expected_tokenizer_fingerprint=_model_tokenizer_fingerprint(config.model.path),
     )
+    if info.tensor_parallel:
+        check_sequence(dataset.seq_length, info.shape.tp, info.sequence_parallel)
     _verify_data(dataset, config, info, model.config.vocab_size)
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
-    shards = info.world_size if info.distributed else 1  # FSDP parameters hold 1/world of each tensor locally
+    # Counts from numel(): a DTensor's (FSDP2 or tensor-parallel shard) is that of the whole tensor, so no rank
+    # count multiplies them (which would count a 2-rank run's parameters twice).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run = Run(config, info, model, dataset, optimizer, scheduler, matmul_params(model) * shards, trainable)
+    run = Run(config, info, model, dataset, optimizer, scheduler, matmul_params(model), trainable)
     checkpointer = Checkpointer(config, info, out_dir, model, optimizer, scheduler, dataset, global_batch)
     start_step = checkpointer.resume()
 
     result = RunResult(steps=start_step, output_dir=str(out_dir), world_size=info.world_size)
-    result.total_params = sum(p.numel() for p in model.parameters()) * shards
-    result.trainable_params = sum(p.numel() for p in trainable) * shards
+    result.total_params = sum(p.numel() for p in model.parameters())
+    result.trainable_params = sum(p.numel() for p in trainable)
     stop = StopFlag().install()
     try:
         _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step, generation_eval)
@@ -425,14 +431,14 @@ def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
     """One optimizer step over this rank's micro-batches of one global batch; the data cursor moves after it."""
     info, model = run.info, run.model
     batches = [_to_device(b, info.device) for b in raw]
-    global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info)
+    global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info, data_parallel=True)
     denom = max(global_tokens, 1.0)
-    grad_scale = info.world_size / denom  # FSDP2 averages over ranks; we want the global token mean
+    grad_scale = info.dp_size / denom  # FSDP2 averages over the data-parallel ranks; we want the global token mean
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # synced once per step
     flops = 0.0
     try:
         for i, batch in enumerate(batches):
-            if info.distributed:
+            if info.fsdp:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
             loss = _forward_loss(model, batch)
             (loss * grad_scale).backward()
@@ -441,8 +447,8 @@ def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
     except Exception:
         run.optimizer.zero_grad(set_to_none=True)
         raise
-    grad_norm = _clip(run.trainable, run.config.train.max_grad_norm)
-    loss_value = float(all_reduce_sum(loss_sum.cpu(), info) / denom)  # the same on every rank
+    grad_norm = _clip(run.trainable, run.config.train.max_grad_norm, info)
+    loss_value = float(all_reduce_sum(loss_sum.cpu(), info, data_parallel=True) / denom)  # the same on every rank
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep(loss_value, grad_norm)
@@ -483,8 +489,10 @@ def _handle_nonfinite(run: Run, checkpointer: Checkpointer, result: RunResult, l
     ) from None
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+def _clip(params: list[torch.Tensor], max_norm: float | None, info: DistInfo | None = None) -> float:
     """Clip the global gradient norm (over all ranks' shards when FSDP2 DTensors are used); return it."""
+    if info is not None and info.tensor_parallel:  # gradients on several meshes (see tensor_parallel)
+        return clip_grad_norm(params, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()

@@ -241,7 +241,8 @@ def apply_freeze(model: nn.Module, cfg: PeftSection) -> None:
 
 
 def count_parameters(model: nn.Module, shards: int = 1) -> LoraReport:
-    """Trainable and total parameter counts (local numel x shards under FSDP2, tied weights counted once)."""
+    """Trainable and total parameter counts (tied weights counted once). A DTensor's numel() is the whole
+    tensor's already, so `shards` stays 1 for FSDP2 / tensor-parallel models; it scales plain local shards."""
     report = LoraReport()
     for param in model.parameters():
         n = param.numel() * shards

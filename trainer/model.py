@@ -164,9 +164,11 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        # Heads from the projections' width, not the config: under tensor parallelism each rank computes
+        # n_heads / tp of them (trainer.tensor_parallel).
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -174,7 +176,7 @@ class Attention(nn.Module):
             out = attention.attend(q, k, v, ctx, self.window)
         else:
             out = cache.attend(self.layer_idx, q, k, v, self.window)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):

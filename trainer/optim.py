@@ -58,8 +58,11 @@ def build_optimizer(
     # On CPU a plain per-parameter loop (foreach=False) gives identical results with or without DTensors, which
     # the bitwise resume tests rely on; on CUDA the fused kernel saves hundreds of launches per step.
     on_cuda = groups[0]["params"][0].device.type == "cuda"
+    # The fused kernel takes a whole group's tensors in one call, which DTensor allows only on one mesh (or
+    # none): tensor parallelism leaves the embedding and head whole beside tp-sharded blocks.
+    one_mesh = len({getattr(p, "device_mesh", None) for g in groups for p in g["params"]}) == 1
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             foreach=False, fused=True if on_cuda else None)
+                             foreach=False, fused=True if on_cuda and one_mesh else None)
 
 
 def warmup_steps(cfg: TrainSection, total_steps: int) -> int:
