@@ -97,6 +97,7 @@ def convert_batch(
     dict_type = dict
     n = len(records)
     i = 0
+    converted_body: tuple[int, Any] | None = None  # (index, body) the fast loop converted before leaving
     while i < n:
         if converter is not None and not special:
             # Fast loop: known format, one output per input; it leaves at the first record needing care.
@@ -109,7 +110,8 @@ def convert_batch(
                     messages = converter(raw)
                 except DataError:
                     break
-                if type(messages) is not list:  # tools or unmapped fields: the careful path
+                if type(messages) is not list:  # tools or unmapped fields: the careful path, given this body
+                    converted_body = (i, messages)
                     break
                 rid = raw.get("id")
                 if rid is None:
@@ -149,7 +151,9 @@ def convert_batch(
             if special:
                 pairs = _expand_self_instruct(raw, system, fallback, on_unknown_field, unknown)
             else:
-                pairs = [(_convert_one(converter, raw, system, fallback, on_unknown_field, unknown), raw)]
+                body = converted_body[1] if converted_body is not None and converted_body[0] == i else None
+                pairs = [(_convert_one(converter, raw, system, fallback, on_unknown_field, unknown, body), raw)]
+            converted_body = None
         except DataError as err:
             out.errors.append((i, err, raw))
             if fail:
@@ -181,8 +185,11 @@ def _derived_id(stem: str, lines: list[int] | None, base: int | None, token: str
 
 
 def _convert_one(converter: Any, raw: Any, system: str | None, fallback_id: str,
-                 on_unknown_field: OnUnknownField = "keep", unknown: Counter | None = None) -> dict[str, Any]:
-    body = converter(raw)  # validated by the converter; a system turn first keeps it valid
+                 on_unknown_field: OnUnknownField = "keep", unknown: Counter | None = None,
+                 body: Any = None) -> dict[str, Any]:
+    """`body`: the converter's result for `raw` when the caller already has it (converting twice is waste)."""
+    if body is None:
+        body = converter(raw)  # validated by the converter; a system turn first keeps it valid
     rid = raw.get("id")
     if rid is None:
         rid = fallback_id
