@@ -47,9 +47,9 @@ def _storage_bytes(t: torch.Tensor) -> int:
 def test_mesh_takes_the_rest_of_the_world_for_dp_shard_and_refuses_what_does_not_fit():
     assert Mesh.resolve(8, tp=2) == Mesh(8, 1, 4, 2, 1)
     assert Mesh.resolve(16, dp_replicate=2, tp=2, cp=2) == Mesh(16, 2, 2, 2, 2)
-    with pytest.raises(PlanError, match="not divisible by dp_replicate x tp x cp = 2"):
+    with pytest.raises(PlanError, match=r"not divisible by parallel\.dp_replicate \(1\) x parallel\.tp \(2\) x parallel\.cp \(1\) = 2"):
         Mesh.resolve(3, tp=2)
-    with pytest.raises(PlanError, match="not the world size 8"):
+    with pytest.raises(PlanError, match="= 4, but the world size is 8"):
         Mesh.resolve(8, dp_shard=2, tp=2)
     with pytest.raises(PlanError, match="tp must be >= 1"):
         Mesh.resolve(8, tp=0)

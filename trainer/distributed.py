@@ -28,71 +28,9 @@ from torch import nn
 if TYPE_CHECKING:
     from trainer.config import ParallelSection
 
+from trainer.mesh import MeshError, MeshShape, resolve_mesh_shape  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
-
-
-class MeshError(ValueError):
-    """The parallel.* keys do not fit the world size or the device; the message names the keys and values."""
-
-
-@dataclass(frozen=True)
-class MeshShape:
-    """How many ranks each mesh dimension has (all 1 for a world of one)."""
-
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-
-    @property
-    def dp(self) -> int:
-        """Ranks that read different rows (the data-parallel size)."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.cp * self.tp
-
-    def dims(self) -> list[tuple[str, int]]:
-        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP."""
-        out = []
-        if self.dp_replicate > 1:
-            out.append(("dp_replicate", self.dp_replicate))
-        if self.dp_shard > 1 or self.dp_replicate > 1:
-            out.append(("dp_shard", self.dp_shard))
-        if self.cp > 1:
-            out.append(("cp", self.cp))
-        if self.tp > 1:
-            out.append(("tp", self.tp))
-        return out
-
-
-def resolve_mesh_shape(parallel: ParallelSection, world_size: int, device_type: str) -> MeshShape:
-    """The mesh the config asks for on `world_size` ranks, or a MeshError naming the keys that do not fit."""
-    if parallel.pp != 1:
-        raise MeshError(f"parallel.pp = {parallel.pp}: pipeline parallelism is not supported; use parallel.tp "
-                        "and parallel.dp_shard")
-    if parallel.cp > 1:
-        if device_type != "cuda":
-            raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism needs CUDA (this run is on "
-                            f"{device_type}); use parallel.tp / parallel.dp_shard, or parallel.cp: 1")
-        raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism is not implemented in this version; "
-                        "set parallel.cp: 1 (parallel.tp with sequence_parallel also divides activations)")
-    fixed = parallel.dp_replicate * parallel.tp * parallel.cp
-    named = (f"parallel.dp_replicate ({parallel.dp_replicate}) x parallel.tp ({parallel.tp}) x "
-             f"parallel.cp ({parallel.cp})")
-    if parallel.dp_shard == -1:
-        if world_size % fixed:
-            raise MeshError(f"world size {world_size} is not divisible by {named} = {fixed}, so parallel.dp_shard "
-                            "(-1: the rest) has no whole value; change those keys or the number of ranks")
-        dp_shard = world_size // fixed
-    else:
-        dp_shard = parallel.dp_shard
-        if dp_shard * fixed != world_size:
-            raise MeshError(f"{named} x parallel.dp_shard ({dp_shard}) = {dp_shard * fixed}, but the world size "
-                            f"is {world_size} (ranks started by torchrun); make the product equal it, or set "
-                            "parallel.dp_shard: -1")
-    return MeshShape(parallel.dp_replicate, dp_shard, parallel.cp, parallel.tp)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer.config import TrainConfig
+from trainer.mesh import MeshError, split_world
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 
 GiB = 2**30
@@ -78,17 +79,13 @@ class Mesh:
         for name, value in (("world size", world_size), ("dp_replicate", dp_replicate), ("tp", tp), ("cp", cp)):
             if value < 1:
                 raise PlanError(f"{name} must be >= 1, got {value}")
-        rest = dp_replicate * tp * cp
-        if dp_shard == -1:
-            if world_size % rest:
-                raise PlanError(f"world size {world_size} is not divisible by dp_replicate x tp x cp = {rest}")
-            dp_shard = world_size // rest
-        elif dp_shard < 1:
+        if dp_shard != -1 and dp_shard < 1:
             raise PlanError(f"dp_shard must be >= 1 or -1 (the rest of the world), got {dp_shard}")
-        if dp_replicate * dp_shard * tp * cp != world_size:
-            raise PlanError(f"dp_replicate x dp_shard x tp x cp = {dp_replicate} x {dp_shard} x {tp} x {cp} = "
-                            f"{dp_replicate * dp_shard * tp * cp}, not the world size {world_size}")
-        return cls(world_size, dp_replicate, dp_shard, tp, cp)
+        try:  # the trainer's own rule, so the plan is of the mesh `trainer run` would build
+            shape = split_world(world_size, dp_replicate, dp_shard, tp, cp)
+        except MeshError as exc:
+            raise PlanError(str(exc)) from None
+        return cls(world_size, shape.dp_replicate, shape.dp_shard, shape.tp, shape.cp)
 
     @property
     def distributed(self) -> bool:
