@@ -621,8 +621,10 @@ class Checkpointer:
 
         config = self.config
         base = portable_ref(config.model.path)
-        card = {CARD_FILE: model_card(config, base_model=base, step=step,
-                                      kind="full" if config.peft.pet_type is None else "adapter")}
+        card = None  # only rank 0 writes, so only it reads the datasets' manifests for the card
+        if self.info.is_main:
+            kind = "full" if config.peft.pet_type is None else "adapter"
+            card = {CARD_FILE: model_card(config, base_model=base, step=step, kind=kind)}
         if config.peft.pet_type is None:
             return export_hf(self.model, export_dir, source_dir=config.model.path, extra_files=card,
                              max_shard_size=config.checkpoint.max_shard_size, overwrite=True)
