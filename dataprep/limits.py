@@ -21,7 +21,7 @@ _SAFETY = 4
 
 def max_token_chars(tok: Any) -> int:
     """Characters the longest token of `tok`'s vocabulary decodes to, plus 2 for partial characters."""
-    return max(len(tok.decode([i])) for i in range(tok.vocab_size)) + 2
+    return max(map(len, tok.decode_each(range(tok.vocab_size)))) + 2
 
 
 def overlong_char_limit(tok: Any, max_length: int) -> int:

@@ -114,6 +114,7 @@ class _Spill:
         self.n = 0
         self._name_pos = 0
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_names: list[bytes] = []
         self._pending_tokens = 0
 
     def add(self, sample_id: str, input_ids: np.ndarray, labels: np.ndarray) -> None:
@@ -121,7 +122,7 @@ class _Spill:
             self.lengths = np.resize(self.lengths, 2 * self.n)
             self.name_ends = np.resize(self.name_ends, 2 * self.n)
         name = sample_id.encode()
-        self._names.write(name)
+        self._pending_names.append(name)
         self._name_pos += len(name)
         self.lengths[self.n] = len(input_ids)
         self.name_ends[self.n] = self._name_pos
@@ -133,13 +134,11 @@ class _Spill:
 
     def _drain(self) -> None:
         if self._pending:
-            self._ids.write(
-                np.concatenate([p[0] for p in self._pending]).astype(np.int32, copy=False).tobytes()
-            )
-            self._labels.write(
-                np.concatenate([p[1] for p in self._pending]).astype(np.int32, copy=False).tobytes()
-            )
+            self._ids.write(np.concatenate([p[0] for p in self._pending]).astype(np.int32, copy=False).data)
+            self._labels.write(np.concatenate([p[1] for p in self._pending]).astype(np.int32, copy=False).data)
+        self._names.write(b"".join(self._pending_names))
         self._pending = []
+        self._pending_names = []
         self._pending_tokens = 0
 
     def close(self) -> None:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import re
+import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Literal
 
 import numpy as np
@@ -53,6 +54,9 @@ OVERLONG_POLICIES: tuple[str, ...] = Overlong.__args__  # type: ignore[attr-defi
 MultiTurn = Literal["whole", "last", "expand"]
 MULTI_TURN: tuple[str, ...] = MultiTurn.__args__  # type: ignore[attr-defined]
 _CACHE_MAX_CHARS = 32
+# A chunk also ends once its messages hold this many characters, so a chunk of long records stays bounded in
+# memory (two chunks are in flight: one encoding, one being assembled).
+_CHUNK_MAX_CHARS = 1 << 24
 _CACHE_MAX_ENTRIES = 50_000
 _ROLES = ("system", "user", "assistant", "tool")
 
@@ -80,7 +84,7 @@ class TokenizeOptions:
     mask_history: bool = False
     train_on_prompt: bool = False
     num_proc: int = 1
-    chunk_size: int = 1024
+    chunk_size: int = 4096
     multi_turn: MultiTurn = "whole"
     content_specials: ContentSpecials = "text"
 
@@ -159,7 +163,12 @@ class TokenizedSample:
 
 
 class _Encoder:
-    """Template + tokenizer + options for one process; turns message lists into (ids, trained token ranges)."""
+    """Template + tokenizer + options for one process; turns message lists into (ids, trained token ranges).
+
+    Three phases, so the tokenizer's batch call (which releases the GIL) can run in a thread while Python plans
+    the next chunk and assembles the last one: `plan` renders and lays out the texts to encode (no tokenizer
+    call: short texts come from the cache or join the batch), `encode` runs the batch, `assemble` builds ids and
+    trained ranges. Every tokenizer call holds `lock`, so two threads never use the tokenizer at once."""
 
     def __init__(self, tok: Tokenizer, template: ChatTemplate, options: TokenizeOptions) -> None:
         self.tok = tok
@@ -167,27 +176,17 @@ class _Encoder:
         self.options = options
         self.cache: dict[tuple[str, bool], list[int]] = {}
         self.split = options.content_specials == "text"
-
-    def _encode(self, texts: list[str], cont: bool) -> list[list[int]]:
-        return self.tok.encode_batch(texts, continued=cont, split_special_tokens=self.split)
-
-    def _cached(self, text: str, cont: bool) -> list[int]:
-        key = (text, cont)
-        ids = self.cache.get(key)
-        if ids is None:
-            ids = self._encode([text], cont)[0]
-            if len(self.cache) >= _CACHE_MAX_ENTRIES:  # many distinct short texts: keep memory flat
-                self.cache.clear()
-            self.cache[key] = ids
-        return ids
+        self.lock = threading.Lock()
 
     def encode_many(
         self, conversations: list[tuple[list[dict], list | None]], names: list[str] | None = None
     ) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Token ids and trained [start, end) ranges per (messages, tools) (one batched tokenizer call per mode)."""
-        opts = self.options
-        texts: tuple[list[str], list[str]] = ([], [])  # [continued=False], [continued=True]
-        plans: list[list] = []
+        batch = self.plan(conversations, names)
+        return self.assemble(batch, self.encode(batch))
+
+    def plan(self, conversations: list[tuple[list[dict], list | None]], names: list[str] | None = None) -> _Batch:
+        batch = _Batch()
         for k, (messages, tools) in enumerate(conversations):
             try:
                 pieces = self.template.render(messages, tools) if tools else self.template.render(messages)
@@ -207,21 +206,36 @@ class _Encoder:
                             run.append((value, train))
                     continue
                 if run:  # close the run of text before this id / FRESH / end
-                    plan.append(self._plan_run(run, cont, texts))
+                    plan.append(self._plan_run(run, cont, batch))
                     run = []
                 if value is None:
                     cont = False
                 else:
                     plan.append((value, train))
                     cont = True
-            plans.append(plan)
+            batch.plans.append(plan)
+        return batch
 
-        encoded = (
-            self._encode(texts[0], False) if texts[0] else [],
-            self._encode(texts[1], True) if texts[1] else [],
-        )
+    def encode(self, batch: _Batch) -> tuple[list[list[int]], list[list[int]]]:
+        """The batch's texts as ids, [continued=False] and [continued=True] (safe to call from another thread)."""
+        return self._encode(batch.texts[0], False), self._encode(batch.texts[1], True)
+
+    def _encode(self, texts: list[str], cont: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        with self.lock:
+            return self.tok.encode_batch(texts, continued=cont, split_special_tokens=self.split)
+
+    def assemble(
+        self, batch: _Batch, encoded: tuple[list[list[int]], list[list[int]]]
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        if len(self.cache) + len(batch.new_short) > _CACHE_MAX_ENTRIES:  # many distinct short texts: stay flat
+            self.cache.clear()
+        for key, (mode, index) in batch.new_short.items():
+            self.cache[key] = encoded[mode][index]
+        train_all = self.options.train_on_prompt
         out: list[tuple[list[int], list[tuple[int, int]]]] = []
-        for plan in plans:
+        for plan in batch.plans:
             ids: list[int] = []
             spans: list[tuple[int, int]] = []  # trained token ranges [start, end)
             for item in plan:
@@ -241,39 +255,59 @@ class _Encoder:
                     start = 0
                     for prefix, flag in item[3]:
                         pids = prefix if isinstance(prefix, list) else encoded[item[1]][prefix]
-                        cut = max(_common_prefix(pids, full), start)
+                        cut = len(pids) if full[: len(pids)] == pids else _common_prefix(pids, full)
+                        cut = max(cut, start)
                         if flag:
                             _add_span(spans, base + start, base + cut)
                         start = cut
                     if item[4]:
                         _add_span(spans, base + start, base + len(full))
                     ids.extend(full)
-            if opts.train_on_prompt:
+            if train_all:
                 spans = [(0, len(ids))]
             out.append((ids, spans))
         return out
 
-    def _plan_run(self, run: list[tuple[str, bool]], cont: bool, texts: tuple[list[str], list[str]]) -> tuple:
+    def _text(self, text: str, cont: bool, batch: _Batch) -> list[int] | int:
+        """Ids of a short text from the cache, else the index of `text` in the batch (queued once per batch)."""
+        mode = 1 if cont else 0
+        if len(text) <= _CACHE_MAX_CHARS:
+            key = (text, cont)
+            ids = self.cache.get(key)
+            if ids is not None:
+                return ids
+            queued = batch.new_short.get(key)
+            if queued is not None:
+                return queued[1]
+            batch.texts[mode].append(text)
+            batch.new_short[key] = (mode, len(batch.texts[mode]) - 1)
+            return len(batch.texts[mode]) - 1
+        batch.texts[mode].append(text)
+        return len(batch.texts[mode]) - 1
+
+    def _plan_run(self, run: list[tuple[str, bool]], cont: bool, batch: _Batch) -> tuple:
         mode = 1 if cont else 0
         if len(run) == 1:
             text, train = run[0]
-            if len(text) <= _CACHE_MAX_CHARS:
-                return ("r", mode, self._cached(text, cont), train)
-            texts[mode].append(text)
-            return ("r", mode, len(texts[mode]) - 1, train)
-        full = "".join(t for t, _ in run)
-        texts[mode].append(full)
-        full_index = len(texts[mode]) - 1
+            return ("r", mode, self._text(text, cont, batch), train)
+        batch.texts[mode].append("".join(t for t, _ in run))
+        full_index = len(batch.texts[mode]) - 1
         boundaries = []
         prefix = ""
         for text, train in run[:-1]:
             prefix += text
-            if len(prefix) <= _CACHE_MAX_CHARS:
-                boundaries.append((self._cached(prefix, cont), train))
-            else:
-                texts[mode].append(prefix)
-                boundaries.append((len(texts[mode]) - 1, train))
+            boundaries.append((self._text(prefix, cont, batch), train))
         return ("m", mode, full_index, boundaries, run[-1][1])
+
+
+@dataclass
+class _Batch:
+    """What one `_Encoder.plan` laid out: per conversation its plan, the texts to encode per mode, and the short
+    texts that joined the batch because the cache had not seen them ({(text, continued): (mode, index)})."""
+
+    plans: list[list] = field(default_factory=list)
+    texts: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
+    new_short: dict[tuple[str, bool], tuple[int, int]] = field(default_factory=dict)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -297,21 +331,6 @@ def _add_span(spans: list[tuple[int, int]], start: int, end: int) -> None:
 
 def _clip(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     return [(s, min(e, n)) for s, e in spans if s < n]
-
-
-def _sample(rid: str, ids: list[int], spans: list[tuple[int, int]]) -> TokenizedSample | None:
-    """Pre-shifted labels from trained token ranges; None when no position has a target."""
-    input_ids = np.array(ids, dtype=np.int32)
-    labels = np.full(len(ids), IGNORE, dtype=np.int32)
-    any_target = False
-    for s, e in spans:
-        s = max(s, 1)  # token 0 is never a target: nothing precedes it
-        if e > s:
-            labels[s - 1 : e - 1] = input_ids[s:e]
-            any_target = True
-    if not any_target:
-        return None
-    return TokenizedSample(rid, input_ids, labels)
 
 
 # ---- records ------------------------------------------------------------------------------------------------------
@@ -375,6 +394,16 @@ def _texts_of(messages: list[dict], tools: list | None) -> Iterator[str]:
         yield repr(tools)
 
 
+@dataclass
+class _Pending:
+    """A chunk between `_Processor.prepare` and `_Processor.finish`: its counts so far, its samples to be (id,
+    messages, tools) and the encoder's plan for them."""
+
+    stats: TokenizeStats
+    todo: list[tuple[str, list[dict], list | None]]
+    batch: _Batch
+
+
 class _Processor:
     """One chunk of records -> samples + stats; lives in the main process or in each worker."""
 
@@ -391,7 +420,7 @@ class _Processor:
                  stats: TokenizeStats) -> list[tuple[str, list[dict], list | None]]:
         """The samples one record becomes before tokenizing: (id, messages, tools) each."""
         opts = self.options
-        if self.special_re is not None and any(self.special_re.search(t) for t in _texts_of(messages, tools)):
+        if self.special_re is not None and self.special_re.search("\x00".join(_texts_of(messages, tools))):
             stats.special_token_text += 1
         if not self.template.renders_reasoning and any("reasoning_content" in m for m in messages):
             stats.reasoning_inlined += sum("reasoning_content" in m for m in messages)
@@ -412,9 +441,13 @@ class _Processor:
         return out
 
     def process(self, chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample], TokenizeStats]:
+        pending = self.prepare(chunk)
+        return self.finish(pending, self.encoder.encode(pending.batch))
+
+    def prepare(self, chunk: list[tuple[int, dict]]) -> _Pending:
+        """Everything before the tokenizer's batch call: read, cap, expand and render the chunk's records."""
         stats = TokenizeStats()
         stats.records = len(chunk)
-        max_len = self.options.max_length
         todo: list[tuple[str, list[dict], list | None]] = []
         for index, record in chunk:
             rid, messages, tools = _messages_of(record, index)
@@ -425,16 +458,30 @@ class _Processor:
                 stats.dropped["no_assistant"] += 1
             else:
                 todo += self._prepare(rid, messages, tools, stats)
-        samples: list[TokenizedSample] = []
-        encoded = self.encoder.encode_many([(m, t) for _, m, t in todo], names=[r for r, _, _ in todo]) if todo else []
-        for (rid, messages, tools), (ids, spans) in zip(todo, encoded, strict=True):
+        batch = self.encoder.plan([(m, t) for _, m, t in todo], names=[r for r, _, _ in todo])
+        return _Pending(stats, todo, batch)
+
+    def finish(
+        self, pending: _Pending, encoded: tuple[list[list[int]], list[list[int]]]
+    ) -> tuple[list[TokenizedSample], TokenizeStats]:
+        """Everything after it: ids and labels per sample, the overlong policy, the counts."""
+        stats, todo = pending.stats, pending.todo
+        max_len = self.options.max_length
+        assembled = self.encoder.assemble(pending.batch, encoded)
+        # The chunk's samples side by side in one id array and one label array (each sample a view), so numpy is
+        # called once per chunk rather than three times per sample.
+        flat: list[int] = []
+        kept: list[tuple[str, int, int]] = []  # (id, start, end) in flat
+        targets: list[tuple[int, int]] = []  # absolute [start, end) of trained tokens, start >= the sample's + 1
+        for (rid, messages, tools), (ids, spans) in zip(todo, assembled, strict=True):
             if max_len is not None and len(ids) > max_len:
                 pieces = self._overlong(rid, messages, tools, stats)
             else:
                 pieces = [(rid, ids, spans)]
             for pid, pids, pspans in pieces:
-                sample = _sample(pid, pids, pspans)
-                if sample is None:
+                base = len(flat)
+                trained = [(base + max(a, 1), base + b) for a, b in pspans if b > max(a, 1)]
+                if not trained:  # token 0 is never a target: nothing precedes it
                     if len(pieces) > 1:
                         reason = "split_piece_no_target"
                     elif len(pids) < len(ids):
@@ -443,11 +490,17 @@ class _Processor:
                         reason = "no_target"
                     stats.dropped[reason] += 1
                     continue
-                samples.append(sample)
-                stats.samples += 1
-                stats.tokens += len(sample.input_ids)
-                stats.trainable_tokens += int((sample.labels != IGNORE).sum())
-        return samples, stats
+                flat.extend(pids)
+                kept.append((pid, base, len(flat)))
+                targets += trained
+                stats.trainable_tokens += sum(b - a for a, b in trained)
+        input_ids = np.array(flat, dtype=np.int32)
+        labels = np.full(len(flat), IGNORE, dtype=np.int32)
+        for a, b in targets:  # pre-shifted: the label at i is the token at i + 1
+            labels[a - 1 : b - 1] = input_ids[a:b]
+        stats.samples += len(kept)
+        stats.tokens += len(flat)
+        return [TokenizedSample(pid, input_ids[a:b], labels[a:b]) for pid, a, b in kept], stats
 
     def _overlong(self, rid: str, messages: list[dict], tools: list | None, stats: TokenizeStats) -> list:
         opts = self.options
@@ -516,11 +569,18 @@ def _worker_process(chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample
 
 
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
-    it = enumerate(records)
-    while True:
-        chunk = list(islice(it, size))
-        if not chunk:
-            return
+    """(index, record) lists of at most `size` records and about _CHUNK_MAX_CHARS characters of content."""
+    chunk: list[tuple[int, dict]] = []
+    chars = 0
+    for item in enumerate(records):
+        chunk.append(item)
+        messages = item[1].get("messages") if isinstance(item[1], dict) else None
+        if isinstance(messages, list):
+            chars += sum(len(c) for m in messages if isinstance(m, dict) and isinstance(c := m.get("content"), str))
+        if len(chunk) >= size or chars >= _CHUNK_MAX_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
         yield chunk
 
 
@@ -540,10 +600,23 @@ def tokenize_conversations(
     if options.num_proc <= 1:
         proc = _Processor(tokenizer, options)
         log.info("tokenizing with template %s (%s)", proc.template.name, proc.template.description)
-        for chunk in _chunks(records, options.chunk_size):
-            samples, chunk_stats = proc.process(chunk)
-            stats.merge(chunk_stats)
-            yield from samples
+        # One chunk's batch encode runs in a thread (the tokenizer releases the GIL) while this thread reads and
+        # renders the next chunk and assembles, yields and spills the one before: Python's share of the work
+        # then overlaps the tokenizer's instead of adding to it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+            inflight: tuple[_Pending, Future] | None = None
+            for chunk in _chunks(records, options.chunk_size):
+                pending = proc.prepare(chunk)
+                job = (pending, pool.submit(proc.encoder.encode, pending.batch))
+                if inflight is not None:
+                    samples, chunk_stats = proc.finish(inflight[0], inflight[1].result())
+                    stats.merge(chunk_stats)
+                    yield from samples
+                inflight = job
+            if inflight is not None:
+                samples, chunk_stats = proc.finish(inflight[0], inflight[1].result())
+                stats.merge(chunk_stats)
+                yield from samples
         return
     # validate template/options here so a bad name fails before workers start
     get_template(options.template, tokenizer, options.content_specials)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,10 @@ class Tokenizer:
         """Decode ids to text, special tokens included as their strings (like HF decode without skipping)."""
         return self._backend.decode([int(i) for i in ids])
 
+    def decode_each(self, ids: Iterable[int]) -> list[str]:
+        """Each id decoded on its own (one batched call where the backend has one)."""
+        return self._backend.decode_each([int(i) for i in ids])
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
@@ -137,6 +141,9 @@ class _HFBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def decode_each(self, ids: list[int]) -> list[str]:
+        return self.tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -256,6 +263,9 @@ class _SPBackend:
     def decode(self, ids: list[int]) -> str:
         text = b"".join(self.table[i] for i in ids).decode("utf-8", errors="replace")
         return text[1:] if text.startswith(" ") else text
+
+    def decode_each(self, ids: list[int]) -> list[str]:
+        return [self.decode([i]) for i in ids]
 
     def token_to_id(self, token: str) -> int | None:
         return self.vocab.get(token)
