@@ -119,16 +119,17 @@ def test_run_learns_resumes_exactly_and_merges_into_the_dequantized_base(tiny, a
     from trainer.loop import train
 
     root, model_dir, data_dir = tiny
-    straight = train(_config(root, model_dir, data_dir, f"{algo}-straight", algo, "train.max_steps=16",
+    straight = train(_config(root, model_dir, data_dir, f"{algo}-straight", algo, "train.max_steps=24",
                              "peft.export_merged=true"))
     first, last = sum(straight.losses[:4]) / 4, sum(straight.losses[-4:]) / 4
     assert last < first - 0.2, straight.losses
-    train(_config(root, model_dir, data_dir, f"{algo}-resumed", algo, "train.max_steps=8",
-                  "checkpoint.every_steps=8"))
-    train(_config(root, model_dir, data_dir, f"{algo}-resumed", algo, "train.max_steps=16",
-                  "checkpoint.every_steps=8"))
+    train(_config(root, model_dir, data_dir, f"{algo}-resumed", algo, "train.max_steps=12",
+                  "checkpoint.every_steps=12"))
+    train(_config(root, model_dir, data_dir, f"{algo}-resumed", algo, "train.max_steps=24",
+                  "checkpoint.every_steps=12"))
     assert logged_losses(root / f"{algo}-resumed") == straight.losses
     # Merged = the library's dequantized base + s B A, for every adapted Linear; the rest as in the checkpoint.
+    # (Without export_merged's dequantized base the merge would differ by the whole quantization error.)
     ckpt = load_file(model_dir / "model.safetensors")
     adapter = load_file(root / f"{algo}-straight" / "export" / "adapter_model.safetensors")
     merged = load_file(root / f"{algo}-straight" / "export-merged" / "model.safetensors")
@@ -140,7 +141,7 @@ def test_run_learns_resumes_exactly_and_merges_into_the_dequantized_base(tiny, a
             b, a = adapter[f"{module}.lora_B.weight"], adapter[f"{module}.lora_A.weight"]
             torch.testing.assert_close(merged[key], reference(algo, base) + scaling * (b @ a), rtol=0, atol=1e-6)
             checked += 1
-        elif key in merged:
+        elif key != "model.norm.weight":  # trained in full (freeze_exclude): the adapter's copy replaces it
             assert torch.equal(merged[key], base), key
     assert checked == 14
 
