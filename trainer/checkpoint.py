@@ -635,9 +635,11 @@ class Checkpointer:
         if config.peft.export_merged:
             if self.info.is_main:
                 from trainer.merge_lora import merge_lora
+                from trainer.quantize import dequantized_base
 
+                base = dequantized_base(self.model, config.peft)  # a quantized run: its dequantized base
                 merge_lora(config.model.path, export_dir, export_dir.with_name(export_dir.name + "-merged"),
-                           overwrite=True, show_progress=config.logging.progress_bar)
+                           overwrite=True, show_progress=config.logging.progress_bar, base_values=base)
             barrier(self.info)
         return export_dir
 

@@ -184,8 +184,8 @@ class CheckpointSection:
 
 
 PetType = Literal["lora", "vera", "lokr"]
-# Quantized frozen bases (PaddleNLP's weight_quantize_algo values that are implemented).
-QuantAlgo = Literal["nf4"]
+# Quantized frozen bases (PaddleNLP's weight_quantize_algo values).
+QuantAlgo = Literal["nf4", "fp4", "weight_only_int8", "weight_only_int4"]
 
 
 @dataclass
@@ -268,15 +268,21 @@ class PeftSection:
     lokr_decompose_factor: int = doc(
         "LoKr: split each dimension as factor x (dim / factor); -1 picks the divisor pair nearest the square root.", -1)
     weight_quantize_algo: QuantAlgo | None = doc(
-        "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key): nf4 = 4-bit "
-        "NormalFloat with double quantization (torchao), quantized tensor by tensor while loading, dequantized "
-        "per matmul. Adapters, norms, embeddings, the LM head and fused MoE experts stay unquantized. null disables. (fp4 and "
-        "weight_only_int8/int4 are not implemented.)", None,
+        "QLoRA: store the frozen Linear weights of the decoder layers quantized (PaddleNLP's key and values): "
+        "nf4 = 4-bit NormalFloat with double quantization (torchao) | fp4 = QLoRA's 4-bit float with double "
+        "quantization (bitsandbytes) | weight_only_int8 = int8, one symmetric scale per output row (torchao) | "
+        "weight_only_int4 = int4, one symmetric scale per weight_only_int4_group_size weights of a row (torchao). "
+        "Quantized tensor by tensor while loading, dequantized per matmul. Adapters, norms, embeddings, the LM head "
+        "and fused MoE experts stay unquantized. null disables.", None,
     )
-    qlora_weight_blocksize: int = doc("NF4: weights per absmax scale (QLoRA's 64).", 64)
+    qlora_weight_blocksize: int = doc("NF4 / FP4: weights per absmax scale (QLoRA's 64).", 64)
     qlora_weight_double_quant_block_size: int = doc(
         "NF4 double quantization: block scales per int8-quantized group (QLoRA's 256). A tensor is quantized "
-        "when its size is a multiple of blocksize x this.", 256,
+        "when its size is a multiple of blocksize x this. FP4 (bitsandbytes) fixes it at 256.", 256,
+    )
+    weight_only_int4_group_size: int = doc(
+        "weight_only_int4: weights of a row per scale (torchao's int4 default 128); -1 = one scale per output row "
+        "(PaddleNLP's per-channel weight_only_int4). Rows whose length it does not divide stay unquantized.", 128,
     )
 
 
@@ -592,6 +598,12 @@ def _validate_peft(p: PeftSection) -> None:
         if p.qlora_weight_blocksize < 2 or p.qlora_weight_blocksize % 2 or p.qlora_weight_double_quant_block_size < 1:
             raise ConfigError("peft.qlora_weight_blocksize must be an even number >= 2 and "
                               "peft.qlora_weight_double_quant_block_size >= 1")
+        if p.weight_quantize_algo == "fp4" and p.qlora_weight_double_quant_block_size != 256:
+            raise ConfigError("peft.weight_quantize_algo fp4: bitsandbytes double-quantizes in groups of 256 block "
+                              "scales; peft.qlora_weight_double_quant_block_size must stay 256")
+        group = p.weight_only_int4_group_size
+        if p.weight_quantize_algo == "weight_only_int4" and not (group == -1 or (group >= 2 and group % 2 == 0)):
+            raise ConfigError("peft.weight_only_int4_group_size must be an even number >= 2, or -1 (per row)")
     if p.pet_type == "vera" and (p.vera_rank < 1 or p.vera_d_initial == 0):
         raise ConfigError("peft.vera_rank must be >= 1 and peft.vera_d_initial non-zero")
     if p.pet_type == "lokr" and (p.lokr_rank < 1 or p.lokr_alpha <= 0 or p.lora_dropout > 0):
@@ -682,7 +694,8 @@ RESUME_BREAKING = (
     "peft.pet_type", "peft.lora_rank", "peft.lora_alpha", "peft.target_modules", "peft.freeze_include",
     "peft.freeze_exclude", "peft.use_rslora", "peft.use_dora", "peft.pissa", "peft.lora_a_init", "peft.lora_b_init",
     "peft.weight_quantize_algo", "peft.qlora_weight_blocksize", "peft.qlora_weight_double_quant_block_size",
-    "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank", "peft.vera_d_initial",
+    "peft.weight_only_int4_group_size", "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank",
+    "peft.vera_d_initial",
     "peft.vera_projection_prng_key", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
 )
 RESUME_OPTIMIZER = (

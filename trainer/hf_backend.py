@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from trainer.loss import LossConfig, head_loss
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
+from trainer.quantize import quantized_owners
 from trainer.weights import (
     LoadReport,
     NameMap,
@@ -371,10 +372,11 @@ def load_weights(model: HFCausalLM, model_dir: str | Path, *, strict: bool = Tru
     for key, src in source_of.items():
         if src in files:
             by_file.setdefault(files[src], []).append(key)
+    owners = quantized_owners(model)
     for path in tqdm(sorted(by_file), desc="loading weights", unit="file", disable=not show_progress):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in by_file[path]:
-                _load_one(f, source_of[key], targets[key], path)
+                _load_one(f, source_of[key], targets[key], path, owners.get(id(targets[key])))
                 report.loaded += 1
         report.files.append(path.name)
     handles: dict[Path, Any] = {}

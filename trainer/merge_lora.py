@@ -215,8 +215,13 @@ def merged_weight(weight: torch.Tensor, adapter: _Adapter) -> torch.Tensor:
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-               show_progress: bool = True) -> MergeReport:
-    """Write base + adapter as an HF checkpoint directory (atomically: a temp sibling renamed at the end)."""
+               show_progress: bool = True,
+               base_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> MergeReport:
+    """Write base + adapter as an HF checkpoint directory (atomically: a temp sibling renamed at the end).
+
+    `base_values` (checkpoint key, tensor -> tensor) gives the values the adapter was trained on where they are
+    not the checkpoint's: a run on a quantized base merges into the dequantized base it saw (see
+    `trainer.quantize.dequantized_base`), so the merged model computes what the trained one did."""
     from tqdm import tqdm
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -262,6 +267,8 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
                 for key in by_file[path]:
                     t = f.get_tensor(key)
                     dtypes.add(t.dtype)
+                    if base_values is not None:
+                        t = base_values(key, t)
                     module = key[: -len(".weight")] if key.endswith(".weight") else None
                     if untie and key == embed_key:
                         head = t.clone() if head_source is None else head_source.to(t.dtype)

@@ -44,6 +44,7 @@ from formats.atomic import plain_file_mode, publish_dir
 from formats.tokenizer_id import TOKENIZER_FILES
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
+from trainer.quantize import quantized_owners
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +212,11 @@ def load_hf_weights(
     for key, path in files.items():
         if key in targets:
             by_file.setdefault(path, []).append(key)
+    owners = quantized_owners(model)
     for path in tqdm(sorted(by_file), desc="loading weights", unit="file", disable=not show_progress):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in by_file[path]:
-                _load_one(f, key, targets[key], path)
+                _load_one(f, key, targets[key], path, owners.get(id(targets[key])))
                 report.loaded += 1
         report.files.append(path.name)
     if report.skipped:
@@ -222,20 +224,25 @@ def load_hf_weights(
     return report
 
 
-def _load_one(f, key: str, param: torch.Tensor, path: Path) -> None:
+def _load_one(f, key: str, param: torch.Tensor, path: Path, owner: nn.Module | None = None) -> None:
+    """One checkpoint tensor into `param`; `owner` is the `QuantizedLinear` whose stored rows `param` is, if any."""
     sl = f.get_slice(key)
     shape = tuple(sl.get_shape())
-    if tuple(param.shape) != shape:
-        raise WeightsError(f"{path}: tensor {key} has shape {shape}, the model expects {tuple(param.shape)}")
+    want = tuple(owner.shape if owner is not None else param.shape)
+    if want != shape:
+        raise WeightsError(f"{path}: tensor {key} has shape {shape}, the model expects {want}")
     if param.device.type == "meta":
         raise WeightsError(f"parameter {key} is on the meta device: call materialize(model, device) first")
     from trainer.quantize import is_quantized, load_quantized
 
-    if is_quantized(param):  # QLoRA base: quantize this tensor on the fly, keep this rank's rows
+    if owner is not None or is_quantized(param):  # quantized base: quantize on the fly, keep this rank's rows
         full = f.get_tensor(key)
         if not bool(torch.isfinite(full).all()):  # the 4-bit scales would hide it: refuse as for other weights
             raise WeightsError(f"{path}: tensor {key} holds NaN or Inf; refusing to quantize it")
-        load_quantized(param, full)
+        if owner is not None:
+            owner.load(full)
+        else:
+            load_quantized(param, full)
         return
     if _is_dtensor(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
