@@ -4,8 +4,9 @@ The model is written from what the trainer does, not from rules of thumb, so tha
 
 - Parameters: every tensor of the decoder (from config.json, through `ModelConfig`), stored as the trainer
   stores it: trainable ones (and LoRA / VeRA / LoKr / MoRA adapters) in fp32, which doubles as the optimizer's
-  master copy; frozen ones in `model.frozen_dtype`, or NF4 (4 bits, plus one int8 scale per block and one scale
-  per double-quantization group) for QLoRA's decoder Linear weights. `peft.target_modules`, `freeze_include` /
+  master copy; frozen ones in `model.frozen_dtype`, or quantized for QLoRA's decoder Linear weights
+  (`peft.weight_quantize_algo`: NF4 / FP4 at 4 bits plus one int8 scale per block and one scale per
+  double-quantization group; int8 / int4 weight-only plus an fp32 scale and zero point per row / group). `peft.target_modules`, `freeze_include` /
   `freeze_exclude` / `modules_to_save` are matched with the trainer's own matchers.
 - Gradients: fp32, trainable parameters only. Optimizer state: AdamW's two fp32 moments (8 bytes per trainable
   parameter), or 2 bytes with `adamw_8bit`. None of this exists for frozen weights.
@@ -48,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.config import TrainConfig
+from trainer.config import PeftSection, TrainConfig
 from trainer.mesh import MeshError, split_world
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 
@@ -250,7 +251,7 @@ class Inventory:
     tensors: list[Tensor]
     trainable: set[str]
     adapters: list[Adapter]
-    nf4: set[str]  # frozen weights stored as NF4 (QLoRA)
+    quantized: set[str]  # frozen weights stored quantized (peft.weight_quantize_algo)
     adapted: set[str]  # modules wrapped by an adapter
 
 
@@ -316,12 +317,42 @@ def inventory(shape: ModelShape, config: TrainConfig) -> Inventory:
             frozen = False
         if not frozen:
             trainable.add(t.name)
-    nf4: set[str] = set()
-    if p.weight_quantize_algo is not None:
-        unit = p.qlora_weight_blocksize * p.qlora_weight_double_quant_block_size
-        nf4 = {t.name for t in tensors if t.kind == "linear" and t.layer is not None and t.name not in trainable
-               and t.numel % unit == 0}
-    return Inventory(tensors, trainable, adapters, nf4, adapted)
+    quantized = {t.name for t in tensors if t.kind == "linear" and t.layer is not None and t.name not in trainable
+                 and _quantizable(p, t)} if p.weight_quantize_algo is not None else set()
+    return Inventory(tensors, trainable, adapters, quantized, adapted)
+
+
+def _quantizable(p: PeftSection, t: Tensor) -> bool:
+    """trainer.quantize's rule of which frozen Linear weights its algorithm stores quantized."""
+    algo, cols = p.weight_quantize_algo, t.shape[-1]
+    if algo == "nf4":
+        return t.numel % (p.qlora_weight_blocksize * p.qlora_weight_double_quant_block_size) == 0
+    if algo == "weight_only_int8":
+        return True
+    group = _group(p, cols)
+    return cols % group == 0 and cols % 2 == 0
+
+
+def _group(p: PeftSection, cols: int) -> int:
+    group = p.qlora_weight_blocksize if p.weight_quantize_algo == "fp4" else p.weight_only_int4_group_size
+    return cols if group == -1 else group
+
+
+def quantized_bytes(p: PeftSection, numel: float, cols: int, frozen_bytes: int) -> float:
+    """Bytes of `numel` weights (rows of `cols`) as trainer.quantize stores `p.weight_quantize_algo`: the codes
+    plus their scales. NF4 double-quantizes its block scales to int8 (plus an fp32 scale per group); FP4's
+    stored rows hold one uint8 absmax per block (its second-level statistics are a few whole-tensor values,
+    not parameters); int8 keeps an fp32 scale and an int8 zero point per row; int4 a scale in the frozen
+    dtype and an int8 zero point per group."""
+    algo = p.weight_quantize_algo
+    if algo == "fp4":
+        return numel / 2 + numel / p.qlora_weight_blocksize
+    if algo == "weight_only_int8":
+        return numel + numel / cols * 5
+    if algo == "weight_only_int4":
+        return numel / 2 + numel / _group(p, cols) * (frozen_bytes + 1)
+    bs, dq = p.qlora_weight_blocksize, p.qlora_weight_double_quant_block_size
+    return numel / 2 + numel / bs + numel / (bs * dq) * frozen_bytes + 17 * frozen_bytes
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -450,10 +481,6 @@ def plan_memory(
         return tp if t.layer is not None and t.kind in ("linear", "experts", "bias") and t.module.endswith(
             (*ROWWISE, *COLWISE, "experts")) and not (t.kind == "bias" and t.module.endswith(ROWWISE)) else 1
 
-    def nf4_bytes(n: int) -> float:
-        bs, dq = config.peft.qlora_weight_blocksize, config.peft.qlora_weight_double_quant_block_size
-        return n / 2 + n / bs + n / (bs * dq) * fb + 17 * fb
-
     trainable_b = frozen_b = 0.0
     trainable_n = frozen_n = 0
     largest_trainable = 0.0
@@ -464,7 +491,8 @@ def plan_memory(
             trainable_n += t.numel
             largest_trainable = max(largest_trainable, local * 4)
         else:
-            frozen_b += nf4_bytes(local) if t.name in inv.nf4 else local * fb
+            frozen_b += (quantized_bytes(config.peft, local, t.shape[-1], fb) if t.name in inv.quantized
+                         else local * fb)
             frozen_n += t.numel
     adapter_n = sum(ad.numel for ad in inv.adapters)
     adapter_local = sum((ad.numel - ad.sharded_numel) + ad.sharded_numel / tp for ad in inv.adapters) / dp
@@ -475,7 +503,8 @@ def plan_memory(
     opt_per_param = 2 if config.train.optimizer == "adamw_8bit" else 8
 
     comps: list[Component] = []
-    base_note = f"frozen in {frozen}" + (f", {len(inv.nf4)} Linear weights NF4" if inv.nf4 else "")
+    base_note = f"frozen in {frozen}" + (f", {len(inv.quantized)} Linear weights {config.peft.weight_quantize_algo}"
+                                           if inv.quantized else "")
     if trainable_n:
         base_note = f"{trainable_n:,} trainable in fp32 (the master copy); " + base_note
     comps.append(Component("parameters", int(trainable_b + frozen_b), "always", base_note))
@@ -627,13 +656,13 @@ def plan_memory(
     root_numel = sum(t.numel for t in inv.tensors if t.layer is None)
     if fsdp:
         live_blocks = 2 * max(block_numel) if pc.reshard_after_forward else sum(block_numel)
-        gathered_nf4 = 0.5 if inv.nf4 else 1.0
+        gathered_nf4 = 0.5 if inv.quantized else 1.0
         copies = (live_blocks * gathered_nf4 + root_numel) * a
         copies_note = ("FSDP2: 2 gathered blocks + root" if pc.reshard_after_forward
                        else "FSDP2: every gathered block + root (reshard_after_forward false)")
     elif autocast:
         # (the head's cast is the loss's, above; embeddings are looked up, not cast)
-        fp32_linear = [t for t in inv.tensors if t.kind == "linear" and t.name != head and t.name not in inv.nf4
+        fp32_linear = [t for t in inv.tensors if t.kind == "linear" and t.name != head and t.name not in inv.quantized
                        and (t.name in inv.trainable or frozen == "fp32")]
         if mc.activation_checkpointing:
             kept = sum(t.numel for t in fp32_linear if t.name in inv.trainable) + max(
@@ -660,8 +689,8 @@ def plan_memory(
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 2 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
-    if inv.nf4:  # QLoRA: one weight dequantized at a time for its matmul
-        bwd += max(t.numel for t in inv.tensors if t.name in inv.nf4) / tp * a
+    if inv.quantized:  # QLoRA: one weight dequantized at a time for its matmul
+        bwd += max(t.numel for t in inv.tensors if t.name in inv.quantized) / tp * a
     # The loss's forward and the first block's backward do not overlap: the larger of the two.
     comps.append(Component("working set", int(max(work, bwd)), "forward",
                            "the larger of the loss's chunk work and one block's activation gradients"))
