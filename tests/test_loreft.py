@@ -180,6 +180,14 @@ def test_gradients_reach_only_r_w_b_and_r_stays_orthonormal(tiny):
         p.requires_grad_(name in trainable)
     model(ids, cu_seqlens=cu, max_seqlen=20, labels=labels).backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing = True  # recomputed blocks get the same mask: the same gradients
+    model.train()
+    model(ids, cu_seqlens=cu, max_seqlen=20, labels=labels).backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, atol=1e-6, rtol=1e-5)
+    model.activation_checkpointing = False
     before = {k: v.clone() for k, v in _tensors(model).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
     for _ in range(6):
@@ -253,3 +261,29 @@ def test_run_learns_resumes_exactly_and_generate_loads_the_adapter(tiny):
         assert tokens == seq[9:]
     with pytest.raises(WeightsError, match="cannot be merged"):
         merge_lora(model_dir, export, root / "merged")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(tmp_path, repo_root):
+    """FSDP2 over 2 gloo ranks shards each intervention with its block (rank 3: rows split unevenly) and trains
+    like one process with the same global batch: same losses, same exported adapter."""
+    import torch.distributed as dist
+
+    from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
+    from tests.helpers.tiny_run import make_tokenizer_and_model
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    model_dir = make_tokenizer_and_model(tmp_path)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
+    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=5e-2",
+              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "peft.pet_type=loreft",
+              "peft.reft_rank=3", "peft.reft_positions=f2+l4"]
+    one, two = one_and_two_ranks(common, tmp_path, repo_root)
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
+    a = assert_same_tensors(tmp_path / "one" / "export" / "adapter_model.safetensors",
+                            tmp_path / "two" / "export" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(f"model.layers.{i}.reft.{p}" for i in (0, 1)
+                               for p in ("rotation", "source_weight", "source_bias"))
