@@ -222,7 +222,7 @@ def _prompt_interventions(model: nn.Module, positions: torch.Tensor, valid: torc
     spec = getattr(model, "reft_positions", None)
     if spec is None:
         return {}
-    from trainer.reft import prompt_mask
+    from trainer.reft_positions import prompt_mask
 
     return {"intervene": prompt_mask(spec, positions, valid)}
 
@@ -419,9 +419,10 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
     adapter_dir = Path(adapter_dir)
     reft = _reft_config(adapter_dir)
     if reft is not None:
+        from trainer.adapters import WEIGHTS_FILE
         from trainer.reft import apply_reft_adapter
 
-        return apply_reft_adapter(model, adapter_dir, reft)
+        return apply_reft_adapter(model, adapter_dir / WEIGHTS_FILE, reft)
     config, adapters, full = read_adapter(adapter_dir)
     device = next(model.parameters()).device
     wrapped = []

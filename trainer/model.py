@@ -291,7 +291,7 @@ class Transformer(nn.Module):
             windows=self.config.sliding_windows,
         )
         if self.reft_positions is not None and intervene is None:
-            from trainer.reft import packed_mask
+            from trainer.reft_positions import packed_mask
 
             intervene = packed_mask(self.reft_positions, b, t, labels, cu_seqlens, h.device)
         for layer in self.model.layers:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.reft_positions import ReftError, ReftPositions, parse_layers
+from trainer.reft_positions import ReftError, ReftPositions, packed_mask, parse_layers, prompt_mask
 
 log = logging.getLogger(__name__)
 
@@ -88,44 +88,6 @@ class LoreftIntervention(nn.Module):
         source = F.linear(h, self.source_weight.to(h.dtype), self.source_bias.to(h.dtype))
         edit = (source - F.linear(h, r)) @ r
         return torch.where(mask[..., None], h + edit, h)
-
-
-def positions_mask(positions: ReftPositions, offset: torch.Tensor, prompt_len: torch.Tensor,
-                   inside: torch.Tensor | None = None) -> torch.Tensor:
-    """True where a token at `offset` in its document is among the first / last tokens of a `prompt_len` prompt."""
-    mask = (offset < prompt_len) & ((offset < positions.first) | (offset >= prompt_len - positions.last))
-    return mask if inside is None else mask & inside
-
-
-def packed_mask(positions: ReftPositions, batch: int, seqlen: int, labels: torch.Tensor | None,
-                cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The [B, T] intervention mask of a packed batch (see the module docstring for which positions)."""
-    from trainer.attention import segment_ids_from_cu_seqlens
-
-    n = batch * seqlen
-    if cu_seqlens is None:
-        cu = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int64)
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    seg = segment_ids_from_cu_seqlens(cu, batch, seqlen).flatten()
-    starts, ends = cu[:-1], cu[1:]
-    if labels is not None:
-        idx = torch.arange(n, device=device)
-        trained = labels.reshape(-1).to(device) != -100
-        first = torch.full((starts.numel(),), n, device=device, dtype=torch.int64)
-        first = first.scatter_reduce(0, seg, torch.where(trained, idx, n), reduce="amin")
-        prompt_end = torch.where(first < n, first + 1, ends)
-    else:
-        prompt_end = ends
-    idx = torch.arange(n, device=device)
-    offset = idx - starts[seg]
-    return positions_mask(positions, offset, (prompt_end - starts)[seg]).view(batch, seqlen)
-
-
-def prompt_mask(positions: ReftPositions, position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The prefill mask of a padded batch of prompts: `position_ids` count each row's real tokens from 0."""
-    lengths = valid.sum(1, keepdim=True)
-    return positions_mask(positions, position_ids, lengths, valid)
 
 
 # --------------------------------------------------------------------------------------------- surgery
@@ -214,15 +176,15 @@ def is_reft_adapter(config: dict[str, Any]) -> bool:
 
 
 @torch.no_grad()
-def apply_reft_adapter(model: nn.Module, adapter_dir: str | Path, config: dict[str, Any]) -> list[str]:
-    """Add a saved LoReFT adapter's interventions to a loaded native model (nothing is merged)."""
+def apply_reft_adapter(model: nn.Module, path: str | Path, config: dict[str, Any]) -> list[str]:
+    """Add a saved LoReFT adapter's interventions (`path`: its safetensors file, `config`: its parsed
+    adapter_config.json) to a loaded native model; nothing is merged."""
     from safetensors.torch import load_file
 
-    from trainer.adapters import WEIGHTS_FILE
     from trainer.weights import WeightsError
 
-    adapter_dir = Path(adapter_dir)
-    path = adapter_dir / WEIGHTS_FILE
+    path = Path(path)
+    adapter_dir = path.parent
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(model, "reft_positions"):
         raise WeightsError(f"{adapter_dir}: a LoReFT adapter needs the native decoder; this model is not one")
@@ -234,7 +196,7 @@ def apply_reft_adapter(model: nn.Module, adapter_dir: str | Path, config: dict[s
         raise WeightsError(f"{adapter_dir / 'adapter_config.json'}: not a valid LoReFT config ({exc})") from None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (a LoReFT adapter directory holds adapter_config.json and "
-                                f"{WEIGHTS_FILE})")
+                                f"{path.name})")
     tensors = load_file(path)
     hidden = model.config.hidden_size
     device = next(model.parameters()).device

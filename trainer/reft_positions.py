@@ -1,9 +1,12 @@
-"""LoReFT's position and layer settings, torch-free so the config can check them (see `trainer.reft`)."""
+"""Which layers and token positions LoReFT edits (see `trainer.reft`): the settings, which the config checks, and
+the position masks, which the model builds for each batch (so the model needs nothing else of LoReFT)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+import torch
 
 _POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
 
@@ -54,3 +57,41 @@ def parse_layers(spec: str | list[int], n_layers: int | None) -> list[int]:
         raise ReftError(f"peft.reft_layers {spec!r}: needs distinct layer indices{where}"
                         + (f", not {bad}" if bad else ""))
     return sorted(layers)
+
+
+def positions_mask(positions: ReftPositions, offset: torch.Tensor, prompt_len: torch.Tensor,
+                   inside: torch.Tensor | None = None) -> torch.Tensor:
+    """True where a token at `offset` in its document is among the first / last tokens of a `prompt_len` prompt."""
+    mask = (offset < prompt_len) & ((offset < positions.first) | (offset >= prompt_len - positions.last))
+    return mask if inside is None else mask & inside
+
+
+def packed_mask(positions: ReftPositions, batch: int, seqlen: int, labels: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The [B, T] intervention mask of a packed batch (see the module docstring for which positions)."""
+    from trainer.attention import segment_ids_from_cu_seqlens
+
+    n = batch * seqlen
+    if cu_seqlens is None:
+        cu = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int64)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seg = segment_ids_from_cu_seqlens(cu, batch, seqlen).flatten()
+    starts, ends = cu[:-1], cu[1:]
+    if labels is not None:
+        idx = torch.arange(n, device=device)
+        trained = labels.reshape(-1).to(device) != -100
+        first = torch.full((starts.numel(),), n, device=device, dtype=torch.int64)
+        first = first.scatter_reduce(0, seg, torch.where(trained, idx, n), reduce="amin")
+        prompt_end = torch.where(first < n, first + 1, ends)
+    else:
+        prompt_end = ends
+    idx = torch.arange(n, device=device)
+    offset = idx - starts[seg]
+    return positions_mask(positions, offset, (prompt_end - starts)[seg]).view(batch, seqlen)
+
+
+def prompt_mask(positions: ReftPositions, position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The prefill mask of a padded batch of prompts: `position_ids` count each row's real tokens from 0."""
+    lengths = valid.sum(1, keepdim=True)
+    return positions_mask(positions, position_ids, lengths, valid)
