@@ -169,7 +169,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
     see `formats.hub.portable_ref`); the tokenizer files of `tokenizer_dir` and `extra_files` (name -> text,
     e.g. the model card) go in too, so the directory is usable on its own."""
     out_dir = Path(out_dir)
-    tensors, targets, to_save = adapter_state(model, cfg)
+    if cfg.pet_type == "loreft":  # this project's format (peft has no LoReFT), see trainer.reft
+        from trainer.reft import interventions, reft_config, reft_state
+
+        tensors, to_save = reft_state(model), []
+        targets = [f"model.layers.{i}" for i, _ in interventions(model)]
+    else:
+        tensors, targets, to_save = adapter_state(model, cfg)
     if _rank() == 0:
         if out_dir.exists() and not overwrite:
             raise FileExistsError(f"{out_dir} already exists")
@@ -177,7 +183,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tmp.mkdir(parents=True)
         try:
             write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            if cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
+            if cfg.pet_type == "loreft":
+                config = reft_config(model, cfg, base_model)
+            elif cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
                 from trainer.peft_methods import peft_config
 
                 config = peft_config(cfg, _target_list(model, targets), to_save, base_model)

@@ -183,7 +183,7 @@ class CheckpointSection:
         "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
-PetType = Literal["lora", "vera", "lokr"]
+PetType = Literal["lora", "vera", "lokr", "loreft"]
 # Quantized frozen bases (PaddleNLP's weight_quantize_algo values).
 QuantAlgo = Literal["nf4", "fp4", "weight_only_int8", "weight_only_int4"]
 
@@ -193,7 +193,9 @@ class PeftSection:
     pet_type: PetType | None = doc(
         "Parameter-efficient method: null (full fine-tuning) | lora | vera (shared random projections, trained "
         "scaling vectors; vera_* keys) | lokr (Kronecker-product update; lokr_* keys). All adapt the Linear "
-        "modules target_modules matches and export a PEFT adapter.", None)
+        "modules target_modules matches and export a PEFT adapter | loreft (LoReFT: learned low-rank edits of the "
+        "hidden states at chosen layers and prompt positions; reft_* keys; saved in this project's format, never "
+        "merged; native models).", None)
     lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
     lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
     lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
@@ -260,6 +262,17 @@ class PeftSection:
         "LoRA's parameter count). Saved in this project's format (peft has no MoRA); merge-adapter folds it.", False)
     mora_type: Literal[1, 6] = doc("MoRA's compression: 6 = RoPE-rotated chunks (for small ranks) | 1 = summed chunks "
                          "(sharing, for large ranks).", 6)
+    reft_rank: int = doc("LoReFT: rank r of the edit h + R^T (W h + b - R h) (R [r, hidden], orthonormal rows). "
+                         "PaddleNLP's ReFT `rank`.", 4)
+    reft_layers: str | list[int] = doc(
+        "LoReFT: the decoder layers whose outputs are edited: all | a list of indices | PaddleNLP's '2;5;8'. "
+        "PaddleNLP's ReFT `layers`.", "all")
+    reft_positions: str = doc(
+        "LoReFT: which tokens are edited, f<k>+l<k> = the first k and last k prompt tokens of each document (in a "
+        "packed row the prompt ends at the document's first trained label; at generation, the prompt given; "
+        "generated tokens are not edited); also f<k> or l<k>. PaddleNLP's ReFT `position`.", "f7+l7")
+    # PaddleNLP's ReFT argument names, read as this section's own (see `_apply_key_aliases`).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"rank": "reft_rank", "layers": "reft_layers", "position": "reft_positions"}
     vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
     vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
     vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
@@ -581,6 +594,7 @@ def _validate_parallel(config: TrainConfig) -> None:
 def _validate_peft(p: PeftSection) -> None:
     if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
         raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
+    _validate_reft(p)
     if p.pet_type is None:
         lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged", "lora_use_mixer", "use_mora")
                      if getattr(p, k)]
@@ -649,6 +663,37 @@ def _validate_peft(p: PeftSection) -> None:
         raise ConfigError(f"peft.target_modules: {exc}") from None
 
 
+def _validate_reft(p: PeftSection) -> None:
+    """LoReFT's keys only with pet_type loreft (PaddleNLP's `rank` would otherwise be a LoRA rank silently
+    ignored), and only what LoReFT can do: no merged export, nothing trained in full beside it."""
+    defaults = PeftSection()
+    set_keys = [k for k in ("reft_rank", "reft_layers", "reft_positions") if getattr(p, k) != getattr(defaults, k)]
+    if p.pet_type != "loreft":
+        if set_keys:
+            raise ConfigError(f"peft.{set_keys[0]} needs peft.pet_type: loreft")
+        return
+    from trainer.reft_positions import ReftError, ReftPositions, parse_layers
+
+    if p.reft_rank < 1:
+        raise ConfigError("peft.reft_rank must be >= 1")
+    try:
+        ReftPositions.parse(p.reft_positions)
+    except ReftError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        parse_layers(p.reft_layers, None)  # the model's depth is checked when the model is built
+    except ReftError as exc:
+        raise ConfigError(str(exc)) from None
+    if p.export_merged:
+        raise ConfigError("peft.export_merged: a LoReFT adapter edits hidden states at chosen positions, not "
+                          "weights; it cannot be merged into the base model (set export_merged: false)")
+    if p.modules_to_save or p.freeze_exclude:
+        raise ConfigError("peft.modules_to_save / peft.freeze_exclude are not supported with pet_type loreft "
+                          "(the LoReFT adapter file holds the interventions only)")
+    if p.weight_quantize_algo is not None:
+        raise ConfigError("peft.weight_quantize_algo is not supported with pet_type loreft")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read the YAML file (or start from defaults), apply `--set` overrides, type-check and validate."""
     raw: dict[str, Any] = {}
@@ -695,8 +740,8 @@ RESUME_BREAKING = (
     "peft.freeze_exclude", "peft.use_rslora", "peft.use_dora", "peft.pissa", "peft.lora_a_init", "peft.lora_b_init",
     "peft.weight_quantize_algo", "peft.qlora_weight_blocksize", "peft.qlora_weight_double_quant_block_size",
     "peft.weight_only_int4_group_size", "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank",
-    "peft.vera_d_initial",
-    "peft.vera_projection_prng_key", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
+    "peft.vera_d_initial", "peft.vera_projection_prng_key", "peft.reft_rank", "peft.reft_layers",
+    "peft.reft_positions", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
 )
 RESUME_OPTIMIZER = (
     # The update rule and its schedule: a resumed run no longer repeats the one it continues. Allowed with

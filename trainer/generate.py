@@ -185,7 +185,8 @@ def generate_padded(
     model.eval()
     try:
         cache.begin(positions, valid)
-        logits = model.forward_cached(input_ids, positions, cache, logit_index=last)[:, -1].float()
+        logits = model.forward_cached(input_ids, positions, cache, logit_index=last,
+                                      **_prompt_interventions(model, positions, valid))[:, -1].float()
         next_pos = lengths.clone()
         out = torch.empty(b, cfg.max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -214,6 +215,16 @@ def generate_padded(
         Generation(out_list[r][: counts[r]], "stop" if stops[r] else "length", int(lens[r]))
         for r in range(b)
     ]
+
+
+def _prompt_interventions(model: nn.Module, positions: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LoReFT edits the prompt's positions at prefill only (see `trainer.reft`); other models take no mask."""
+    spec = getattr(model, "reft_positions", None)
+    if spec is None:
+        return {}
+    from trainer.reft_positions import prompt_mask
+
+    return {"intervene": prompt_mask(spec, positions, valid)}
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
@@ -406,6 +417,12 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
     from trainer.weights import WeightsError
 
     adapter_dir = Path(adapter_dir)
+    reft = _reft_config(adapter_dir)
+    if reft is not None:
+        from trainer.adapters import WEIGHTS_FILE
+        from trainer.reft import apply_reft_adapter
+
+        return apply_reft_adapter(model, adapter_dir / WEIGHTS_FILE, reft)
     config, adapters, full = read_adapter(adapter_dir)
     device = next(model.parameters()).device
     wrapped = []
@@ -451,6 +468,17 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
     return wrapped
 
 
+def _reft_config(adapter_dir: Path) -> dict | None:
+    """The adapter's config when it is a LoReFT adapter (this project's format), else None."""
+    from trainer.adapters import CONFIG_FILE
+
+    try:
+        config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # read_adapter names the problem
+    return config if isinstance(config, dict) and config.get("peft_type") == "LOREFT" else None
+
+
 def _find_run(path: Path) -> tuple[Path, Path] | None:
     """(run dir, checkpoint dir) when `path` is a run directory or one of its checkpoints, else None."""
     from trainer.checkpoint import MARKER, find_resume_checkpoint
@@ -485,7 +513,7 @@ def load_checkpoint_model(run_dir: Path, checkpoint_dir: Path, *, device: torch.
         model = Transformer(model_config)
     setup_peft(model, config.peft)
     materialize(model, device)
-    lora = config.peft.pet_type == "lora"
+    lora = config.peft.pet_type in ("lora", "loreft")  # their parameters are not in the base checkpoint
     load_hf_weights(model, config.model.path, show_progress=False, name_map=checkpoint_name_map if lora else None)
     load_model_state(checkpoint_dir, model, verify=False)  # validated above
     model.tie_weights()

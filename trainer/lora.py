@@ -46,8 +46,9 @@ from trainer.peft_targets import (  # noqa: F401 - translate_targets re-exported
 log = logging.getLogger(__name__)
 
 ADAPTER_MARK = ".lora_"
-# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr); anything else is a base parameter.
-ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_")
+# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr, LoReFT's `layers.N.reft.` interventions);
+# anything else is a base parameter.
+ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_", ".reft.")
 
 
 def is_adapter_param(name: str) -> bool:
@@ -291,6 +292,11 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
     from trainer.weights import _reshard_fsdp
 
     _reshard_fsdp(model)  # work on the sharded fp32 parameters, never on a left-over unsharded copy
+    if cfg.pet_type == "loreft":
+        from trainer.reft import init_reft
+
+        init_reft(model, seed)
+        return
     if cfg.pet_type in ("vera", "lokr"):
         init_vera_lokr(lora_modules(model), cfg, seed)
         return
@@ -362,7 +368,12 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
 
 def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
     """Surgery + freezing on the (meta) model, before sharding; returns the wrapped module names."""
-    wrapped = apply_lora(model, cfg) if cfg.pet_type is not None else []
+    if cfg.pet_type == "loreft":  # interventions on layer outputs, not module wrappers
+        from trainer.reft import apply_reft
+
+        wrapped = apply_reft(model, cfg)
+    else:
+        wrapped = apply_lora(model, cfg) if cfg.pet_type is not None else []
     if cfg.pet_type is not None or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:
         apply_freeze(model, cfg)
     return wrapped

@@ -85,6 +85,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], di
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if config.get("peft_type") == "LOREFT":
+        raise WeightsError(f"{cfg_path}: a LoReFT adapter edits hidden states at chosen token positions, not "
+                           "weights, so it cannot be merged into the base model; load it as an adapter instead "
+                           "(trainer generate/predict --adapter)")
     if config.get("peft_type") not in MERGEABLE:
         raise WeightsError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not one of {', '.join(MERGEABLE)}")
     if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":

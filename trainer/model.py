@@ -202,6 +202,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.reft: nn.Module | None = None  # a LoReFT intervention on the block's output (trainer.reft)
 
     def forward(
         self,
@@ -210,9 +211,13 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         ctx: attention.AttentionContext | None,
         cache: KVCache | None = None,
+        intervene: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.reft is not None and intervene is not None:
+            x = self.reft(x, intervene)
+        return x
 
 
 class DecoderModel(nn.Module):
@@ -230,6 +235,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
         self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
+        self.reft_positions = None  # LoReFT's trainer.reft.ReftPositions once layers have interventions
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -250,12 +256,16 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
+        intervene: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]. With `cu_seqlens` (over the flattened B*T tokens) no token attends across
         segments; `position_ids` default to restarting at every segment (or 0..T-1 without segments).
 
         With pre-shifted `labels` [B, T] it returns the summed cross-entropy instead (see `trainer.loss`), so
-        the chunked loss never materialises the logits and, under FSDP2, reads the root's unsharded head."""
+        the chunked loss never materialises the logits and, under FSDP2, reads the root's unsharded head.
+
+        With LoReFT interventions, `intervene` [B, T] (bool) says where they act; by default the first / last
+        prompt tokens of every segment, the prompt ending where the labels start (`trainer.reft.packed_mask`)."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = (
@@ -280,12 +290,16 @@ class Transformer(nn.Module):
             max_seqlen=max_seqlen,
             windows=self.config.sliding_windows,
         )
+        if self.reft_positions is not None and intervene is None:
+            from trainer.reft_positions import packed_mask
+
+            intervene = packed_mask(self.reft_positions, b, t, labels, cu_seqlens, h.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in backward (memory for ~1/3 more compute).
-                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, ctx, None, intervene, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, ctx)
+                h = layer(h, cos, sin, ctx, None, intervene)
         h = self.model.norm(h)
         if labels is not None:
             return head_loss(h, self.lm_head, labels, self.loss_config)
@@ -297,19 +311,21 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         cache: KVCache,
         logit_index: torch.Tensor | None = None,
+        intervene: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Incremental decoding: logits [B, T, V] for the next T tokens of every row (see `KVCache`).
 
         The tokens go to the slots `cache.begin()` reserved and attend to every valid earlier slot of their row.
         `logit_index` [B] keeps one position per row before the head ([B, 1, V]), so a long prompt's prefill
-        never materialises B x T x vocab logits."""
+        never materialises B x T x vocab logits. `intervene` [B, T]: where LoReFT interventions act (the
+        prompt's positions at prefill; None, no intervention, for generated tokens)."""
         h = self.model.embed_tokens(input_ids)
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         inv_freq = rope_inv_freq(self.config, device=h.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
         for layer in self.model.layers:
-            h = layer(h, cos, sin, None, cache)
+            h = layer(h, cos, sin, None, cache, intervene)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index].unsqueeze(1)
         return self.lm_head(self.model.norm(h))
