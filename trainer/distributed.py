@@ -182,3 +182,27 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
+    if is_dtensor(param):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = param.to_local()
+        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+        if local.numel() == 0:
+            return
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        local.copy_(full[index])
+    else:
+        param.copy_(full)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)

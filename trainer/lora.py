@@ -267,7 +267,7 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
-    from trainer.weights import assign_full
+    from trainer.distributed import assign_full
 
     assign_full(param, full)
 

@@ -150,7 +150,7 @@ def adapter_param_names(module: nn.Module) -> tuple[str, ...]:
 def init_vera_lokr(modules: list[tuple[str, nn.Module]], cfg, seed: int) -> None:
     """Initial values as PEFT's: VeRA lambda_d = d_initial, lambda_b = 0, shared A/B from the PRNG key; LoKr
     W1 = 0 and W2 (or its factors) kaiming-uniform from a generator of (seed, module name)."""
-    from trainer.weights import assign_full as _assign
+    from trainer.distributed import assign_full as _assign
 
     _generator = adapter_generator
 

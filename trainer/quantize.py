@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from trainer.config import PeftSection, QuantAlgo
+from trainer.distributed import assign_full
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,6 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def load(self, full: torch.Tensor) -> None:
         """Quantize one whole checkpoint tensor on this module's device and keep this rank's rows."""
-        from trainer.weights import assign_full
-
         device = getattr(self.weight, "device", None)
         parts, extras = _quantize_parts(self.spec, full.to(device=device))
         assign_full(self.weight, _to_rows(parts))

@@ -117,8 +117,9 @@ def interventions(model: nn.Module) -> list[tuple[int, LoreftIntervention]]:
 def init_reft(model: nn.Module, seed: int) -> None:
     """R orthonormal (QR of a Gaussian, as pyreft's orthogonal_ init), W and b as nn.Linear(d, r) initialises
     them, each from a generator of (seed, layer name): the same start on 1 or N ranks."""
+    from trainer.distributed import assign_full
     from trainer.peft_methods import adapter_generator
-    from trainer.weights import _reshard_fsdp, assign_full
+    from trainer.weights import _reshard_fsdp
 
     _reshard_fsdp(model)
     for i, module in interventions(model):

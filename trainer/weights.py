@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from formats.atomic import plain_file_mode, publish_dir
 from formats.tokenizer_id import TOKENIZER_FILES
+from trainer.distributed import is_dtensor
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.quantize import quantized_owners
@@ -244,7 +245,7 @@ def _load_one(f, key: str, param: torch.Tensor, path: Path, owner: nn.Module | N
         else:
             load_quantized(param, full)
         return
-    if _is_dtensor(param):
+    if is_dtensor(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         local = param.to_local()
@@ -255,30 +256,6 @@ def _load_one(f, key: str, param: torch.Tensor, path: Path, owner: nn.Module | N
         local.copy_(sl[index] if shape else f.get_tensor(key))
     else:
         param.copy_(f.get_tensor(key))
-
-
-@torch.no_grad()
-def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter, keeping only this rank's rows when it is an FSDP2 shard."""
-    if _is_dtensor(param):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local = param.to_local()
-        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
-        if local.numel() == 0:
-            return
-        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-        local.copy_(full[index])
-    else:
-        param.copy_(full)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def load_pretrained(
@@ -415,7 +392,7 @@ def _write_shards(
     to_checkpoint = getattr(model, "to_checkpoint_tensors", None)
     with torch.no_grad():
         for key, param in _targets(model, name_map).items():
-            full = param.full_tensor() if _is_dtensor(param) else param  # collective on every rank
+            full = param.full_tensor() if is_dtensor(param) else param  # collective on every rank
             if rank != 0:
                 continue
             t = full.detach().to(device="cpu", dtype=dtype or full.dtype).contiguous().clone()
