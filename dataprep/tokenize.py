@@ -26,6 +26,7 @@ labels[-1] = -100, so concatenated samples never predict across a document bound
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import re
@@ -33,6 +34,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -568,6 +570,24 @@ def _worker_process(chunk: list[tuple[int, dict]]) -> tuple[list[TokenizedSample
     return _worker.process(chunk)
 
 
+@contextmanager
+def _gc_deferred() -> Iterator[None]:
+    """No automatic garbage collection while one chunk is prepared or finished.
+
+    A chunk allocates some hundred thousand small containers (message dicts, pieces, plans, id lists) that
+    reference counting frees; the cyclic collector would otherwise run hundreds of times per chunk, promote the
+    live chunk to the old generation and scan it again and again (a large share of the run on 200k records;
+    see benchmarks/bench_e2e.py). Collection resumes, with its counts, as soon as the chunk is done, so any
+    cycle made meanwhile is still found: this changes when the collector runs, not what it collects."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
     """(index, record) lists of at most `size` records and about _CHUNK_MAX_CHARS characters of content."""
     chunk: list[tuple[int, dict]] = []
@@ -605,18 +625,20 @@ def tokenize_conversations(
         # then overlaps the tokenizer's instead of adding to it.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
             inflight: tuple[_Pending, Future] | None = None
-            for chunk in _chunks(records, options.chunk_size):
-                pending = proc.prepare(chunk)
-                job = (pending, pool.submit(proc.encoder.encode, pending.batch))
+            chunks = _chunks(records, options.chunk_size)
+            while True:
+                with _gc_deferred():
+                    chunk = next(chunks, None)  # reading and converting the records allocates as much again
+                    pending = proc.prepare(chunk) if chunk is not None else None
+                job = (pending, pool.submit(proc.encoder.encode, pending.batch)) if pending is not None else None
                 if inflight is not None:
-                    samples, chunk_stats = proc.finish(inflight[0], inflight[1].result())
+                    with _gc_deferred():
+                        samples, chunk_stats = proc.finish(inflight[0], inflight[1].result())
                     stats.merge(chunk_stats)
                     yield from samples
+                if job is None:
+                    break
                 inflight = job
-            if inflight is not None:
-                samples, chunk_stats = proc.finish(inflight[0], inflight[1].result())
-                stats.merge(chunk_stats)
-                yield from samples
         return
     # validate template/options here so a bad name fails before workers start
     get_template(options.template, tokenizer, options.content_specials)
