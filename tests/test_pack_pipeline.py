@@ -37,11 +37,6 @@ def alpaca(shared_data: Path) -> str:
     return str(shared_data / "alpaca" / "alpaca_gpt4_en_demo_1k.json")
 
 
-@pytest.fixture(scope="module")
-def qwen(shared_data: Path) -> str:
-    return str(shared_data / "tokenizers" / "qwen2_5")
-
-
 def test_round_trip_every_accepted_record_is_recovered_exactly(tmp_path, shared_data, alpaca, qwen):
     summary = pack_dataset([alpaca], tmp_path / "ds", qwen, PackOptions(seq_length=2048, shard_rows=40))
     ds = open_dataset(tmp_path / "ds", verify=True)

@@ -32,11 +32,6 @@ def documents(path: Path) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def qwen(shared_data: Path) -> str:
-    return str(shared_data / "tokenizers" / "qwen2_5")
-
-
-@pytest.fixture(scope="module")
 def tiny(shared_data: Path) -> str:
     return str(shared_data / "alpaca" / "alpaca_tiny_100.json")
 
