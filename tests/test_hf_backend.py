@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.loss_check import assert_step_loss_matches  # noqa: E402
 from tests.helpers.peft_check import assert_merge_equals_peft  # noqa: E402
 from tests.helpers.tiny_run import logged_losses  # noqa: E402
 from trainer import hf_backend  # noqa: E402
@@ -106,18 +107,7 @@ def test_training_step_matches_transformers(saved, family):
     ref.train()
     ours = load_ours(d).train()
     ours.loss_config = LossConfig("chunked", 9, ours.loss_config.softcap, ours.loss_config.logit_scale)
-    ids = _ids((2, 20), seed=3)
-    hf_labels = ids.clone()
-    hf_labels[:, :6] = -100
-    labels = torch.full_like(hf_labels, -100)
-    labels[:, :-1] = hf_labels[:, 1:]
-    n = int((labels != -100).sum())
-    ref_loss = ref(ids, labels=hf_labels).loss
-    ref_loss.backward()
-    loss = ours(ids, labels=labels) / n
-    loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    ref_grads = dict(ref.named_parameters())
+    ref_grads = assert_step_loss_matches(ref, ours, _ids((2, 20), seed=3))
     for name, p in ours.named_parameters():
         g = ref_grads[name].grad
         if g is None:  # an expert no token was routed to
