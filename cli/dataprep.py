@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import click
-
-from cli.common import CONTEXT_SETTINGS
-from cli.lazy import LazyGroup
+from cli.lazy import lazy_main
 
 COMMANDS = {
     "convert": ("cli.convert:convert", "Convert Alpaca / src-tgt / ShareGPT / messages data to conversation JSONL."),
@@ -16,10 +13,7 @@ COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings=CONTEXT_SETTINGS)
-@click.version_option(package_name="sftkit")
-def main() -> None:
-    """Prepare SFT data: convert -> pack (template, tokenize, mask, pack) -> inspect / verify."""
+main = lazy_main("dataprep", COMMANDS, "Prepare SFT data: convert -> pack (template, tokenize, mask, pack) -> inspect / verify.")
 
 
 if __name__ == "__main__":

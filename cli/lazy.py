@@ -37,3 +37,12 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(sorted(rows))
+
+
+def lazy_main(name: str, commands: dict[str, tuple[str, str]], help: str) -> click.Group:
+    """A console entry point (`dataprep`, `trainer`) over lazily imported subcommands: both tools get the same
+    -h/--help, --version and command listing from here."""
+    from cli.common import CONTEXT_SETTINGS
+
+    group = LazyGroup(name, lazy_commands=commands, context_settings=CONTEXT_SETTINGS, help=help)
+    return click.version_option(package_name="sftkit")(group)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import click
-
-from cli.common import CONTEXT_SETTINGS
-from cli.lazy import LazyGroup
+from cli.lazy import lazy_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cli.train:run", "Fine-tune on packed shards as a YAML config says (alone or under torchrun)."),
@@ -20,10 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings=CONTEXT_SETTINGS)
-@click.version_option(package_name="sftkit")
-def main() -> None:
-    """Train on packed shards (full-parameter or LoRA), resume from faults, export HF weights."""
+main = lazy_main("trainer", COMMANDS, "Train on packed shards (full-parameter or LoRA), resume from faults, export HF weights.")
 
 
 if __name__ == "__main__":

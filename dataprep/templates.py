@@ -16,6 +16,7 @@ ChatTemplate) live in `dataprep.chat_types`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from dataprep import chat_types as ct
@@ -120,6 +121,31 @@ def _qwen_tool_results(messages: Messages, i: int, start: int, end: int) -> list
     return out
 
 
+def _qwen_render(messages: Messages, tools: Tools | None, default_system: str | None, start: int, end: int,
+                 assistant: Callable[[int, dict[str, Any]], tuple[str, str]]) -> list[Piece]:
+    """The turn structure Qwen2.5's and Qwen3's templates share, so a fix to it reaches both: the system block
+    (with the tools), runs of tool results grouped in one user block, other turns as untrained blocks.
+    `assistant(i, message)` gives an assistant turn's (header, body), the part the two templates differ in;
+    the body and its <|im_end|> are trained when the message is."""
+    out: list[Piece] = []
+    system, skip = _qwen_system(messages, tools, default_system)
+    if system is not None:
+        out += [(start, False), ("system\n" + system, False), (end, False), ("\n", False)]
+    for i, m in enumerate(messages):
+        if i < skip:
+            continue
+        role = m["role"]
+        if role == "tool":
+            out += _qwen_tool_results(messages, i, start, end)
+        elif role == "assistant":
+            header, body = assistant(i, m)
+            train = trained(m)
+            out += [(start, False), (header, False), (body, train), (end, train), ("\n", False)]
+        else:
+            out += [(start, False), (role + "\n" + m["content"], False), (end, False), ("\n", False)]
+    return out
+
+
 # ---- chatml (Qwen2 / Qwen2.5) -----------------------------------------------------------------------------------
 
 
@@ -132,28 +158,15 @@ def chatml(tok: Tokenizer, default_system: str | None = None) -> ChatTemplate:
     start = _need(tok, "<|im_start|>", "chatml")
     end = _need(tok, "<|im_end|>", "chatml")
 
+    def assistant(i: int, m: dict[str, Any]) -> tuple[str, str]:
+        if m.get("tool_calls"):
+            body = ("\n" + m["content"] if m["content"] else "") + "".join(
+                "\n" + _qwen_call(c, False) for c in m["tool_calls"])
+            return "assistant\n", body[1:]
+        return "assistant\n", m["content"]
+
     def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        out: list[Piece] = []
-        system, skip = _qwen_system(messages, tools, default_system)
-        if system is not None:
-            out += [(start, False), ("system\n" + system, False), (end, False), ("\n", False)]
-        for i, m in enumerate(messages):
-            if i < skip:
-                continue
-            role = m["role"]
-            if role == "tool":
-                out += _qwen_tool_results(messages, i, start, end)
-            elif role == "assistant":
-                train = trained(m)
-                if m.get("tool_calls"):
-                    body = ("\n" + m["content"] if m["content"] else "") + "".join(
-                        "\n" + _qwen_call(c, False) for c in m["tool_calls"])
-                    out += [(start, False), ("assistant\n", False), (body[1:], train), (end, train), ("\n", False)]
-                else:
-                    out += [(start, False), ("assistant\n", False), (m["content"], train), (end, train), ("\n", False)]
-            else:
-                out += [(start, False), (role + "\n" + m["content"], False), (end, False), ("\n", False)]
-        return out
+        return _qwen_render(messages, tools, default_system, start, end, assistant)
 
     def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
         return _untrained(render(messages, tools)) + [(start, False), ("assistant\n", False)]
@@ -215,22 +228,10 @@ def qwen3(tok: Tokenizer, thinking: bool = True) -> ChatTemplate:
     empty_think = "<think>\n\n</think>\n\n"
 
     def render(messages: Messages, tools: Tools | None = None) -> list[Piece]:
-        out: list[Piece] = []
-        system, skip = _qwen_system(messages, tools, None)
-        if system is not None:
-            out += [(start, False), ("system\n" + system, False), (end, False), ("\n", False)]
         last_query = _last_query_index(messages)
         n = len(messages)
-        for i, m in enumerate(messages):
-            if i < skip:
-                continue
-            role = m["role"]
-            if role == "tool":
-                out += _qwen_tool_results(messages, i, start, end)
-                continue
-            if role != "assistant":
-                out += [(start, False), (role + "\n" + m["content"], False), (end, False), ("\n", False)]
-                continue
+
+        def assistant(i: int, m: dict[str, Any]) -> tuple[str, str]:
             reasoning, content = _qwen3_reasoning(m)
             if i > last_query and (i == n - 1 or reasoning):
                 body = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
@@ -240,12 +241,12 @@ def qwen3(tok: Tokenizer, thinking: bool = True) -> ChatTemplate:
                 if k or content:
                     body += "\n"
                 body += _qwen_call(call, True)
-            train = trained(m)
             header = "assistant\n"
             if not thinking and i == n - 1 and body.startswith(empty_think):
                 header, body = header + empty_think, body[len(empty_think):]
-            out += [(start, False), (header, False), (body, train), (end, train), ("\n", False)]
-        return out
+            return header, body
+
+        return _qwen_render(messages, tools, None, start, end, assistant)
 
     def prompt(messages: Messages, tools: Tools | None = None) -> list[Piece]:
         header = "assistant\n" if thinking else "assistant\n" + empty_think

@@ -21,3 +21,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def qwen(shared_data: Path) -> str:
+    """The shared Qwen2.5 tokenizer directory, as the pack tests pass it to `--tokenizer`."""
+    return str(shared_data / "tokenizers" / "qwen2_5")

@@ -21,6 +21,7 @@ from dataprep.errors import DataError
 from dataprep.templates import get_template, pieces_text
 from dataprep.tokenize import IGNORE, TokenizeOptions, TokenizeStats, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
+from tests.helpers.documents import row_documents
 from tests.helpers.spans import trained_spans
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
@@ -343,11 +344,8 @@ def test_packed_documents_equal_transformers_for_tool_and_reasoning_records(qwen
     ds = open_dataset(tmp_path / "data", verify=True)
     seen = {}
     for i in range(len(ds)):
-        row = ds[i]
-        start = 0
-        for doc_id, n in zip(row.doc_ids, row.doc_lengths, strict=True):
-            seen[doc_id] = (np.asarray(row.input_ids[start:start + n]), np.asarray(row.labels[start:start + n]))
-            start += n
+        for doc_id, ids, labels in row_documents(ds[i]):
+            seen[doc_id] = (np.asarray(ids), np.asarray(labels))
     assert set(seen) == set(CASES)
     for name, (messages, tools) in CASES.items():
         ids, labels = seen[name]

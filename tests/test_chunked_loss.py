@@ -12,6 +12,7 @@ import torch
 from tiny_checkpoints import save_hf_checkpoint
 from torch import nn
 
+from tests.helpers.loss_check import assert_step_loss_matches
 from trainer.loss import LossConfig, head_loss, summed_cross_entropy
 from trainer.weights import load_pretrained
 
@@ -104,17 +105,7 @@ def test_model_loss_and_grads_match_transformers(tmp_path, family):
     ours = load_pretrained(tmp_path).train()
     ours.loss_config = LossConfig("chunked", 7)
     ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(3))
-    hf_labels = ids.clone()
-    hf_labels[:, :6] = -100
-    labels = torch.full_like(hf_labels, -100)
-    labels[:, :-1] = hf_labels[:, 1:]
-    n = int((labels != -100).sum())
-    ref = hf(ids, labels=hf_labels).loss
-    ref.backward()
-    loss = ours(ids, labels=labels) / n
-    loss.backward()
-    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-    ref_grads = dict(hf.named_parameters())
+    ref_grads = assert_step_loss_matches(hf, ours, ids)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")

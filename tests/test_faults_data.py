@@ -73,11 +73,6 @@ def dead_pid() -> int:
     return p.pid
 
 
-@pytest.fixture(scope="module")
-def qwen(shared_data: Path) -> str:
-    return str(shared_data / "tokenizers" / "qwen2_5")
-
-
 def pack_args(src: Path, out: Path, qwen: str, *extra: str) -> list[str]:
     return ["pack", str(src), "-o", str(out), "--tokenizer", qwen, "--seq-length", "128", *extra]
 

@@ -21,6 +21,7 @@ from formats.reader import open_dataset
 from formats.schema import FORMAT_VERSION, IGNORE_INDEX, MANIFEST_NAME
 from formats.verify import verify_dataset
 from formats.writer import DatasetWriter
+from tests.helpers.documents import recover_documents
 
 REPO = Path(__file__).resolve().parents[1]
 PAD = 7
@@ -82,16 +83,6 @@ def dataset(tmp_path: Path):
     return out, docs, rows
 
 
-def recover_docs(ds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    got = {}
-    for row in ds.iter_rows():
-        pos = 0
-        for doc_id, length in zip(row.doc_ids, row.doc_lengths, strict=True):
-            got[doc_id] = (row.input_ids[pos : pos + length].copy(), row.labels[pos : pos + length].copy())
-            pos += length
-    return got
-
-
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_round_trip_recovers_every_document_exactly(tmp_path: Path, compression: str):
     rng = np.random.default_rng(1)
@@ -103,7 +94,7 @@ def test_round_trip_recovers_every_document_exactly(tmp_path: Path, compression:
     assert len(ds) == len(rows) == manifest["num_rows"]
     assert ds.num_shards == -(-len(rows) // 17)
     assert ds.seq_length == 96 and ds.pad_id == PAD and ds.tokenizer_fingerprint == "tok-fp"
-    got = recover_docs(ds)
+    got = recover_documents(ds.iter_rows())
     assert len(got) == len(docs)
     for doc_id, ids, labels in docs:
         np.testing.assert_array_equal(got[doc_id][0], ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_checkpoints import FAMILIES, save_hf_checkpoint
+from tiny_checkpoints import FAMILIES, checkpoint_factory
 
 from trainer.generate import SamplingConfig, generate, generate_padded, left_pad, load_model, process_logits
 
@@ -43,16 +43,7 @@ def _hf_greedy(hf, prompts, stop: int | list[int] | None, new: int = NEW, **kw) 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            d = tmp_path_factory.mktemp(family)
-            hf = save_hf_checkpoint(family, d)
-            cache[family] = (hf, d)
-        return cache[family]
-
-    return get
+    return checkpoint_factory(tmp_path_factory)
 
 
 def _stop_from(hf, prompt) -> int:

@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.loss_check import assert_step_loss_matches  # noqa: E402
 from tests.helpers.peft_check import assert_merge_equals_peft  # noqa: E402
 from tests.helpers.tiny_run import logged_losses  # noqa: E402
 from trainer import hf_backend  # noqa: E402
@@ -106,18 +107,7 @@ def test_training_step_matches_transformers(saved, family):
     ref.train()
     ours = load_ours(d).train()
     ours.loss_config = LossConfig("chunked", 9, ours.loss_config.softcap, ours.loss_config.logit_scale)
-    ids = _ids((2, 20), seed=3)
-    hf_labels = ids.clone()
-    hf_labels[:, :6] = -100
-    labels = torch.full_like(hf_labels, -100)
-    labels[:, :-1] = hf_labels[:, 1:]
-    n = int((labels != -100).sum())
-    ref_loss = ref(ids, labels=hf_labels).loss
-    ref_loss.backward()
-    loss = ours(ids, labels=labels) / n
-    loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    ref_grads = dict(ref.named_parameters())
+    ref_grads = assert_step_loss_matches(ref, ours, _ids((2, 20), seed=3))
     for name, p in ours.named_parameters():
         g = ref_grads[name].grad
         if g is None:  # an expert no token was routed to
@@ -270,18 +260,14 @@ def test_two_ranks_match_one_rank_on_the_hf_backend(tmp_path, repo_root):
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
-    from tests.helpers.tiny_run import pack_rows
+    from tests.helpers.dist_run import assert_ranks_agree, assert_same_tensors
 
     if not dist.is_gloo_available():
         pytest.skip("torch was built without gloo")
     model_dir = hf_model_with_tokenizer(tmp_path, "gemma3")
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
-    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-3",
-              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.backend=hf"]
-    one, two = one_and_two_ranks(common, tmp_path, repo_root)
-    assert len(one) == len(two) == 4 and one[-1] < one[0]
-    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
+    one, _ = assert_ranks_agree(tmp_path, repo_root, "train.lr=3e-3", "model.backend=hf", steps=4,
+                                model_dir=model_dir)
+    assert one[-1] < one[0]
     a = assert_same_tensors(tmp_path / "one" / "export" / "model.safetensors",
                             tmp_path / "two" / "export" / "model.safetensors")
     assert a.keys() == set(load_file(model_dir / "model.safetensors"))

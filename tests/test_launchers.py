@@ -35,44 +35,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_slurm_script_launches_a_two_process_run(tmp_path, repo_root):
+def _launch(script: str, tmp_path: Path, repo_root: Path, steps: int, path: str = "",
+            **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run a launch example for a tiny two-process run of `steps` steps into tmp_path/run, with `env` on top of
+    what every launcher takes (PATH, PYTHONPATH, 2 processes, a free rendezvous port); `path` goes first on
+    PATH. Fails with the launcher's stderr unless it exits 0; returns the process and the run's summary.json."""
     model_dir = make_tokenizer_and_model(tmp_path, layers=1)
     data_dir = pack_rows(model_dir, tmp_path / "data", n_records=40, seq_length=64)
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{path}{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=str(repo_root), NPROC_PER_NODE="2", RDZV_PORT=str(_free_port()), **env)
+    sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
+            f"train.max_steps={steps}", "data.micro_batch_size=1"]
+    proc = subprocess.run(["bash", script, *[x for s in sets for x in ("--set", s)]],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, json.loads((out / "summary.json").read_text())
+
+
+def test_the_slurm_script_launches_a_two_process_run(tmp_path, repo_root):
     fakes = tmp_path / "bin"
     fakes.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (fakes / name).write_text(text)
         (fakes / name).chmod(0o755)
-    out = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{fakes}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PYTHONPATH=str(repo_root), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01]", SLURM_NNODES="1",
-               NPROC_PER_NODE="2", RDZV_PORT=str(_free_port()), SCONTROL_LOG=str(tmp_path / "scontrol.log"))
-    sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
-            "train.max_steps=3", "data.micro_batch_size=1"]
-    proc = subprocess.run(["bash", "examples/slurm/finetune.sbatch", *[x for s in sets for x in ("--set", s)]],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
+    proc, summary = _launch("examples/slurm/finetune.sbatch", tmp_path, repo_root, 3, path=f"{fakes}:",
+                            SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01]", SLURM_NNODES="1",
+                            SCONTROL_LOG=str(tmp_path / "scontrol.log"))
     assert summary["steps"] == 3
     assert "step 3/3" in proc.stderr  # plain per-step lines in the job log
-    resolved = (out / "config.resolved.yaml").read_text()
+    resolved = (tmp_path / "run" / "config.resolved.yaml").read_text()
     assert "max_steps: 3" in resolved
     assert not (tmp_path / "scontrol.log").exists()  # finished: nothing to requeue
 
 
 def test_the_kubernetes_launcher_runs_pod_zero_of_a_one_pod_job(tmp_path, repo_root):
-    model_dir = make_tokenizer_and_model(tmp_path, layers=1)
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=40, seq_length=64)
-    out = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(repo_root),
-               NNODES="1", NPROC_PER_NODE="2", RDZV_HOST="127.0.0.1", RDZV_PORT=str(_free_port()),
-               JOB_COMPLETION_INDEX="0", RUN_ID="test")
-    sets = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
-            "train.max_steps=2", "data.micro_batch_size=1"]
-    proc = subprocess.run(["bash", "examples/kubernetes/launch.sh", *[x for s in sets for x in ("--set", s)]],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
+    _, summary = _launch("examples/kubernetes/launch.sh", tmp_path, repo_root, 2, NNODES="1",
+                         RDZV_HOST="127.0.0.1", JOB_COMPLETION_INDEX="0", RUN_ID="test")
     assert summary["steps"] == 2 and summary["world_size"] == 2
 
 

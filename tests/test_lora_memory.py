@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import tiny_setup
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 
@@ -14,9 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mem")
-    model_dir = make_tokenizer_and_model(root)
-    return root, model_dir, pack_rows(model_dir, root / "data", n_records=80, seq_length=96)
+    return tiny_setup(tmp_path_factory.mktemp("mem"), n_records=80, seq_length=96)
 
 
 def _config(root, model_dir, data_dir, name, *extra):

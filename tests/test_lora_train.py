@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tiny_run import tiny_setup
+from tests.helpers.tiny_run import tiny_config, tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import apply_freeze, apply_lora, install_neftune, load_lora_model, translate_targets
 from trainer.model import Transformer
@@ -110,12 +110,9 @@ def test_loraplus_groups_and_neftune(tiny):
 
 
 def _config(root, model_dir, data_dir, name, *extra):
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / name}",
-        "logging.progress_bar=false", "train.lr=3e-2", "train.warmup_steps=2", "train.seed=7",
-        "train.deterministic=true", "peft.pet_type=lora", "peft.lora_rank=8",
-        "peft.target_modules=.*proj", *extra,
-    ])
+    return tiny_config(model_dir, data_dir, root / name, "train.lr=3e-2", "train.warmup_steps=2", "train.seed=7",
+                       "train.deterministic=true", "peft.pet_type=lora", "peft.lora_rank=8",
+                       "peft.target_modules=.*proj", *extra)
 
 
 def test_lora_run_learns_saves_adapters_only_and_exports_peft(tiny, monkeypatch, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_checkpoints import FAMILIES, save_hf_checkpoint
+from tiny_checkpoints import FAMILIES, checkpoint_factory, save_hf_checkpoint
 
 from trainer import attention
 from trainer.model import Transformer, positions_from_cu_seqlens
@@ -20,14 +22,12 @@ V = 256
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """family -> (transformers model, our model loaded from its save_pretrained directory)."""
-    cache: dict[str, tuple] = {}
+    built = checkpoint_factory(tmp_path_factory)
 
+    @functools.cache
     def get(family: str):
-        if family not in cache:
-            d = tmp_path_factory.mktemp(family)
-            hf = save_hf_checkpoint(family, d)
-            cache[family] = (hf, load_pretrained(d).eval(), d)
-        return cache[family]
+        hf, d = built(family)
+        return hf, load_pretrained(d).eval(), d
 
     return get
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows, tiny_config
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import load_lora_model
 
@@ -74,9 +74,8 @@ def test_trainer_run_learns(tiny):
 
     root, model_dir = tiny
     data_dir = pack_rows(model_dir, root / "data", n_records=120, seq_length=128)
-    result = train(load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / 'run'}",
-        "logging.progress_bar=false", "train.lr=3e-2", "train.seed=7", "train.max_steps=16",
-        "data.micro_batch_size=2", "peft.pet_type=lora", "peft.lora_use_mixer=true", "peft.target_modules=.*proj",
-        "peft.freeze_exclude=[model.norm.weight]"]))
+    result = train(tiny_config(model_dir, data_dir, root / "run", "train.lr=3e-2", "train.seed=7",
+                               "train.max_steps=16", "data.micro_batch_size=2", "peft.pet_type=lora",
+                               "peft.lora_use_mixer=true", "peft.target_modules=.*proj",
+                               "peft.freeze_exclude=[model.norm.weight]"))
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4 - 0.1, result.losses

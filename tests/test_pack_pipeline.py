@@ -14,6 +14,7 @@ from cli.dataprep import main as dataprep_main
 from dataprep.pipeline import PackOptions, pack_dataset, spill_samples, write_packed
 from formats.reader import open_dataset
 from formats.verify import verify_dataset
+from tests.helpers.documents import recover_documents
 
 
 def reference_samples(shared_data: Path, seq_length: int, overlong: str = "drop") -> dict[str, tuple]:
@@ -31,32 +32,16 @@ def reference_samples(shared_data: Path, seq_length: int, overlong: str = "drop"
     }
 
 
-def recover(ds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    got = {}
-    for row in ds.iter_rows():
-        pos = 0
-        for doc_id, n in zip(row.doc_ids, row.doc_lengths, strict=True):
-            assert doc_id not in got
-            got[doc_id] = (row.input_ids[pos : pos + n].copy(), row.labels[pos : pos + n].copy())
-            pos += n
-    return got
-
-
 @pytest.fixture(scope="module")
 def alpaca(shared_data: Path) -> str:
     return str(shared_data / "alpaca" / "alpaca_gpt4_en_demo_1k.json")
-
-
-@pytest.fixture(scope="module")
-def qwen(shared_data: Path) -> str:
-    return str(shared_data / "tokenizers" / "qwen2_5")
 
 
 def test_round_trip_every_accepted_record_is_recovered_exactly(tmp_path, shared_data, alpaca, qwen):
     summary = pack_dataset([alpaca], tmp_path / "ds", qwen, PackOptions(seq_length=2048, shard_rows=40))
     ds = open_dataset(tmp_path / "ds", verify=True)
     expected = reference_samples(shared_data, 2048)
-    got = recover(ds)
+    got = recover_documents(ds.iter_rows())
     assert set(got) == set(expected) and len(got) == 999
     for sample_id, (ids, labels) in expected.items():
         np.testing.assert_array_equal(got[sample_id][0], ids)
@@ -79,7 +64,7 @@ def test_overlong_samples_are_counted_not_lost(tmp_path, shared_data, alpaca, qw
     split = pack_dataset(
         [alpaca], tmp_path / "split", qwen, PackOptions(seq_length=256, overlong="split", algorithm="ffd")
     )
-    got = recover(open_dataset(tmp_path / "split"))
+    got = recover_documents(open_dataset(tmp_path / "split").iter_rows())
     expected = reference_samples(shared_data, 256, "split")
     assert set(got) == set(expected) and split["samples_out"] == len(expected)
     assert verify_dataset(tmp_path / "split").ok
@@ -108,7 +93,7 @@ def test_pack_stages_without_a_tokenizer_are_deterministic_per_seed(tmp_path, al
     assert run("a", 1) == run("b", 1) != run("c", 2)
     ds = open_dataset(tmp_path / "a")
     assert max(len(ds.row(i).doc_ids) for i in range(len(ds))) <= 4
-    got = recover(ds)
+    got = recover_documents(ds.iter_rows())
     for s in fake_samples(700):
         np.testing.assert_array_equal(got[s.id][0], s.input_ids)
         np.testing.assert_array_equal(got[s.id][1], s.labels)

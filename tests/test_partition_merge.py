@@ -19,22 +19,16 @@ from formats.errors import FormatError
 from formats.merge import merge_datasets
 from formats.reader import open_dataset
 from formats.verify import verify_dataset
+from tests.helpers.documents import row_documents
 
 
 def documents(path: Path) -> Counter:
     """The multiset of (id, input_ids, labels) over every document of every row."""
     docs: Counter = Counter()
     for row in open_dataset(path).iter_rows():
-        pos = 0
-        for doc_id, n in zip(row.doc_ids, row.doc_lengths, strict=True):
-            docs[(doc_id, row.input_ids[pos : pos + n].tobytes(), row.labels[pos : pos + n].tobytes())] += 1
-            pos += n
+        for doc_id, ids, labels in row_documents(row):
+            docs[(doc_id, ids.tobytes(), labels.tobytes())] += 1
     return docs
-
-
-@pytest.fixture(scope="module")
-def qwen(shared_data: Path) -> str:
-    return str(shared_data / "tokenizers" / "qwen2_5")
 
 
 @pytest.fixture(scope="module")

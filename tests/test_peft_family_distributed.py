@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.dist_run import assert_ranks_agree, assert_same_tensors
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -23,13 +22,7 @@ METHODS = {
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch was built without gloo")
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_ranks_match_one_rank(tmp_path, repo_root, method):
-    model_dir = make_tokenizer_and_model(tmp_path)
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
-    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=3e-2",
-              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", *METHODS[method]]
-    one, two = one_and_two_ranks(common, tmp_path, repo_root)
-    assert len(one) == len(two) == 3
-    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
+    assert_ranks_agree(tmp_path, repo_root, "train.lr=3e-2", *METHODS[method], steps=3)
     a = assert_same_tensors(tmp_path / "one" / "export" / "adapter_model.safetensors",
                             tmp_path / "two" / "export" / "adapter_model.safetensors")
     assert any((a[k] != 0).any() for k in a if "lambda_b" in k or "lokr_w1" in k or "lora_B" in k)
@@ -39,12 +32,6 @@ def test_two_ranks_match_one_rank(tmp_path, repo_root, method):
 def test_qlora_with_bf16_compute_one_and_two_ranks(tmp_path, repo_root):
     """The CUDA default path on CPU: bf16 compute, NF4 codes of bf16 weights. One process runs under autocast,
     two under FSDP2 mixed precision (the NF4 shards are gathered as 4-bit data); both train alike."""
-    model_dir = make_tokenizer_and_model(tmp_path)
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
-    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-2",
-              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "model.dtype=bf16",
-              "model.frozen_dtype=bf16", *METHODS["qlora"]]
-    one, two = one_and_two_ranks(common, tmp_path, repo_root)
-    assert len(one) == len(two) == 4
-    assert two == pytest.approx(one, rel=3e-2)
+    assert_ranks_agree(tmp_path, repo_root, "train.lr=3e-2", "model.dtype=bf16", "model.frozen_dtype=bf16",
+                       *METHODS["qlora"], steps=4, rel=3e-2, abs=None)
     assert (tmp_path / "two" / "export" / "adapter_model.safetensors").is_file()

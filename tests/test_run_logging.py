@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import tiny_setup
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("logs")
-    model_dir = make_tokenizer_and_model(root, layers=1)
-    data_dir = pack_rows(model_dir, root / "data", n_records=60, seq_length=64)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("logs"), n_records=60, seq_length=64, layers=1)
 
 
 def _sets(model_dir, data_dir, out, *extra):

@@ -17,6 +17,18 @@ from tests.helpers.spans import trained_spans
 ALPHABET = st.sampled_from(list("ab xyZ\n\t.,!?-'\"01234") + ["中", "文", "é", "🙂", "<|im_end|>", "\n\n", " 12"])
 CONTENT = st.lists(ALPHABET, max_size=12).map("".join)
 
+
+def _alternating(system: str | None, contents: list[str]) -> list[dict]:
+    """An optional system turn, then user and assistant turns alternating, ending on an assistant turn."""
+    if len(contents) % 2:
+        contents = contents[:-1]
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    return msgs + [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+
+
+CONVERSATIONS = st.builds(_alternating, st.one_of(st.none(), CONTENT), st.lists(CONTENT, min_size=2, max_size=4))
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
 _CACHE: dict = {}
 
 
@@ -45,13 +57,9 @@ def setup(shared_data, name):
 def test_random_contents_match_transformers(shared_data, name, template, end, header, strip):
     tok, ref = setup(shared_data, name)
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(system=st.one_of(st.none(), CONTENT), contents=st.lists(CONTENT, min_size=2, max_size=4))
-    def check(system, contents):
-        if len(contents) % 2:
-            contents = contents[:-1]
-        msgs = [{"role": "system", "content": system}] if system is not None else []
-        msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    @PROPERTY
+    @given(CONVERSATIONS)
+    def check(msgs):
         answers = [m["content"].strip() if strip else m["content"] for m in msgs if m["role"] == "assistant"]
         # an answer that is itself an end-of-turn string makes the trained spans ambiguous to compare
         assume(all(end not in a for a in answers))
@@ -96,13 +104,9 @@ def test_random_contents_llama2(shared_data):
     ref.chat_template = LLAMA2_CHAT_TEMPLATE
     tok = load_tokenizer(model)
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(system=st.one_of(st.none(), CONTENT), contents=st.lists(CONTENT, min_size=2, max_size=4))
-    def check(system, contents):
-        if len(contents) % 2:
-            contents = contents[:-1]
-        msgs = [{"role": "system", "content": system}] if system is not None else []
-        msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    @PROPERTY
+    @given(CONVERSATIONS)
+    def check(msgs):
         assume("  " not in ref.apply_chat_template(msgs, tokenize=False))
         answers = [m["content"].strip() for m in msgs if m["role"] == "assistant"]
         assume(all("</s>" not in a for a in answers))

@@ -11,6 +11,7 @@ import pytest
 from dataprep.errors import DataError
 from dataprep.tokenize import IGNORE, TokenizeOptions, TokenizeStats, tokenize_conversations
 from dataprep.tokenizer import load_tokenizer
+from tests.helpers.spans import trained_spans
 
 CORPUS = [
     "system user assistant You are helpful. Question number one about cats and dogs.",
@@ -52,26 +53,6 @@ def run(tok, records, **options):
     return samples, stats
 
 
-def targets(sample) -> np.ndarray:
-    t = np.zeros(len(sample.labels), dtype=bool)
-    t[1:] = sample.labels[:-1] != IGNORE
-    return t
-
-
-def trained_text(tok, sample) -> list[str]:
-    t = targets(sample)
-    spans, cur = [], []
-    for i, flag in enumerate(t):
-        if flag:
-            cur.append(int(sample.input_ids[i]))
-        elif cur:
-            spans.append(tok.decode(cur))
-            cur = []
-    if cur:
-        spans.append(tok.decode(cur))
-    return spans
-
-
 def answers(msgs):
     return [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
 
@@ -84,7 +65,7 @@ def test_labels_are_pre_shifted_and_mask_assistant_only(tok):
     assert labels[-1] == IGNORE
     keep = labels != IGNORE
     assert (labels[:-1][keep[:-1]] == ids[1:][keep[:-1]]).all()
-    assert trained_text(tok, s) == answers(msgs)
+    assert trained_spans(tok, s) == answers(msgs)
     text = tok.decode(ids.tolist())
     assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
     assert stats.as_dict() == {"records": 1, "samples": 1, "tokens": len(ids), "trainable_tokens": int(keep.sum()),
@@ -97,7 +78,7 @@ def test_mask_history_trains_only_last_turn(tok):
     (s,), _ = run(tok, [{"id": "a", "messages": msgs}], mask_history=True)
     (full,), _ = run(tok, [{"id": "a", "messages": msgs}])
     assert s.input_ids.tolist() == full.input_ids.tolist()
-    assert trained_text(tok, s) == answers(msgs)[-1:]
+    assert trained_spans(tok, s) == answers(msgs)[-1:]
 
 
 def test_train_on_prompt_trains_every_position(tok):
@@ -155,7 +136,7 @@ def test_overlong_split_makes_pieces_of_whole_turns(tok):
     assert all(len(s.input_ids) <= max_len for s in samples)
     system = "<|im_start|>system\nYou are helpful.<|im_end|>"
     assert all(tok.decode(s.input_ids.tolist()).startswith(system) for s in samples)
-    assert [t for s in samples for t in trained_text(tok, s)] == answers(msgs)
+    assert [t for s in samples for t in trained_spans(tok, s)] == answers(msgs)
     assert stats.split_records == 1 and stats.samples == len(samples)
 
 
@@ -223,11 +204,11 @@ def test_split_with_mask_history_trains_only_the_records_last_turn(tok):
     samples, stats = run(tok, [{"id": "a", "messages": msgs}], max_length=max_len, overlong="split",
                          mask_history=True)
     assert len(samples) == 1 and samples[0].id.startswith("a#")
-    assert trained_text(tok, samples[0]) == answers(msgs)[-1:]
+    assert trained_spans(tok, samples[0]) == answers(msgs)[-1:]
     assert stats.dropped["split_piece_no_target"] >= 2 and stats.split_records == 1
 
 
 def test_empty_answer_still_trains_end_of_turn(tok):
     (s,), _ = run(tok, [{"id": "a", "messages": [{"role": "user", "content": ""},
                                                   {"role": "assistant", "content": ""}]}])
-    assert trained_text(tok, s) == ["<|im_end|>"]  # an empty answer still trains its end-of-turn token
+    assert trained_spans(tok, s) == ["<|im_end|>"]  # an empty answer still trains its end-of-turn token

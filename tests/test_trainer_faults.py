@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from formats.manifest import hash_file
-from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+from tests.helpers.tiny_run import tiny_setup
 from trainer.checkpoint import MARKER, CheckpointError, find_resume_checkpoint, validate_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -28,10 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model_dir = make_tokenizer_and_model(root, layers=2)
-    data_dir = pack_rows(model_dir, root / "data", n_records=80, seq_length=64)
-    return root, model_dir, data_dir
+    return tiny_setup(tmp_path_factory.mktemp("faults"), n_records=80, seq_length=64)
 
 
 def _cmd(model_dir: Path, data_dir: Path, out: Path, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:

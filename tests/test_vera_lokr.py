@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_run import logged_losses, tiny_setup
+from tests.helpers.tiny_run import logged_losses, tiny_config, tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
 from trainer.lora import load_lora_model
 from trainer.peft_methods import LokrLinear, VeraLinear, factorization
@@ -127,12 +127,9 @@ def test_saved_adapter_loads_in_peft_same_logits_grads_and_merge(tiny, tmp_path,
 
 
 def _config(root, model_dir, data_dir, name, *extra):
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / name}",
-        "logging.progress_bar=false", "train.lr=3e-2", "train.seed=7", "train.schedule=constant",
-        "train.deterministic=true", "data.micro_batch_size=2", "peft.target_modules=.*proj",
-        "peft.freeze_exclude=[model.norm.weight]", *extra,
-    ])
+    return tiny_config(model_dir, data_dir, root / name, "train.lr=3e-2", "train.seed=7", "train.schedule=constant",
+                       "train.deterministic=true", "data.micro_batch_size=2", "peft.target_modules=.*proj",
+                       "peft.freeze_exclude=[model.norm.weight]", *extra)
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@ without this a missing bias or q/k norm would go unnoticed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,3 +68,15 @@ def save_hf_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: st
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return model
+
+
+def checkpoint_factory(tmp_path_factory: Any) -> Callable[[str], tuple[Any, Path]]:
+    """family -> (transformers model, its save_pretrained directory), each family built at most once for the
+    fixture that holds the factory: module fixtures ask for families as their tests need them."""
+
+    @functools.cache
+    def get(family: str) -> tuple[Any, Path]:
+        out = tmp_path_factory.mktemp(family)
+        return save_hf_checkpoint(family, out), out
+
+    return get

@@ -42,7 +42,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from trainer.loss import LossConfig, head_loss
+from trainer.loss import LossConfig
+from trainer.model import CausalLM
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 from trainer.quantize import quantized_owners
 from trainer.weights import (
@@ -143,7 +144,7 @@ class Layout:
     fused: dict[str, _Fused] = field(default_factory=dict)  # model key -> its sources
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(CausalLM):
     """Root module around a transformers `XxxForCausalLM`: same parameter names, loss in forward."""
 
     is_hf_backend = True
@@ -179,30 +180,15 @@ class HFCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.head.weight = self.hf_model.get_input_embeddings().weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, V], or the summed loss given pre-shifted `labels` (as `trainer.model.Transformer`)."""
-        b, t = input_ids.shape
-        if position_ids is None:
-            if cu_seqlens is not None:
-                from trainer.model import positions_from_cu_seqlens
-
-                position_ids = positions_from_cu_seqlens(cu_seqlens, b, t)
-            else:
-                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                      max_seqlen: int | None, intervene: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's last hidden states; packed rows are told apart by `position_ids` alone (see above)."""
+        if intervene is not None:
+            raise ValueError("LoReFT interventions need the native backend (model.backend: native)")
         out = self.body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        if labels is not None:
-            return head_loss(hidden, self.head, labels, self.loss_config)
-        return self._logits(hidden)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
         cfg = self.loss_config
         if cfg.logit_scale != 1.0:
@@ -225,7 +211,7 @@ class HFCausalLM(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if logit_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logit_index][:, None]
-        return self._logits(hidden)
+        return self.logits(hidden)
 
     def to_checkpoint_tensors(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Export hook of `trainer.weights.export_hf`: this model tensor in the checkpoint's layout."""

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from trainer.config import PeftSection, TrainConfig
 from trainer.mesh import MeshError, split_world
-from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
+from trainer.model_config import SUPPORTED_MODEL_TYPES, DecoderDims, ModelConfig, read_config_json
 
 GiB = 2**30
 Phase = Literal["always", "forward", "backward"]
@@ -97,17 +97,10 @@ class Mesh:
 
 
 @dataclass
-class ModelShape:
+class ModelShape(DecoderDims):
     """What the memory model needs from config.json (`ModelConfig` for the native families)."""
 
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_proj_bias: bool = False
@@ -136,9 +129,10 @@ class ModelShape:
 
     @classmethod
     def from_model_config(cls, mc: ModelConfig) -> ModelShape:
-        return cls(mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers,
-                   mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, mc.tie_word_embeddings,
-                   mc.qkv_bias, mc.o_proj_bias, mc.mlp_bias, mc.qk_norm)
+        dims = {f.name: getattr(mc, f.name) for f in fields(DecoderDims)}
+        return cls(**dims, model_type=mc.model_type, tie_word_embeddings=mc.tie_word_embeddings,
+                   qkv_bias=mc.qkv_bias, o_proj_bias=mc.o_proj_bias, mlp_bias=mc.mlp_bias,
+                   qk_norm=mc.qk_norm)
 
     @classmethod
     def _estimated(cls, path: Path, raw: dict[str, Any]) -> ModelShape:

@@ -230,24 +230,28 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
-        self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
-        self.reft_positions = None  # LoReFT's trainer.reft.ReftPositions once layers have interventions
-        self.config = config
-        self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
+class CausalLM(nn.Module):
+    """The forward both model backends share (this module's `Transformer`, `trainer.hf_backend.HFCausalLM`), so
+    the trainer, the loss and generation drive either the same way. A backend gives `hidden_states`, its output
+    `head` and `logits`; packed-row positions and the loss-or-logits choice are decided here once."""
 
-    def tie_weights(self) -> None:
-        """Share the embedding matrix with lm_head when the checkpoint ties them.
+    loss_config: LossConfig
 
-        Call again after anything that replaces parameters (e.g. `to_empty`), which unties them silently.
-        """
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    @property
+    def head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                      max_seqlen: int | None, intervene: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def intervention_mask(self, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                          shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """Where LoReFT interventions act when the caller does not say; None for a model without them."""
+        return None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -273,6 +277,48 @@ class Transformer(nn.Module):
                 if cu_seqlens is not None
                 else torch.arange(t, device=input_ids.device).expand(b, t)
             )
+        if intervene is None:
+            intervene = self.intervention_mask(labels, cu_seqlens, (b, t), input_ids.device)
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, intervene)
+        if labels is not None:
+            return head_loss(hidden, self.head, labels, self.loss_config)
+        return self.logits(hidden)
+
+
+class Transformer(CausalLM):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
+        self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
+        self.reft_positions = None  # LoReFT's trainer.reft.ReftPositions once layers have interventions
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with lm_head when the checkpoint ties them.
+
+        Call again after anything that replaces parameters (e.g. `to_empty`), which unties them silently.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lm_head
+
+    def intervention_mask(self, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                          shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        if self.reft_positions is None:
+            return None
+        from trainer.reft_positions import packed_mask
+
+        return packed_mask(self.reft_positions, shape[0], shape[1], labels, cu_seqlens, device)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                      max_seqlen: int | None, intervene: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = input_ids.shape
         h = self.model.embed_tokens(input_ids)
         if torch.is_autocast_enabled(h.device.type):
             # Embedding lookups are not autocast; run the residual stream in the compute dtype, as FSDP2 mixed
@@ -290,20 +336,16 @@ class Transformer(nn.Module):
             max_seqlen=max_seqlen,
             windows=self.config.sliding_windows,
         )
-        if self.reft_positions is not None and intervene is None:
-            from trainer.reft_positions import packed_mask
-
-            intervene = packed_mask(self.reft_positions, b, t, labels, cu_seqlens, h.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in backward (memory for ~1/3 more compute).
                 h = checkpoint(layer, h, cos, sin, ctx, None, intervene, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx, None, intervene)
-        h = self.model.norm(h)
-        if labels is not None:
-            return head_loss(h, self.lm_head, labels, self.loss_config)
-        return self.lm_head(h)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
     def forward_cached(
         self,

@@ -35,7 +35,11 @@ def read_config_json(model_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass
-class ModelConfig:
+class DecoderDims:
+    """The sizes every decoder has, native family or not: one declaration that `ModelConfig` (what the model is
+    built from) and `trainer.memory_plan.ModelShape` (what memory is planned from) both extend, so the two
+    cannot drift apart in names or meaning."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,6 +47,10 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+
+
+@dataclass
+class ModelConfig(DecoderDims):
     model_type: str = "llama"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0

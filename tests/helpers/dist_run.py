@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_run import logged_losses
+from tests.helpers.tiny_run import logged_losses, make_tokenizer_and_model, pack_rows
 
 
 def run_trainer(overrides: list[str], cwd: Path, nproc: int, timeout: float = 300) -> None:
@@ -30,6 +31,22 @@ def one_and_two_ranks(common: list[str], tmp_path: Path, cwd: Path) -> tuple[lis
     run_trainer([*common, f"logging.output_dir={tmp_path / 'one'}", "train.grad_accum_steps=2"], cwd, 1)
     run_trainer([*common, f"logging.output_dir={tmp_path / 'two'}", "train.grad_accum_steps=1"], cwd, 2)
     return logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+
+
+def assert_ranks_agree(tmp_path: Path, cwd: Path, *extra: str, steps: int, n_records: int = 80,
+                       model_dir: Path | None = None, rel: float = 2e-5, abs: float | None = 1e-6,
+                       ) -> tuple[list[float], list[float]]:
+    """The distributed tests' one check: `model_dir` (default: the tiny model) trained `steps` steps on the same
+    packed rows (96 tokens, one row per micro-batch, seed 3) as 1 process and as 2 ranks gives as many losses,
+    equal within rel/abs. `extra` holds the test's own keys (lr, PEFT method, ...); returns both curves."""
+    model_dir = model_dir or make_tokenizer_and_model(tmp_path)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=n_records, seq_length=96)
+    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"train.max_steps={steps}",
+              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", *extra]
+    one, two = one_and_two_ranks(common, tmp_path, cwd)
+    assert len(one) == len(two) == steps
+    assert two == pytest.approx(one, rel=rel, abs=abs)
+    return one, two
 
 
 def assert_same_tensors(a_file: Path, b_file: Path, atol: float = 1e-5) -> dict[str, torch.Tensor]:

@@ -67,10 +67,19 @@ def pack_rows(model_dir: Path, out_dir: Path, n_records: int, seq_length: int, s
     return out_dir
 
 
-def tiny_setup(root: Path, n_records: int = 160, seq_length: int = 128) -> tuple[Path, Path, Path]:
+def tiny_setup(root: Path, n_records: int = 160, seq_length: int = 128, layers: int = 2) -> tuple[Path, Path, Path]:
     """(root, model dir, packed data dir) under `root`: what the trainer tests' module fixtures start from."""
-    model_dir = make_tokenizer_and_model(root)
+    model_dir = make_tokenizer_and_model(root, layers=layers)
     return root, model_dir, pack_rows(model_dir, root / "data", n_records=n_records, seq_length=seq_length)
+
+
+def tiny_config(model_dir: Path, data_dir: Path, out: Path, *extra: str):
+    """A trainer config that runs `model_dir` on the packed rows in `data_dir` into `out`, without a progress
+    bar; `extra` holds the test's own `section.key=value` overrides."""
+    from trainer.config import load_config
+
+    return load_config(None, [f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={out}",
+                              "logging.progress_bar=false", *extra])
 
 
 def logged_losses(out_dir: Path) -> list[float]:
