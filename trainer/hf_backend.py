@@ -42,6 +42,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from trainer.distributed import assign_full
 from trainer.loss import LossConfig
 from trainer.model import CausalLM
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
@@ -52,7 +53,6 @@ from trainer.weights import (
     WeightsError,
     _load_one,
     _targets,
-    assign_full,
     check_checkpoint_keys,
     checkpoint_index,
 )
