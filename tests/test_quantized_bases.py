@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
 from tests.helpers.tiny_run import logged_losses, tiny_setup
 from trainer.config import ConfigError, PeftSection, load_config
-from trainer.lora import load_lora_model
+from trainer.lora import count_parameters, load_lora_model
 from trainer.quantize import QuantizedLinear, stored_bytes
 
 torchao_q = pytest.importorskip("torchao.quantization")
@@ -77,6 +77,10 @@ def test_stored_base_dequantizes_to_the_librarys_dequantization(tiny, algo):
     per_weight = stored / numel
     bounds = {"fp4": (0.5, 0.8), "weight_only_int8": (1.0, 1.1), "weight_only_int4": (0.5, 0.5 + 5 / GROUP + 1e-9)}
     assert bounds[algo][0] < per_weight <= bounds[algo][1], per_weight
+    # the parameter count is the model's, not the bytes the quantized weights are stored in
+    plain = load_lora_model(str(model_dir), PeftSection(pet_type="lora", target_modules=".*proj"), seed=0)
+    assert count_parameters(model).total_params == count_parameters(plain).total_params
+    assert count_parameters(model).trainable_params == count_parameters(plain).trainable_params
 
 
 def test_int4_rows_the_group_does_not_divide_stay_full_precision_and_are_reported(tiny, caplog):

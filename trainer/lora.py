@@ -42,6 +42,7 @@ from trainer.peft_targets import (  # noqa: F401 - translate_targets re-exported
     translate_targets,
     translated_patterns,
 )
+from trainer.quantize import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,10 @@ def count_parameters(model: nn.Module, shards: int = 1) -> LoraReport:
     """Trainable and total parameter counts (tied weights counted once). A DTensor's numel() is the whole
     tensor's already, so `shards` stays 1 for FSDP2 / tensor-parallel models; it scales plain local shards."""
     report = LoraReport()
+    # A quantized frozen Linear stores bytes (codes and scales) in its weight; it stands for in x out weights.
+    stands_for = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     for param in model.parameters():
-        n = param.numel() * shards
+        n = stands_for[id(param)] if id(param) in stands_for else param.numel() * shards
         report.total_params += n
         if param.requires_grad:
             report.trainable_params += n
