@@ -281,7 +281,12 @@ def inventory(shape: ModelShape, config: TrainConfig) -> Inventory:
     tensors = model_tensors(shape)
     adapters: list[Adapter] = []
     adapted: set[str] = set()
-    if p.pet_type is not None:
+    if p.pet_type == "loreft":  # one intervention (R, W [r, hidden], b [r]) per chosen layer, not per module
+        from trainer.reft_positions import parse_layers
+
+        for i in parse_layers(p.reft_layers, shape.num_hidden_layers):
+            adapters.append(Adapter(f"model.layers.{i}.reft", p.reft_rank * (2 * shape.hidden_size + 1), 0))
+    elif p.pet_type is not None:
         matches, reading = target_matcher(p.target_modules)
         seen: set[str] = set()
         for t in tensors:
