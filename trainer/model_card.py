@@ -51,10 +51,12 @@ def model_card(config: TrainConfig, *, base_model: str, step: int, kind: str) ->
     """The card's text. `kind` is `adapter` (a PEFT directory) or `full` (HF weights)."""
     adapter = kind == "adapter"
     method = config.peft.pet_type or "full fine-tuning"
+    # LoReFT and MoRA adapters are in this project's own format (peft has neither method): sftkit loads them
+    own_format = adapter and (config.peft.pet_type == "loreft" or config.peft.use_mora)
     data = dataset_rows(config.data.train)
     front = {
         "base_model": base_model,
-        "library_name": "peft" if adapter else "transformers",
+        "library_name": "sftkit" if own_format else "peft" if adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["sftkit", "sft", method.replace(" ", "-")],
     }
@@ -66,7 +68,8 @@ def model_card(config: TrainConfig, *, base_model: str, step: int, kind: str) ->
         f"# Fine-tuned from {base_model}",
         "",
         f"Supervised fine-tuning with sftkit (`trainer run`), method: {method}; this directory holds the "
-        f"{'PEFT adapter' if adapter else 'full model weights'} after optimizer step {step}.",
+        f"{'adapter (sftkit format)' if own_format else 'PEFT adapter' if adapter else 'full model weights'} after "
+        f"optimizer step {step}.",
         "",
         "## Training data",
         "",
@@ -94,6 +97,14 @@ def model_card(config: TrainConfig, *, base_model: str, step: int, kind: str) ->
         lines += ["The data was rendered with the tokenizer's own chat template (included here).", ""]
     usage = (
         [
+            "peft cannot load this adapter; sftkit can:",
+            "",
+            "```bash",
+            f"trainer generate --model {base_model} --adapter PATH/TO/THIS/DIR --prompt 'Hello'",
+            "```",
+        ]
+        if own_format
+        else [
             "```python",
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
