@@ -14,7 +14,10 @@ same optimizer steps, micro-batch, lr schedule, seed and thread count. Only the 
 - qlora: the lora column on an NF4 base (peft.weight_quantize_algo nf4; the tiny --quick model's weights need
          a double-quantization block of 4 instead of QLoRA's 256 to be quantized at all);
 - moslora, mora: LoRA with MoSLoRA's r x r mixer / MoRA's square matrix (same lora_rank);
-- vera:  VeRA with rank 256 shared projections; lokr: LoKr rank 16 (same targets).
+- vera:  VeRA with rank 256 shared projections; lokr: LoKr rank 16 (same targets);
+- qlora_fp4, lora_int8, lora_int4: the lora column on an FP4 (bitsandbytes) / int8 / int4 weight-only (torchao,
+         group 128) base;
+- loreft: LoReFT rank 16 at every layer, positions f7+l7 (the base frozen, no per-module adapters).
 
 Each column runs in its own child process, so peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`,
 on CPU the process's peak RSS (VmHWM), which includes the Python/torch baseline every column pays alike. Throughput
@@ -49,8 +52,16 @@ MODES = {
     "mora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.target_modules=.*proj", "peft.use_mora=true"],
     "vera": ["peft.pet_type=vera", "peft.vera_rank=256", "peft.target_modules=.*proj"],
     "lokr": ["peft.pet_type=lokr", "peft.lokr_rank=16", "peft.lokr_alpha=32", "peft.target_modules=.*proj"],
+    "qlora_fp4": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+                  "peft.weight_quantize_algo=fp4"],
+    "lora_int8": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+                  "peft.weight_quantize_algo=weight_only_int8"],
+    "lora_int4": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
+                  "peft.weight_quantize_algo=weight_only_int4"],
+    "loreft": ["peft.pet_type=loreft", "peft.reft_rank=16"],
 }
-QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"]}
+QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"],
+               "lora_int4": ["peft.weight_only_int4_group_size=32"]}
 
 
 PRESETS = {

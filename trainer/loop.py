@@ -350,8 +350,8 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     start_step = checkpointer.resume()
 
     result = RunResult(steps=start_step, output_dir=str(out_dir), world_size=info.world_size)
-    result.total_params = sum(p.numel() for p in model.parameters())
-    result.trainable_params = sum(p.numel() for p in trainable)
+    counts = count_parameters(model)  # a quantized Linear counts the weights it stands for, not its bytes
+    result.total_params, result.trainable_params = counts.total_params, counts.trainable_params
     stop = StopFlag().install()
     try:
         _run_steps(run, checkpointer, range(start_step, total_steps), result, stop, on_step, generation_eval)
