@@ -42,6 +42,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from trainer.distributed import assign_full
 from trainer.loss import LossConfig, head_loss
 from trainer.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config_json
 from trainer.quantize import quantized_owners
@@ -51,7 +52,6 @@ from trainer.weights import (
     WeightsError,
     _load_one,
     _targets,
-    assign_full,
     check_checkpoint_keys,
     checkpoint_index,
 )
