@@ -99,6 +99,14 @@ def test_same_logits_and_adapter_gradients_as_peft(tiny):
         torch.testing.assert_close(module.value.grad, grad[:, i, 1], atol=1e-5, rtol=1e-4)
         assert module.key.grad.abs().sum() > 0 and module.value.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing = True  # recomputed blocks attend to the same prefix: the same gradients
+    model.train()
+    torch.nn.functional.cross_entropy(model(ids)[0], labels[0], reduction="sum").backward()
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
 
 
 def test_packed_row_equals_each_document_alone(tiny):
