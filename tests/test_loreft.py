@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.tiny_run import logged_losses, pack_rows, tiny_setup
+from tests.helpers.tiny_run import learns_and_resumes_exactly, tiny_setup
 from trainer.config import ConfigError, load_config
 from trainer.lora import load_lora_model
 from trainer.reft import ReftPositions, interventions, packed_mask
@@ -201,34 +201,17 @@ def test_gradients_reach_only_r_w_b_and_r_stays_orthonormal(tiny):
             torch.testing.assert_close(r @ r.t(), torch.eye(4), atol=1e-5, rtol=0)  # and is orthonormal
 
 
-def _run_config(root, model_dir, data_dir, name, *extra):
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / name}",
-        "logging.progress_bar=false", "logging.plot=false", "train.lr=1e-1", "train.seed=7", "data.shuffle=false",
-        "train.schedule=constant", "train.deterministic=true", "data.micro_batch_size=2", "peft.pet_type=loreft",
-        "peft.reft_rank=4", "peft.reft_positions=f3+l3", *extra,
-    ])
-
-
 @pytest.mark.slow
 def test_run_learns_resumes_exactly_and_generate_loads_the_adapter(tiny):
     from safetensors.torch import load_file
 
     from trainer.generate import SamplingConfig, generate, load_model
-    from trainer.loop import train
     from trainer.merge_lora import merge_lora
     from trainer.weights import WeightsError
 
     root, model_dir, _ = tiny
-    # Two rows seen in turn (unshuffled), so each one's loss can be followed: the frozen random tied head of
-    # the tiny model bounds how far any adapter moves the loss, so the check is per row, not on a noisy curve.
-    data_dir = pack_rows(model_dir, root / "two-rows", n_records=8, seq_length=96)
-    straight = train(_run_config(root, model_dir, data_dir, "straight", "train.max_steps=12"))
-    losses = straight.losses
-    assert losses[-2] < losses[0] - 0.1 and losses[-1] < losses[1] - 0.1, losses
-    train(_run_config(root, model_dir, data_dir, "resumed", "train.max_steps=6", "checkpoint.every_steps=6"))
-    train(_run_config(root, model_dir, data_dir, "resumed", "train.max_steps=12", "checkpoint.every_steps=6"))
-    assert logged_losses(root / "resumed") == logged_losses(root / "straight") == straight.losses
+    learns_and_resumes_exactly(root, model_dir, ["peft.pet_type=loreft", "peft.reft_rank=4",
+                                                 "peft.reft_positions=f3+l3"], lr=0.1)
     export = root / "straight" / "export"
     a, b = load_file(export / "adapter_model.safetensors"), load_file(root / "resumed" / "export" /
                                                                        "adapter_model.safetensors")
@@ -268,22 +251,9 @@ def test_run_learns_resumes_exactly_and_generate_loads_the_adapter(tiny):
 def test_two_ranks_match_one_rank(tmp_path, repo_root):
     """FSDP2 over 2 gloo ranks shards each intervention with its block (rank 3: rows split unevenly) and trains
     like one process with the same global batch: same losses, same exported adapter."""
-    import torch.distributed as dist
+    from tests.helpers.dist_run import adapter_ranks_agree
 
-    from tests.helpers.dist_run import assert_same_tensors, one_and_two_ranks
-    from tests.helpers.tiny_run import make_tokenizer_and_model
-
-    if not dist.is_gloo_available():
-        pytest.skip("torch was built without gloo")
-    model_dir = make_tokenizer_and_model(tmp_path)
-    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
-    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=5e-2",
-              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", "peft.pet_type=loreft",
-              "peft.reft_rank=3", "peft.reft_positions=f2+l4"]
-    one, two = one_and_two_ranks(common, tmp_path, repo_root)
-    assert len(one) == len(two) == 3
-    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
-    a = assert_same_tensors(tmp_path / "one" / "export" / "adapter_model.safetensors",
-                            tmp_path / "two" / "export" / "adapter_model.safetensors")
+    a = adapter_ranks_agree(tmp_path, repo_root, ["peft.pet_type=loreft", "peft.reft_rank=3",
+                                                  "peft.reft_positions=f2+l4"])
     assert sorted(a) == sorted(f"model.layers.{i}.reft.{p}" for i in (0, 1)
                                for p in ("rotation", "source_weight", "source_bias"))

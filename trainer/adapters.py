@@ -174,6 +174,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
 
         tensors, to_save = reft_state(model), []
         targets = [f"model.layers.{i}" for i, _ in interventions(model)]
+    elif cfg.pet_type == "prefix_tuning":  # peft's PREFIX_TUNING format, see trainer.prefix
+        from trainer.prefix import prefix_config, prefix_state, prefixes
+
+        tensors, to_save = prefix_state(model), []
+        targets = [f"model.layers.{i}" for i, _ in prefixes(model)]
     else:
         tensors, targets, to_save = adapter_state(model, cfg)
     if _rank() == 0:
@@ -185,6 +190,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
             write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             if cfg.pet_type == "loreft":
                 config = reft_config(model, cfg, base_model)
+            elif cfg.pet_type == "prefix_tuning":
+                config = prefix_config(model, cfg, base_model)
             elif cfg.pet_type in ("vera", "lokr") or cfg.use_mora:
                 from trainer.peft_methods import peft_config
 

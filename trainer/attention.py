@@ -113,6 +113,9 @@ class AttentionContext:
     masks: dict[int | None, object] = field(default_factory=dict)
     # sdpa on CPU: (start, end) of every segment over the flattened B*T tokens, none crossing a row boundary.
     segments: list[tuple[int, int]] | None = None
+    # Prefix tuning (trainer.prefix): this many learned key/value slots come before every row's keys, visible to
+    # every query; the sdpa masks then have prefix_len + T columns.
+    prefix_len: int = 0
 
 
 def _row_local_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[tuple[int, int]] | None:
@@ -125,7 +128,7 @@ def _row_local_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> li
 
 
 def _sdpa_mask(ctx: AttentionContext, window: int | None) -> torch.Tensor | None:
-    if ctx.segment_ids is None and window is None:
+    if ctx.segment_ids is None and window is None and not ctx.prefix_len:
         return None  # plain causal: SDPA's is_causal keeps its fast kernels
     idx = torch.arange(ctx.seqlen, device=ctx.device)
     mask = idx[None, :] <= idx[:, None]  # [T, T] causal
@@ -135,7 +138,9 @@ def _sdpa_mask(ctx: AttentionContext, window: int | None) -> torch.Tensor | None
     if ctx.segment_ids is not None:
         seg = ctx.segment_ids
         mask = mask & (seg[:, :, None] == seg[:, None, :])
-    return mask.unsqueeze(1)  # [B or 1, 1, T, T]
+    if ctx.prefix_len:
+        mask = torch.cat([mask.new_ones(mask.shape[0], mask.shape[1], ctx.prefix_len), mask], -1)
+    return mask.unsqueeze(1)  # [B or 1, 1, T, prefix_len + T]
 
 
 def _flex_block_mask(ctx: AttentionContext, window: int | None):
@@ -161,13 +166,23 @@ def prepare(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     windows: Iterable[int | None] = (None,),
+    prefix_len: int = 0,
 ) -> AttentionContext:
     """Resolve the backend and precompute the document structure for one forward pass.
 
     `windows` lists the sliding windows the layers use (None = full causal), so masks are built once each.
+    `prefix_len` > 0: every layer attends to that many prefix slots first (prefix tuning); only sdpa takes them
+    (`auto` then means sdpa), since the varlen and flex calls here are built for equal query and key lengths.
     """
+    if prefix_len:
+        if backend not in ("auto", "sdpa"):
+            raise ValueError(f"attn_backend {backend!r} cannot attend to prefix-tuning prefixes (peft.pet_type "
+                             "prefix_tuning); set model.attn_backend: sdpa (or auto)")
+        if any(w is not None for w in windows):
+            raise ValueError("prefix tuning is not implemented for sliding-window attention layers")
+        backend = "sdpa"
     name = resolve_backend(backend, device, dtype)
-    ctx = AttentionContext(backend=name, batch=batch, seqlen=seqlen, device=device)
+    ctx = AttentionContext(backend=name, batch=batch, seqlen=seqlen, device=device, prefix_len=prefix_len)
     if cu_seqlens is not None:
         if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
@@ -202,10 +217,41 @@ def _attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
     return torch.cat(outs, dim=0)
 
 
+def _attend_prefixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor],
+                     ctx: AttentionContext) -> torch.Tensor:
+    """sdpa with the prefix keys/values [P, Hkv, D] before every row's (or, on CPU, every segment's) own."""
+    b, t, h, d = q.shape
+    pk, pv = (x.to(k.dtype) for x in prefix)
+    n_prefix = pk.shape[0]
+    gqa = k.shape[2] != h
+    if not torch.compiler.is_compiling() and ctx.segments is not None:
+        flat = [x.reshape(b * t, x.shape[2], d) for x in (q, k, v)]
+        outs = []
+        for s, e in ctx.segments:  # causal inside the segment, the prefix seen by all (lower-right aligned)
+            qs = flat[0][s:e].transpose(0, 1).unsqueeze(0)
+            ks, vs = (torch.cat([p, x[s:e]]).transpose(0, 1).unsqueeze(0) for p, x in ((pk, flat[1]), (pv, flat[2])))
+            mask = torch.ones(e - s, n_prefix + e - s, dtype=torch.bool, device=q.device).tril(n_prefix)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs).view(b, t, h, d)
+    kt, vt = (torch.cat([p.unsqueeze(0).expand(b, -1, -1, -1), x], 1).transpose(1, 2) for p, x in ((pk, k), (pv, v)))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, attn_mask=ctx.masks[None], enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, window: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, window: int | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal attention inside segments. q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]."""
+    """Causal attention inside segments. q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D].
+
+    `prefix` (keys, values) [P, Hkv, D]: prefix tuning's slots, attended to by every query before its segment's
+    causal past (`prepare(..., prefix_len=P)` built the masks for them)."""
+    if prefix is not None:
+        if ctx.prefix_len != prefix[0].shape[0] or ctx.backend != "sdpa" or window is not None:
+            raise ValueError(f"a {prefix[0].shape[0]}-slot prefix needs an sdpa context prepared with prefix_len="
+                             f"{prefix[0].shape[0]} (got {ctx.backend}, prefix_len={ctx.prefix_len}, window={window})")
+        return _attend_prefixed(q, k, v, prefix, ctx)
     b, t, h, d = q.shape
     gqa = k.shape[2] != h
     if ctx.backend in ("varlen", "flex") and torch.is_autocast_enabled(q.device.type):

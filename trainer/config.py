@@ -183,7 +183,7 @@ class CheckpointSection:
         "the adapters, the data or the seed are always refused: the checkpoint would not be that run.", False)
 
 
-PetType = Literal["lora", "vera", "lokr", "loreft"]
+PetType = Literal["lora", "vera", "lokr", "loreft", "prefix_tuning"]
 # Quantized frozen bases (PaddleNLP's weight_quantize_algo values).
 QuantAlgo = Literal["nf4", "fp4", "weight_only_int8", "weight_only_int4"]
 
@@ -195,7 +195,8 @@ class PeftSection:
         "scaling vectors; vera_* keys) | lokr (Kronecker-product update; lokr_* keys). All adapt the Linear "
         "modules target_modules matches and export a PEFT adapter | loreft (LoReFT: learned low-rank edits of the "
         "hidden states at chosen layers and prompt positions; reft_* keys; saved in this project's format, never "
-        "merged; native models).", None)
+        "merged; native models) | prefix_tuning (learned keys / values every attention layer attends to first; "
+        "num_virtual_tokens; peft's PREFIX_TUNING format, never merged; native models, sdpa attention).", None)
     lora_rank: int = doc("LoRA rank r (columns of A / rows of B).", 8)
     lora_alpha: float = doc("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).", 16.0)
     lora_dropout: float = doc("Dropout on the adapter's input during training (0 disables).", 0.0)
@@ -272,7 +273,16 @@ class PeftSection:
         "packed row the prompt ends at the document's first trained label; at generation, the prompt given; "
         "generated tokens are not edited); also f<k> or l<k>. PaddleNLP's ReFT `position`.", "f7+l7")
     # PaddleNLP's ReFT argument names, read as this section's own (see `_apply_key_aliases`).
-    KEY_ALIASES: ClassVar[dict[str, str]] = {"rank": "reft_rank", "layers": "reft_layers", "position": "reft_positions"}
+    num_virtual_tokens: int = doc(
+        "Prefix tuning: learned key / value slots per layer (peft's num_virtual_tokens, PaddleNLP's "
+        "num_prefix_tokens).", 20)
+    prefix_tuning: bool = doc("PaddleNLP's switch: true is pet_type prefix_tuning.", False)
+    prefix_projection: bool = doc(
+        "Prefix tuning's reparametrisation MLP (peft's / PaddleNLP's key): not implemented; only false is accepted.",
+        False)
+    # PaddleNLP's ReFT and prefix-tuning argument names, read as this section's own (see `_apply_key_aliases`).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"rank": "reft_rank", "layers": "reft_layers", "position": "reft_positions",
+                                             "num_prefix_tokens": "num_virtual_tokens"}
     vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
     vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
     vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
@@ -595,6 +605,7 @@ def _validate_peft(p: PeftSection) -> None:
     if p.neftune_noise_alpha is not None and p.neftune_noise_alpha <= 0:
         raise ConfigError("peft.neftune_noise_alpha must be > 0 (or null to disable NEFTune)")
     _validate_reft(p)
+    _validate_prefix(p)
     if p.pet_type is None:
         lora_only = [k for k in ("use_rslora", "pissa", "use_dora", "export_merged", "lora_use_mixer", "use_mora")
                      if getattr(p, k)]
@@ -684,14 +695,40 @@ def _validate_reft(p: PeftSection) -> None:
         parse_layers(p.reft_layers, None)  # the model's depth is checked when the model is built
     except ReftError as exc:
         raise ConfigError(str(exc)) from None
+    _refuse_beside_unmergeable(p, "a LoReFT adapter edits hidden states at chosen positions, not weights",
+                               "the LoReFT adapter file holds the interventions only")
+
+
+def _refuse_beside_unmergeable(p: PeftSection, what: str, file_holds: str) -> None:
+    """What a method that is no weight change (LoReFT, prefix tuning) cannot do: be merged, train modules in full
+    beside it (its file would not hold them), run on a quantized base (not tried)."""
     if p.export_merged:
-        raise ConfigError("peft.export_merged: a LoReFT adapter edits hidden states at chosen positions, not "
-                          "weights; it cannot be merged into the base model (set export_merged: false)")
+        raise ConfigError(f"peft.export_merged: {what}; it cannot be merged into the base model (set export_merged: "
+                          "false)")
     if p.modules_to_save or p.freeze_exclude:
-        raise ConfigError("peft.modules_to_save / peft.freeze_exclude are not supported with pet_type loreft "
-                          "(the LoReFT adapter file holds the interventions only)")
+        raise ConfigError(f"peft.modules_to_save / peft.freeze_exclude are not supported with pet_type {p.pet_type} "
+                          f"({file_holds})")
     if p.weight_quantize_algo is not None:
-        raise ConfigError("peft.weight_quantize_algo is not supported with pet_type loreft")
+        raise ConfigError(f"peft.weight_quantize_algo is not supported with pet_type {p.pet_type}")
+
+
+def _validate_prefix(p: PeftSection) -> None:
+    """Prefix tuning's keys only with it; PaddleNLP's `prefix_tuning: true` sets the pet_type."""
+    if p.prefix_tuning:
+        if p.pet_type not in (None, "prefix_tuning"):
+            raise ConfigError(f"peft.prefix_tuning: true conflicts with peft.pet_type {p.pet_type}; give one method")
+        p.pet_type = "prefix_tuning"
+    if p.pet_type != "prefix_tuning":
+        if p.num_virtual_tokens != PeftSection().num_virtual_tokens or p.prefix_projection:
+            raise ConfigError("peft.num_virtual_tokens / peft.prefix_projection need peft.pet_type: prefix_tuning")
+        return
+    if p.num_virtual_tokens < 1:
+        raise ConfigError("peft.num_virtual_tokens must be >= 1")
+    if p.prefix_projection:
+        raise ConfigError("peft.prefix_projection: the reparametrisation MLP is not implemented; set it false (the "
+                          "prefix keys / values are then trained directly, peft's default)")
+    _refuse_beside_unmergeable(p, "a prefix-tuning adapter adds keys / values to attention, not weights",
+                               "the adapter file holds the prefixes only")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -741,7 +778,7 @@ RESUME_BREAKING = (
     "peft.weight_quantize_algo", "peft.qlora_weight_blocksize", "peft.qlora_weight_double_quant_block_size",
     "peft.weight_only_int4_group_size", "peft.lora_use_mixer", "peft.use_mora", "peft.mora_type", "peft.vera_rank",
     "peft.vera_d_initial", "peft.vera_projection_prng_key", "peft.reft_rank", "peft.reft_layers",
-    "peft.reft_positions", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
+    "peft.reft_positions", "peft.num_virtual_tokens", "peft.lokr_rank", "peft.lokr_alpha", "peft.lokr_decompose_factor",
 )
 RESUME_OPTIMIZER = (
     # The update rule and its schedule: a resumed run no longer repeats the one it continues. Allowed with

@@ -169,8 +169,9 @@ def generate_padded(
     last = torch.where(valid, torch.arange(width, device=device), -1).amax(1)
     # the HF backend brings its own cache (transformers'); the native model uses our static one
     new_cache = getattr(model, "new_cache", None)
+    prefix = getattr(model, "prefix_tokens", 0)  # prefix tuning's slots come first (trainer.prefix)
     cache = (new_cache(b, width + cfg.max_new_tokens, device, dtype) if new_cache is not None
-             else KVCache(model.config, b, width + cfg.max_new_tokens, device, dtype))
+             else KVCache(model.config, b, prefix + width + cfg.max_new_tokens, device, dtype))
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     vocab = model.config.vocab_size
     seen = None
@@ -184,6 +185,10 @@ def generate_padded(
     was_training = model.training
     model.eval()
     try:
+        if prefix:
+            from trainer.prefix import fill_cache
+
+            fill_cache(model, cache)
         cache.begin(positions, valid)
         logits = model.forward_cached(input_ids, positions, cache, logit_index=last,
                                       **_prompt_interventions(model, positions, valid))[:, -1].float()
@@ -423,6 +428,12 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
         from trainer.reft import apply_reft_adapter
 
         return apply_reft_adapter(model, adapter_dir / WEIGHTS_FILE, reft)
+    prefix = _reft_config(adapter_dir, "PREFIX_TUNING")
+    if prefix is not None:  # peft's format, but no module to wrap: keys / values for every layer
+        from trainer.adapters import WEIGHTS_FILE
+        from trainer.prefix import apply_prefix_adapter
+
+        return apply_prefix_adapter(model, adapter_dir / WEIGHTS_FILE, prefix)
     config, adapters, full = read_adapter(adapter_dir)
     device = next(model.parameters()).device
     wrapped = []
@@ -468,15 +479,16 @@ def apply_adapter(model: Transformer, adapter_dir: str | Path) -> list[str]:
     return wrapped
 
 
-def _reft_config(adapter_dir: Path) -> dict | None:
-    """The adapter's config when it is a LoReFT adapter (this project's format), else None."""
+def _reft_config(adapter_dir: Path, peft_type: str = "LOREFT") -> dict | None:
+    """The adapter's config when it is a LoReFT adapter (this project's format) or, with `peft_type`, another
+    kind that is not a set of module wrappers (PREFIX_TUNING), else None."""
     from trainer.adapters import CONFIG_FILE
 
     try:
         config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # read_adapter names the problem
-    return config if isinstance(config, dict) and config.get("peft_type") == "LOREFT" else None
+    return config if isinstance(config, dict) and config.get("peft_type") == peft_type else None
 
 
 def _find_run(path: Path) -> tuple[Path, Path] | None:
@@ -513,7 +525,7 @@ def load_checkpoint_model(run_dir: Path, checkpoint_dir: Path, *, device: torch.
         model = Transformer(model_config)
     setup_peft(model, config.peft)
     materialize(model, device)
-    lora = config.peft.pet_type in ("lora", "loreft")  # their parameters are not in the base checkpoint
+    lora = config.peft.pet_type in ("lora", "loreft", "prefix_tuning")  # their parameters are not in the base checkpoint
     load_hf_weights(model, config.model.path, show_progress=False, name_map=checkpoint_name_map if lora else None)
     load_model_state(checkpoint_dir, model, verify=False)  # validated above
     model.tie_weights()

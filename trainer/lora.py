@@ -47,9 +47,9 @@ from trainer.quantize import QuantizedLinear
 log = logging.getLogger(__name__)
 
 ADAPTER_MARK = ".lora_"
-# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr, LoReFT's `layers.N.reft.` interventions);
-# anything else is a base parameter.
-ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_", ".reft.")
+# Every adapter parameter's name holds one of these (LoRA, VeRA, LoKr, LoReFT's `layers.N.reft.` interventions,
+# prefix tuning's `layers.N.prefix.` keys / values); anything else is a base parameter.
+ADAPTER_MARKS = (ADAPTER_MARK, ".vera_", ".lokr_", ".reft.", ".prefix.")
 
 
 def is_adapter_param(name: str) -> bool:
@@ -300,6 +300,11 @@ def init_adapters(model: nn.Module, cfg: PeftSection, seed: int) -> None:
 
         init_reft(model, seed)
         return
+    if cfg.pet_type == "prefix_tuning":
+        from trainer.prefix import init_prefix
+
+        init_prefix(model, seed)
+        return
     if cfg.pet_type in ("vera", "lokr"):
         init_vera_lokr(lora_modules(model), cfg, seed)
         return
@@ -375,6 +380,10 @@ def setup_peft(model: nn.Module, cfg: PeftSection) -> list[str]:
         from trainer.reft import apply_reft
 
         wrapped = apply_reft(model, cfg)
+    elif cfg.pet_type == "prefix_tuning":  # learned keys / values in every layer's attention
+        from trainer.prefix import apply_prefix
+
+        wrapped = apply_prefix(model, cfg)
     else:
         wrapped = apply_lora(model, cfg) if cfg.pet_type is not None else []
     if cfg.pet_type is not None or cfg.freeze_include or cfg.freeze_exclude or cfg.modules_to_save:

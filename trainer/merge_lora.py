@@ -89,6 +89,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, _Adapter], di
         raise WeightsError(f"{cfg_path}: a LoReFT adapter edits hidden states at chosen token positions, not "
                            "weights, so it cannot be merged into the base model; load it as an adapter instead "
                            "(trainer generate/predict --adapter)")
+    if config.get("peft_type") == "PREFIX_TUNING":
+        raise WeightsError(f"{cfg_path}: a prefix-tuning adapter adds learned keys and values to every attention "
+                           "layer, not a weight change, so it cannot be merged into the base model; load it as an "
+                           "adapter instead (trainer generate/predict --adapter, or peft)")
     if config.get("peft_type") not in MERGEABLE:
         raise WeightsError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not one of {', '.join(MERGEABLE)}")
     if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":

@@ -162,6 +162,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         ctx: attention.AttentionContext | None,
         cache: KVCache | None = None,
+        prefix: nn.Module | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         # Heads from the projections' width, not the config: under tensor parallelism each rank computes
@@ -173,8 +174,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = attention.attend(q, k, v, ctx, self.window)
-        else:
+            kv = (prefix.key, prefix.value) if prefix is not None else None
+            out = attention.attend(q, k, v, ctx, self.window, kv)
+        else:  # a prefix is already in the cache's first slots (trainer.prefix.fill_cache)
             out = cache.attend(self.layer_idx, q, k, v, self.window)
         return self.o_proj(out.reshape(b, t, -1))
 
@@ -203,6 +205,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
         self.reft: nn.Module | None = None  # a LoReFT intervention on the block's output (trainer.reft)
+        self.prefix: nn.Module | None = None  # prefix tuning's learned keys / values (trainer.prefix)
 
     def forward(
         self,
@@ -213,7 +216,7 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None = None,
         intervene: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache, self.prefix)
         x = x + self.mlp(self.post_attention_layernorm(x))
         if self.reft is not None and intervene is not None:
             x = self.reft(x, intervene)
@@ -291,6 +294,7 @@ class Transformer(CausalLM):
         self.activation_checkpointing = False  # set by the trainer (model.activation_checkpointing config key)
         self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
         self.reft_positions = None  # LoReFT's trainer.reft.ReftPositions once layers have interventions
+        self.prefix_tokens = 0  # prefix tuning's virtual tokens per layer; real positions start after them
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -319,6 +323,8 @@ class Transformer(CausalLM):
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
                       max_seqlen: int | None, intervene: torch.Tensor | None = None) -> torch.Tensor:
         b, t = input_ids.shape
+        if self.prefix_tokens:  # as transformers places tokens after a prefix in the cache (trainer.prefix)
+            position_ids = position_ids + self.prefix_tokens
         h = self.model.embed_tokens(input_ids)
         if torch.is_autocast_enabled(h.device.type):
             # Embedding lookups are not autocast; run the residual stream in the compute dtype, as FSDP2 mixed
@@ -335,6 +341,7 @@ class Transformer(CausalLM):
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
             windows=self.config.sliding_windows,
+            prefix_len=self.prefix_tokens,
         )
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -365,7 +372,8 @@ class Transformer(CausalLM):
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         inv_freq = rope_inv_freq(self.config, device=h.device)
-        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
+        rope_ids = position_ids + self.prefix_tokens if self.prefix_tokens else position_ids
+        cos, sin = rope_cos_sin(inv_freq, rope_ids, h.dtype, rope_attention_factor(self.config))
         for layer in self.model.layers:
             h = layer(h, cos, sin, None, cache, intervene)
         if logit_index is not None:

@@ -56,3 +56,24 @@ def assert_same_tensors(a_file: Path, b_file: Path, atol: float = 1e-5) -> dict[
     for key in a:
         assert (a[key] - b[key]).abs().max() < atol, key
     return a
+
+
+def adapter_ranks_agree(tmp_path: Path, cwd: Path, method: list[str]) -> dict[str, torch.Tensor]:
+    """An adapter method (`method`: its peft.* overrides) trained 3 steps on 1 process and on 2 gloo ranks (same
+    global batch, one row per micro batch) logs the same losses and exports the same tensors; returns them."""
+    import pytest
+    import torch.distributed as dist
+
+    from tests.helpers.tiny_run import make_tokenizer_and_model, pack_rows
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    model_dir = make_tokenizer_and_model(tmp_path)
+    data_dir = pack_rows(model_dir, tmp_path / "data", n_records=80, seq_length=96)
+    common = [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=3", "train.lr=5e-2",
+              "logging.progress_bar=false", "data.micro_batch_size=1", "train.seed=3", *method]
+    one, two = one_and_two_ranks(common, tmp_path, cwd)
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=2e-5, abs=1e-6)
+    return assert_same_tensors(tmp_path / "one" / "export" / "adapter_model.safetensors",
+                               tmp_path / "two" / "export" / "adapter_model.safetensors")

@@ -86,3 +86,28 @@ def logged_losses(out_dir: Path) -> list[float]:
     """The per-step losses a run wrote to its metrics.jsonl (eval rows left out)."""
     rows = [orjson.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def learns_and_resumes_exactly(root: Path, model_dir: Path, method: list[str], lr: float) -> list[float]:
+    """Train 12 steps straight and 6 + 6 resumed (checkpoint at 6) on two rows seen in turn, unshuffled, so each
+    row's loss can be followed (the tiny model's frozen random tied head bounds how far an adapter moves it);
+    asserts both rows' losses fall and the resumed run logs the straight run's losses exactly. Returns them.
+    Runs go to root/straight and root/resumed; `method` holds the peft.* overrides."""
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    data_dir = pack_rows(model_dir, root / "two-rows", n_records=8, seq_length=96)
+
+    def run(name: str, *extra: str):
+        return train(load_config(None, [
+            f"model.path={model_dir}", f"data.train=[{data_dir}]", f"logging.output_dir={root / name}",
+            "logging.progress_bar=false", "logging.plot=false", f"train.lr={lr}", "train.seed=7",
+            "data.shuffle=false", "train.schedule=constant", "train.deterministic=true", "data.micro_batch_size=2",
+            *method, *extra]))
+
+    losses = run("straight", "train.max_steps=12").losses
+    assert losses[-2] < losses[0] - 0.1 and losses[-1] < losses[1] - 0.1, losses
+    run("resumed", "train.max_steps=6", "checkpoint.every_steps=6")
+    run("resumed", "train.max_steps=12", "checkpoint.every_steps=6")
+    assert logged_losses(root / "resumed") == logged_losses(root / "straight") == losses
+    return losses
