@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from formats.writer import DatasetWriter, check_target, remove_stale_temp_dirs
 log = logging.getLogger(__name__)
 
 _WRITE_CHUNK_ROWS = 1024
-_WRITE_CHUNK_BYTES = 256 << 20
+_WRITE_CHUNK_BYTES = 128 << 20  # per gather buffer; write_packed keeps two
 DUPLICATE_SUFFIX = "#dup"
 
 
@@ -158,7 +159,7 @@ class _Spill:
         return mm("input_ids.i32", np.int32), mm("labels.i32", np.int32), mm("ids.utf8", np.uint8)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: it runs beside the writer thread (write_packed)
 def _gather_rows(
     tokens, labels, starts, lengths, items, bin_offsets, b0, b1, seq_length, pad_id, out_ids, out_labels
 ):
@@ -298,8 +299,9 @@ def write_packed(
     # Rows in flight are seq_length wide however short their documents: bound the gather buffer in bytes.
     chunk = max(1, min(max(_WRITE_CHUNK_ROWS, batch_rows), _WRITE_CHUNK_BYTES // (8 * S)))
     renames = unique_doc_ids(spill)
-    out_ids = np.empty((chunk, S), dtype=np.int32)
-    out_labels = np.empty((chunk, S), dtype=np.int32)
+    # Two gather buffers: rows b0..b1 are gathered into one while the writer thread writes (and hashes) the last
+    # chunk from the other; one write is in flight at a time, in order, so shards come out as before.
+    buffers = [(np.empty((chunk, S), dtype=np.int32), np.empty((chunk, S), dtype=np.int32)) for _ in range(2)]
     with DatasetWriter(
         out_dir,
         S,
@@ -308,10 +310,12 @@ def write_packed(
         batch_rows=batch_rows,
         compression=options.compression,
         overwrite=options.overwrite,
-    ) as writer:
+    ) as writer, ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as pool:
         bar = tqdm(total=packing.num_bins, desc="write", unit=" rows", disable=not options.progress)
-        for b0 in range(0, packing.num_bins, chunk):
+        writing: Future | None = None
+        for k, b0 in enumerate(range(0, packing.num_bins, chunk)):
             b1 = min(b0 + chunk, packing.num_bins)
+            out_ids, out_labels = buffers[k % 2]  # the write that used this buffer finished before the last began
             _gather_rows(
                 tokens, labels, starts, lengths, items, offsets, b0, b1, S, pad_id, out_ids, out_labels
             )
@@ -322,7 +326,10 @@ def write_packed(
                 ids = [names[name_starts[d] : spill.name_ends[d]].tobytes().decode() for d in docs]
             if renames:
                 ids = [renames.get(int(d), doc_id) for d, doc_id in zip(docs, ids, strict=True)]
-            writer.write_rows(
+            if writing is not None:
+                writing.result()
+            writing = pool.submit(
+                writer.write_rows,
                 out_ids[: b1 - b0],
                 out_labels[: b1 - b0],
                 lengths[docs],
@@ -330,6 +337,8 @@ def write_packed(
                 ids,
             )
             bar.update(b1 - b0)
+        if writing is not None:
+            writing.result()
         bar.close()
         stats.update(extra_stats or {})
         stats["samples_out"] = int(len(lengths))
