@@ -228,6 +228,44 @@ def reuse_logged(script: Path, log_dir: Path) -> Outcome | None:
                    data, tables, reused_from=f"{meta['finished']} UTC, commit {meta['commit'][:10]}")
 
 
+def reuse_reported(script: Path, report: Path) -> Outcome | None:
+    """The outcome of `script` read back from its section of an earlier report (None when it has none or its
+    figures do not parse): for --rerun on a checkout without the logs (they are not committed)."""
+    if not report.is_file():
+        return None
+    name = script.stem.removeprefix("bench_")
+    text = report.read_text(encoding="utf-8")
+    head = re.search(r"^- date: (\S+ \S+) UTC.*$\n^- git commit: (\w+)", text, re.M)
+    section = re.search(rf"^## {re.escape(name)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if section is None or head is None:
+        return None
+    body = section.group(1)
+    line = re.search(r"^`python (.*?)` -- exit (-?\d+), (\d+) s(?: \(from the run of (.*?)\))?$", body, re.M)
+    blob = re.search(r"```json\n(.*?)\n```", body, re.S)
+    if line is None or blob is None:
+        return None
+    try:
+        data = json.loads(blob.group(1))
+    except json.JSONDecodeError:  # the report keeps at most 20,000 characters of it
+        return None
+    tables = ["\n".join(t) for t in _runs(body.splitlines(), lambda x: x.startswith("|"))]
+    origin = line.group(4) or f"{head.group(1)} UTC, commit {head.group(2)[:10]}"
+    return Outcome(name, script, [sys.executable, *line.group(1).split()], int(line.group(2)), float(line.group(3)),
+                   "", "", data, tables, reused_from=origin)
+
+
+def _runs(lines: list[str], keep: Callable[[str], bool]) -> list[list[str]]:
+    out: list[list[str]] = []
+    current: list[str] = []
+    for x in [*lines, ""]:
+        if keep(x):
+            current.append(x)
+        elif current:
+            out.append(current)
+            current = []
+    return out
+
+
 def discover(directory: Path) -> list[Path]:
     return sorted(directory.glob("bench_*.py"))
 
@@ -452,7 +490,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds allowed per script")
     ap.add_argument("--rerun", default="",
                     help="comma-separated benchmarks to run again; every other one is read back from the logs of the "
-                         "last invocation (benchmarks/_work/run_all_logs) and marked so in the report")
+                         "last invocation (benchmarks/_work/run_all_logs), or from its section of the report being "
+                         "replaced when there are no logs, and marked so in the report")
     args = ap.parse_args()
     report = args.output or (HERE / "_work" / "REPORT-quick.md" if args.quick else HERE / "REPORT.md")
     png = report.with_name("report_ratios.png" if report.name == "REPORT.md" else report.stem + "_ratios.png")
@@ -466,10 +505,12 @@ def main() -> int:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     outcomes = {}
-    log_dir = HERE / "_work" / "run_all_logs"
+    log_dir = args.dir / "_work" / "run_all_logs"  # beside the scripts run (a test's copies keep their own)
     rerun = set(filter(None, args.rerun.split(",")))
     for script in scripts:
-        reused = reuse_logged(script, log_dir) if rerun and script.stem.removeprefix("bench_") not in rerun else None
+        reused = None
+        if rerun and script.stem.removeprefix("bench_") not in rerun:
+            reused = reuse_logged(script, log_dir) or reuse_reported(script, report)
         o = reused or run_one(script, args.quick, args.timeout, log_dir)
         outcomes[o.name] = o
     write_report(outcomes, report, png, args.quick, started, time.perf_counter() - t0)

@@ -72,3 +72,21 @@ def test_run_all_writes_summary_tables_and_plot(tmp_path):
     blocks = [json.loads(b.split("```", 1)[0]) for b in text.split("```json")[1:]]
     assert {"skipped": "no CUDA"} in blocks
     assert next(b for b in blocks if b.get("bench") == "pack")["quick"] is True  # it declares --quick, so it got it
+
+    # --rerun on a checkout without the logs: the others come back from their sections of the report it replaces
+    import shutil
+
+    assert (bench / "_work" / "run_all_logs" / "pack.stdout.log").is_file()  # the logs live beside the scripts
+    shutil.rmtree(bench / "_work")
+    (bench / "bench_pack.py").write_text("raise SystemExit('pack must not run again')\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--dir", str(bench), "--output", str(report),
+         "--quick", "--rerun", "train"],
+        capture_output=True, text=True, timeout=300,
+    )
+    again = report.read_text()
+    assert "pack must not run again" not in again
+    pack_again = next(x for x in again.splitlines() if x.startswith("| pack BFD (lengths/s)"))
+    assert pack_again == pack  # the same figures, read back
+    assert "(from the run of " in again.split("## pack", 1)[1].split("##", 1)[0]
+    assert "(from the run of " not in again.split("## train", 1)[1].split("##", 1)[0]  # train ran again
