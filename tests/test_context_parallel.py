@@ -147,17 +147,28 @@ def _common(model_dir: Path, data_dir: Path) -> list[str]:
             "train.seed=3", "checkpoint.every_steps=2", "logging.plot=false", "logging.report_to=none"]
 
 
-def _assert_same_export(a_dir: Path, b_dir: Path, name: str = "model.safetensors", tol: float = 1e-4) -> None:
-    """Same tensors to rounding: attention sums the gathered keys in the same order, but the cp ranks'
-    gradients are added by FSDP2's reduce-scatter, and Adam magnifies ~1e-7 differences of tiny gradients."""
+def _assert_same_export(a_dir: Path, b_dir: Path, name: str = "model.safetensors") -> None:
+    """Same tensors to rounding. The gradients agree to ~1e-6 relative (test below), but Adam divides each
+    element's update by its own gradient's size, so an element whose gradient is near zero can move by up to ~lr
+    differently on rounding alone. Measured (4 steps, lr 3e-3): all elements but a handful within 5e-5, the
+    worst one 2e-4 off; relative norm difference <= 2.2e-4 for that tensor, <= 3e-5 for the rest."""
     from safetensors.torch import load_file
 
     a, b = load_file(a_dir / "export" / name), load_file(b_dir / "export" / name)
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].shape == b[key].shape, key
-        assert (a[key] - b[key]).abs().max() < tol, key
-        assert (a[key] - b[key]).norm() <= tol * a[key].norm(), key
+        diff = (a[key] - b[key]).abs()
+        assert diff.max() < 1e-3, key
+        assert diff.norm() <= 5e-4 * a[key].norm(), key
+        assert (diff > 5e-5).sum() <= max(2, diff.numel() // 1000), key  # all but a few: rounding only
+
+
+def _grad_norms(out_dir: Path) -> list[float]:
+    import orjson
+
+    rows = [orjson.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
 
 
 @pytest.mark.dist
@@ -172,6 +183,8 @@ def test_cp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, tmp_path, repo
     ref, got = logged_losses(one), logged_losses(two)
     assert len(ref) == len(got) == 4
     assert got == pytest.approx(ref, rel=2e-5, abs=1e-6)
+    assert _grad_norms(two) == pytest.approx(_grad_norms(one), rel=1e-4)
+    assert len(_grad_norms(one)) == 4
     assert ref[3] < ref[0]
     _assert_same_export(one, two)
 

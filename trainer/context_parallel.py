@@ -14,8 +14,8 @@ varlen / flex kernels would take a cross-rank document structure their calls her
 are refused with cp > 1 (see `prepare_attention`). PyTorch's `context_parallel` API (ring attention, CUDA only)
 does not take per-document masks for sdpa, which packed rows need.
 
-The gather is `torch.distributed.nn.functional.all_gather`, whose backward sums every rank's gradient for a
-slice onto the rank that owns it (reduce-scatter on NCCL, all-to-all + sum elsewhere, so gloo works).
+The gather is torch's autograd-aware functional all-gather (`all_gather_single_autograd`), whose backward
+reduce-scatters: every rank's gradient for a slice is summed onto the rank that owns it (gloo and NCCL).
 
 Positions are the loader's `position_ids`, computed from the whole row before slicing, so each token keeps its
 RoPE position; labels are pre-shifted, so a slice's labels are already right. The loss denominator is the
@@ -67,10 +67,11 @@ class ContextParallel:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T/cp, ...] -> [B, T, ...] in rank order; autograd sends each slice's gradient back to its owner."""
-        from torch.distributed.nn.functional import all_gather
+        from torch.distributed._functional_collectives import all_gather_single_autograd
 
-        parts = all_gather(x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)
+        # It gathers along dim 0: put the sequence first, and back.
+        full = all_gather_single_autograd(x.movedim(1, 0).contiguous(), 0, self.group)
+        return full.movedim(0, 1)
 
 
 def local_slice(batch: dict[str, Any], cp: ContextParallel | None) -> dict[str, Any]:
