@@ -144,7 +144,23 @@ def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
 def _common(model_dir: Path, data_dir: Path) -> list[str]:
     return [f"model.path={model_dir}", f"data.train=[{data_dir}]", "train.max_steps=4", "train.lr=3e-3",
             "logging.progress_bar=false", "data.micro_batch_size=1", "train.grad_accum_steps=2",
-            "train.seed=3", "checkpoint.every_steps=2", "logging.plot=false", "logging.report_to=none"]
+            "train.seed=3", "checkpoint.every_steps=2", "logging.plot=false", "logging.report_to=none",
+            f"data.eval={data_dir}", "train.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_setup, tmp_path_factory, repo_root) -> Path:
+    """One process, grad_accum 2 (global batch 2 rows): what every cp mesh below must reproduce."""
+    one = tmp_path_factory.mktemp("one") / "run"
+    run_trainer([*_common(*tiny_setup), f"logging.output_dir={one}"], repo_root, 1)
+    return one
+
+
+def _eval_losses(out_dir: Path) -> list[float]:
+    import orjson
+
+    rows = [orjson.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
 def _assert_same_export(a_dir: Path, b_dir: Path, name: str = "model.safetensors") -> None:
@@ -174,15 +190,15 @@ def _grad_norms(out_dir: Path) -> list[float]:
 @pytest.mark.dist
 @pytest.mark.slow
 @gloo
-def test_cp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, tmp_path, repo_root) -> None:
-    model_dir, data_dir = tiny_setup
-    common = _common(model_dir, data_dir)
-    one, two, resumed = tmp_path / "one", tmp_path / "cp2", tmp_path / "resumed"
-    run_trainer([*common, f"logging.output_dir={one}"], repo_root, 1)
+def test_cp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, reference_run, tmp_path, repo_root) -> None:
+    common = _common(*tiny_setup)
+    one, two, resumed = reference_run, tmp_path / "cp2", tmp_path / "resumed"
     run_trainer([*common, f"logging.output_dir={two}", "parallel.context_parallel=2"], repo_root, 2)
     ref, got = logged_losses(one), logged_losses(two)
     assert len(ref) == len(got) == 4
     assert got == pytest.approx(ref, rel=2e-5, abs=1e-6)
+    assert len(_eval_losses(one)) == 2
+    assert _eval_losses(two) == pytest.approx(_eval_losses(one), rel=2e-5)  # evaluation runs sliced too
     assert _grad_norms(two) == pytest.approx(_grad_norms(one), rel=1e-4)
     assert len(_grad_norms(one)) == 4
     assert ref[3] < ref[0]
@@ -196,6 +212,29 @@ def test_cp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, tmp_path, repo
     assert cont == pytest.approx(ref[2:], rel=2e-5, abs=1e-6)
     _assert_same_export(one, resumed)
 
+    # And the other way: the one-process checkpoint of step 2 continues on cp=2.
+    back = tmp_path / "back"
+    run_trainer([*common, f"logging.output_dir={back}", "parallel.cp=2",
+                 f"checkpoint.resume={one / 'checkpoints' / 'step-00000002'}"], repo_root, 2)
+    assert logged_losses(back) == pytest.approx(ref[2:], rel=2e-5, abs=1e-6)
+    _assert_same_export(one, back)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@gloo
+def test_dp_shard2_x_cp2_matches_one_rank(tiny_setup, reference_run, tmp_path, repo_root) -> None:
+    """4 ranks: 2 data-parallel groups read different rows, each split over 2 cp ranks; FSDP2 shards over all
+    4. The token count is summed over the data-parallel ranks only, the loss over all of them."""
+    out = tmp_path / "dp2cp2"
+    run_trainer([*_common(*tiny_setup), f"logging.output_dir={out}", "parallel.cp=2", "parallel.dp_shard=2",
+                 "train.grad_accum_steps=1", "checkpoint.every_steps=0"], repo_root, 4)
+    ref, got = logged_losses(reference_run), logged_losses(out)
+    assert len(got) == 4
+    assert got == pytest.approx(ref, rel=2e-5, abs=1e-6)
+    assert _eval_losses(out) == pytest.approx(_eval_losses(reference_run), rel=2e-5)
+    _assert_same_export(reference_run, out)
+
 
 @pytest.mark.dist
 @pytest.mark.slow
@@ -203,9 +242,8 @@ def test_cp2_matches_one_rank_and_resumes_on_one_rank(tiny_setup, tmp_path, repo
 def test_lora_with_cp2_and_activation_checkpointing_matches_one_rank(tiny_setup, tmp_path, repo_root) -> None:
     """LoRA's adapters are per-token and FSDP2-sharded over the cp ranks like full weights; activation
     checkpointing recomputes the gathers in backward."""
-    model_dir, data_dir = tiny_setup
-    common = [*_common(model_dir, data_dir), "train.max_steps=3", "train.lr=5e-2", "peft.pet_type=lora",
-              "checkpoint.every_steps=0", "model.activation_checkpointing=true"]
+    common = [*_common(*tiny_setup), "train.max_steps=3", "train.lr=5e-2", "peft.pet_type=lora",
+              "checkpoint.every_steps=0", "model.activation_checkpointing=true", "train.eval_every=0"]
     one, two = tmp_path / "one", tmp_path / "cp2"
     run_trainer([*common, f"logging.output_dir={one}"], repo_root, 1)
     run_trainer([*common, f"logging.output_dir={two}", "parallel.cp=2"], repo_root, 2)
