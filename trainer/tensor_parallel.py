@@ -94,9 +94,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
         })
     for layer in model.model.layers:
         plan = {
-            # Attention's inputs are (x, cos, sin, ctx, cache): only x is distributed.
-            "self_attn": PrepareModuleInput(input_layouts=(stream, None, None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None, None)),
+            # Attention's inputs are (x, cos, sin, ctx, cache, prefix): only x is distributed.
+            "self_attn": PrepareModuleInput(input_layouts=(stream, None, None, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None, None, None)),
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
