@@ -12,7 +12,8 @@ as torchtitan does) rather than over dp_shard plus an all-reduce over cp: the pa
 over more ranks (less memory each), FSDP2's reduce-scatter sums the cp ranks' partial gradients with no extra
 collective, and the checkpoint is sharded like a dp run of dp_shard x cp ranks, so it resumes on any mesh.
 
-Only the dimensions larger than 1 are in the mesh (plus dp_shard when dp_replicate needs it for HSDP).
+Only the dimensions larger than 1 are in the mesh (plus dp_shard when dp_replicate needs it for HSDP, or cp
+to flatten with).
 Tensor parallelism (`trainer.tensor_parallel`) is applied first, then every transformer block and the root
 are `fully_shard`-ed on the data-parallel part of the mesh (2-D `dp_replicate x dp_shard`: HSDP). Ranks of
 one tp group hold one model replica between them, so they read the same rows and count the same tokens:

@@ -36,7 +36,7 @@ class MeshShape:
         return self.dp * self.cp * self.tp
 
     def dims(self) -> list[tuple[str, int]]:
-        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP."""
+        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP and cp."""
         out = []
         if self.dp_replicate > 1:
             out.append(("dp_replicate", self.dp_replicate))
