@@ -11,8 +11,8 @@ activations, and the per-document mask needs no load balancing of the ring sched
 Why sdpa with an explicit boolean mask [B, 1, T/cp, T]: it runs on every device and dtype, and the mask is
 what makes documents that straddle the split exact (a key before the slice, in the same document, is seen). The
 varlen / flex kernels would take a cross-rank document structure their calls here are not built for, so they
-are refused with cp > 1 (see `prepare_attention`). PyTorch's `context_parallel` API (ring attention, CUDA only)
-does not take per-document masks for sdpa, which packed rows need.
+are refused with cp > 1 (see `prepare_attention`). PyTorch's experimental `context_parallel` API (ring
+attention, CUDA) shards sdpa with plain causal masking, not the per-document masks packed rows need.
 
 The gather is torch's autograd-aware functional all-gather (`all_gather_single_autograd`), whose backward
 reduce-scatters: every rank's gradient for a slice is summed onto the rank that owns it (gloo and NCCL).
