@@ -146,9 +146,12 @@ def test_sharding_divides_what_it_should(tiny):
     for name in ("parameters", "optimizer state", "gradients"):
         assert fsdp.component(name) == pytest.approx(one.component(name) / 4, rel=1e-6)
         assert fsdp.component(name) < tp.component(name) < 2 * fsdp.component(name)  # tp: block weights only
+        # cp: FSDP2 shards over dp_shard x cp, so 2 x 2 ranks divide like 4 data-parallel ones
+        assert cp.component(name) == pytest.approx(fsdp.component(name), rel=1e-6)
     # FSDP2 does not divide activations; one process under autocast keeps more (each Linear its own bf16 cast)
     assert fsdp.component("activations") < one.component("activations") < 1.5 * fsdp.component("activations")
-    assert cp.component("activations") < 0.6 * fsdp.component("activations")
+    # cp 2 halves the per-token activations; its sdpa mask [T/cp, T] and the gathered K/V are not halved
+    assert cp.component("activations") < 0.7 * fsdp.component("activations")
     assert tp.component("activations") < 0.8 * fsdp.component("activations")
     ac = plan_memory(_config(model_dir, data_dir, "model.dtype=bf16", "model.activation_checkpointing=true"),
                      seq_length=4096, mesh=Mesh.resolve(4))

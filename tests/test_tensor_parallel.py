@@ -124,13 +124,6 @@ def test_mesh_product_must_equal_the_world_size() -> None:
         resolve_mesh_shape(_parallel(tp=2, dp_shard=1), 1, "cpu")
 
 
-def test_context_parallel_needs_cuda_and_is_refused() -> None:
-    with pytest.raises(MeshError, match=r"parallel\.cp = 2: context parallelism needs CUDA \(this run is on cpu\)"):
-        resolve_mesh_shape(_parallel(cp=2), 2, "cpu")
-    with pytest.raises(MeshError, match=r"parallel\.cp = 2: context parallelism is not implemented"):
-        resolve_mesh_shape(_parallel(cp=2), 2, "cuda")
-
-
 def test_pipeline_parallel_refused_by_the_mesh_too() -> None:
     with pytest.raises(MeshError, match="pipeline parallelism is not supported"):
         resolve_mesh_shape(_parallel(pp=2), 2, "cpu")

@@ -144,8 +144,11 @@ class ParallelSection:
         "seq_length divisible by tp); false keeps them whole on every tp rank. MindFormers use_seq_parallel.",
         True)
     cp: int = doc(
-        "Context-parallel degree (rows split along the sequence): not implemented in this version; values "
-        "above 1 are refused. MindFormers context_parallel, PaddleNLP sep_parallel_degree.", 1)
+        "Context-parallel degree (native models, sdpa attention): the cp ranks of one data-parallel group read "
+        "the same rows, each keeps a contiguous 1/cp slice of every row's positions and gathers the keys/values "
+        "of the whole row in attention (documents and causality exact across the split); FSDP2 shards over "
+        "dp_shard x cp; needs seq_length divisible by cp; not with tp, model.backend hf, loreft, prefix tuning "
+        "or NEFTune. MindFormers context_parallel, PaddleNLP sep_parallel_degree.", 1)
     pp: int = doc(
         "Pipeline-parallel stages: not supported (only 1); use tp and dp_shard. MindFormers pipeline_stage, "
         "PaddleNLP pipeline_parallel_degree.", 1)
@@ -583,6 +586,8 @@ def _validate_parallel(config: TrainConfig) -> None:
             raise ConfigError(f"parallel.{key} = {getattr(p, key)} must be >= 1")
     if p.dp_shard < 1 and p.dp_shard != -1:
         raise ConfigError(f"parallel.dp_shard = {p.dp_shard} must be >= 1, or -1 for what is left of the world size")
+    if p.cp > 1:
+        _validate_context_parallel(config)
     if p.tp == 1:
         return
     # Tensor parallelism splits the native model's Linear layers; what wraps or replaces them is not split yet.
@@ -598,6 +603,26 @@ def _validate_parallel(config: TrainConfig) -> None:
         refused.append("eval.generate_every_n_steps (generation's KV cache holds every head)")
     if refused:
         raise ConfigError(f"parallel.tp = {p.tp} cannot be combined with {'; '.join(refused)}: set parallel.tp: 1 "
+                          "or drop those")
+
+
+def _validate_context_parallel(config: TrainConfig) -> None:
+    """Context parallelism slices every row over the cp ranks; refuse what needs a whole row on one rank."""
+    p = config.parallel
+    refused = []
+    if p.tp > 1:
+        refused.append(f"parallel.tp = {p.tp} (not implemented together)")
+    if config.model.backend == "hf":
+        refused.append("model.backend hf (context parallelism is implemented for the native models)")
+    if config.model.attn_backend in ("flex", "varlen"):
+        refused.append(f"model.attn_backend {config.model.attn_backend} (the gathered keys are masked for sdpa; "
+                       "use sdpa or auto)")
+    if config.peft.pet_type in ("loreft", "prefix_tuning"):
+        refused.append(f"peft.pet_type {config.peft.pet_type} (it acts on positions of the whole row)")
+    if config.peft.neftune_noise_alpha is not None:
+        refused.append("peft.neftune_noise_alpha (its noise scale depends on the row length)")
+    if refused:
+        raise ConfigError(f"parallel.cp = {p.cp} cannot be combined with {'; '.join(refused)}: set parallel.cp: 1 "
                           "or drop those")
 
 

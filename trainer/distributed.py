@@ -6,7 +6,14 @@ wrapping, nothing to pay for); under `torchrun` the env vars say the rank and wo
 
     dp_replicate x dp_shard x cp x tp = world size      (tp innermost: a tp group is adjacent ranks, one node)
 
-Only the dimensions larger than 1 are in the mesh (plus dp_shard when dp_replicate needs it for HSDP).
+Context parallelism (`trainer.context_parallel`): the cp ranks of one data-parallel group read the same rows,
+each a slice of their positions. FSDP2 shards over dp_shard and cp flattened into one dimension (`dp_shard_cp`,
+as torchtitan does) rather than over dp_shard plus an all-reduce over cp: the parameters are then sharded
+over more ranks (less memory each), FSDP2's reduce-scatter sums the cp ranks' partial gradients with no extra
+collective, and the checkpoint is sharded like a dp run of dp_shard x cp ranks, so it resumes on any mesh.
+
+Only the dimensions larger than 1 are in the mesh (plus dp_shard when dp_replicate needs it for HSDP, or cp
+to flatten with).
 Tensor parallelism (`trainer.tensor_parallel`) is applied first, then every transformer block and the root
 are `fully_shard`-ed on the data-parallel part of the mesh (2-D `dp_replicate x dp_shard`: HSDP). Ranks of
 one tp group hold one model replica between them, so they read the same rows and count the same tokens:
@@ -44,6 +51,7 @@ class DistInfo:
     dp_rank: int = 0  # this rank's index among the data-parallel ranks (which rows it reads)
     dp_mesh: object | None = None  # the mesh FSDP2 shards over; None when there is one data-parallel rank
     tp_mesh: object | None = None  # the tensor-parallel sub-mesh; None when parallel.tp is 1
+    cp_mesh: object | None = None  # the context-parallel sub-mesh; None when parallel.cp is 1
     sequence_parallel: bool = True
 
     @property
@@ -66,6 +74,15 @@ class DistInfo:
     @property
     def tensor_parallel(self) -> bool:
         return self.tp_mesh is not None
+
+    @property
+    def context_parallel(self) -> bool:
+        return self.cp_mesh is not None
+
+    @property
+    def grad_average_size(self) -> int:
+        """Ranks FSDP2 averages gradients over (the data-parallel ranks times the context-parallel ones)."""
+        return self.shape.dp * self.shape.cp
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
@@ -97,10 +114,14 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
     names = [name for name, _ in shape.dims()]
     mesh = init_device_mesh(device.type, tuple(size for _, size in shape.dims()), mesh_dim_names=tuple(names))
     dp_mesh = None
+    shard_dim = "dp_shard"
+    if shape.cp > 1:  # FSDP2 shards over dp_shard x cp as one dimension (see the module docstring)
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        shard_dim = "dp_shard_cp"
     if shape.dp_replicate > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"]  # HSDP: replicate over dim 0, shard over dim 1
-    elif shape.dp_shard > 1:
-        dp_mesh = mesh if names == ["dp_shard"] else mesh["dp_shard"]
+        dp_mesh = mesh["dp_replicate", shard_dim]  # HSDP: replicate over dim 0, shard over dim 1
+    elif shape.dp_shard > 1 or shape.cp > 1:
+        dp_mesh = mesh if names == ["dp_shard"] else mesh[shard_dim]
     dp_rank = 0
     if "dp_shard" in names:
         dp_rank = mesh.get_local_rank("dp_shard")
@@ -109,10 +130,11 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
     tp_mesh = None
     if shape.tp > 1:
         tp_mesh = mesh if names == ["tp"] else mesh["tp"]
+    cp_mesh = mesh["cp"] if shape.cp > 1 else None
     log.info("rank %d/%d on %s (backend %s), mesh %s, data-parallel rank %d/%d", rank, world_size, device,
              backend, dict(shape.dims()), dp_rank, shape.dp)
     return DistInfo(rank, world_size, local_rank, device, mesh, shape, dp_rank, dp_mesh, tp_mesh,
-                    parallel.sequence_parallel)
+                    cp_mesh=cp_mesh, sequence_parallel=parallel.sequence_parallel)
 
 
 def shard_model(
@@ -155,20 +177,22 @@ def shard_model(
     return model
 
 
-def all_reduce_sum(value: float | int | torch.Tensor, info: DistInfo, *, data_parallel: bool = False) -> float:
+def all_reduce_sum(value: float | int | torch.Tensor, info: DistInfo, *, data_parallel: bool = False,
+                   context_parallel: bool = False) -> float:
     """Sum a number over ranks (identity for a world of one).
 
     `data_parallel`: over the data-parallel ranks only, for what every rank of a tensor-parallel group holds
     the same copy of (the batch's token count, its loss sum): summing over the whole world would count it tp
-    times."""
+    times. `context_parallel` (with `data_parallel`): over the cp ranks too, for what each holds a part of (the
+    loss sum of its slice of the rows), where the rows' token count is the same copy on every cp rank."""
     if not info.distributed:
         return float(value)
     tensor = torch.as_tensor(value, dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     tensor = tensor.detach().clone()
-    if not data_parallel or (info.shape.tp == 1 and info.shape.cp == 1):
+    if not data_parallel or (info.shape.tp == 1 and (info.shape.cp == 1 or context_parallel)):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     else:
-        for name in ("dp_shard", "dp_replicate"):
+        for name in ("dp_shard", "dp_replicate", *(("cp",) if context_parallel else ())):
             if info.mesh is not None and name in (info.mesh.mesh_dim_names or ()) and info.mesh[name].size() > 1:
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=info.mesh.get_group(name))
     return float(tensor.item())

@@ -6,7 +6,8 @@ One optimizer step on every rank:
    group hold the same rows), so every rank knows the global batch's denominator;
 3. forward/backward each micro-batch with loss = summed CE / global trainable tokens, times the data-parallel
    size because FSDP2 averages gradients over those ranks; so accumulation and world size do not change the
-   update;
+   update. With context parallelism each cp rank runs its slice of the rows (`trainer.context_parallel`):
+   the token count is still the whole rows', FSDP2 averages over dp x cp ranks, and the loss sums add over cp;
 4. clip, step, schedule, and tell the loader the step's rows are consumed (exact resume).
 """
 
@@ -35,6 +36,8 @@ from formats.verify import require_valid
 from trainer import hf_backend
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
+from trainer.context_parallel import check_sequence as check_cp_sequence
+from trainer.context_parallel import context_parallel_of, local_slice
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.generate import GenerationEval, run_generation_eval
@@ -131,6 +134,8 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
     if config.model.compile:
         for block in blocks:
             block.compile()
+    if info.context_parallel:  # the config refuses model.backend hf with parallel.cp > 1
+        model.context_parallel = context_parallel_of(info)
     # Parameters stay fp32 (the optimizer's master copy). Several ranks: FSDP2 casts them to `dtype` for
     # compute. One process: the forward runs under autocast (see `_forward_loss`), to the same effect.
     param_dtype = dtype if (info.fsdp and dtype != torch.float32) else None
@@ -217,12 +222,13 @@ def evaluate(model: Transformer, path: str, config: TrainConfig, info: DistInfo,
     )
     model.eval()
     loss_sum, tokens = 0.0, 0
+    cp = getattr(model, "context_parallel", None)
     for raw in _make_loader(dataset, 0):
-        batch = _to_device(raw, info.device)
+        batch = local_slice(_to_device(raw, info.device), cp)
         loss_sum += float(_forward_loss(model, batch))
-        tokens += batch["num_trainable"]
+        tokens += batch["num_trainable"]  # the whole rows' count, the same on every cp rank
     model.train()
-    loss_sum = all_reduce_sum(loss_sum, info, data_parallel=True)
+    loss_sum = all_reduce_sum(loss_sum, info, data_parallel=True, context_parallel=True)
     tokens = int(all_reduce_sum(tokens, info, data_parallel=True))
     return loss_sum / max(tokens, 1)
 
@@ -338,6 +344,8 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     )
     if info.tensor_parallel:
         check_sequence(dataset.seq_length, info.shape.tp, info.sequence_parallel)
+    if info.context_parallel:
+        check_cp_sequence(dataset.seq_length, info.shape.cp)
     _verify_data(dataset, config, info, model.config.vocab_size)
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)
@@ -430,10 +438,14 @@ def _eval_due(config: TrainConfig, step: int) -> bool:
 def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
     """One optimizer step over this rank's micro-batches of one global batch; the data cursor moves after it."""
     info, model = run.info, run.model
-    batches = [_to_device(b, info.device) for b in raw]
+    cp = getattr(model, "context_parallel", None)
+    batches = [local_slice(_to_device(b, info.device), cp) for b in raw]  # cp: this rank's slice of the rows
+    # The whole rows' trainable tokens (cp ranks hold the same count), summed over the data-parallel ranks.
     global_tokens = all_reduce_sum(sum(b["num_trainable"] for b in batches), info, data_parallel=True)
     denom = max(global_tokens, 1.0)
-    grad_scale = info.dp_size / denom  # FSDP2 averages over the data-parallel ranks; we want the global token mean
+    # FSDP2 averages over the data-parallel (x context-parallel) ranks; we want the global token mean, and the
+    # cp ranks' partial gradients summed.
+    grad_scale = info.grad_average_size / denom
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # synced once per step
     flops = 0.0
     try:
@@ -448,7 +460,7 @@ def train_step(run: Run, raw: list[dict[str, Any]]) -> StepStats:
         run.optimizer.zero_grad(set_to_none=True)
         raise
     grad_norm = _clip(run.trainable, run.config.train.max_grad_norm, info)
-    loss_value = float(all_reduce_sum(loss_sum.cpu(), info, data_parallel=True) / denom)  # the same on every rank
+    loss_value = float(all_reduce_sum(loss_sum.cpu(), info, data_parallel=True, context_parallel=True) / denom)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep(loss_value, grad_norm)

@@ -473,7 +473,8 @@ def plan_memory(
     if frozen == "bf16" and compute == "fp32":
         raise PlanError(f"model.frozen_dtype {mc.frozen_dtype} needs bf16 compute: set model.dtype: bf16 as well")
     a, fb = _BYTES[compute], _BYTES[frozen]
-    dp, tp, cp = mesh.dp_shard, mesh.tp, mesh.cp
+    # FSDP2 shards over dp_shard x cp flattened (trainer.distributed), so both divide the parameters.
+    dp, tp, cp = mesh.dp_shard * mesh.cp, mesh.tp, mesh.cp
     fsdp = mesh.distributed
 
     def tp_div(t: Tensor) -> int:  # tensor-parallel ranks a tensor is split over
@@ -558,7 +559,9 @@ def plan_memory(
     nh = s.num_attention_heads
     backend = mc.attn_backend if mc.attn_backend != "auto" else ("varlen" if device == "cuda" and a == 2 else
                                                                  "flex" if device == "cuda" else "sdpa")
-    doc = min(float(doc_length or seq_length), seq_length / cp)
+    if cp > 1:  # trainer.context_parallel: masked sdpa of the local queries over the row's T gathered keys
+        backend = "sdpa"
+    doc = min(float(doc_length or seq_length), seq_length) if cp == 1 else float(seq_length)
     # fp32 q/k norm weights under autocast promote q, k and RoPE's output to fp32; attention casts them back
     qk_bytes = 4 + 2 if (s.qk_norm and autocast) else a
     if device == "cpu" and backend == "sdpa" and nh != s.num_key_value_heads:
@@ -625,8 +628,11 @@ def plan_memory(
     rows = config.data.micro_batch_size
     act += 2 * tokens * s.head_dim * a
     if backend == "sdpa":
-        act += rows * (seq_length / cp) * (seq_length / cp)  # [B, T, T] bool, kept by the checkpointed blocks too
+        act += rows * (seq_length / cp) * seq_length  # [B, T/cp, T] bool, kept by the checkpointed blocks too
         act_note += "; sdpa mask B x T x T" + attn_note
+    if cp > 1:  # every layer's gathered K and V of the whole row, kept by attention for backward
+        act += (1 if mc.activation_checkpointing else layers) * rows * (seq_length - seq_length / cp) * 2 * kv_ * a
+        act_note += f"; cp {cp}: K/V gathered to the whole row"
     comps.append(Component("activations", int(act), "forward", act_note))
 
     # ---- the loss

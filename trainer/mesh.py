@@ -36,11 +36,11 @@ class MeshShape:
         return self.dp * self.cp * self.tp
 
     def dims(self) -> list[tuple[str, int]]:
-        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP."""
+        """The mesh's (name, size) pairs, outermost first: the dimensions > 1, and dp_shard for HSDP and cp."""
         out = []
         if self.dp_replicate > 1:
             out.append(("dp_replicate", self.dp_replicate))
-        if self.dp_shard > 1 or self.dp_replicate > 1:
+        if self.dp_shard > 1 or self.dp_replicate > 1 or self.cp > 1:  # cp: flattened with dp_shard for FSDP2
             out.append(("dp_shard", self.dp_shard))
         if self.cp > 1:
             out.append(("cp", self.cp))
@@ -54,12 +54,9 @@ def resolve_mesh_shape(parallel: ParallelSection, world_size: int, device_type: 
     if parallel.pp != 1:
         raise MeshError(f"parallel.pp = {parallel.pp}: pipeline parallelism is not supported; use parallel.tp "
                         "and parallel.dp_shard")
-    if parallel.cp > 1:
-        if device_type != "cuda":
-            raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism needs CUDA (this run is on "
-                            f"{device_type}); use parallel.tp / parallel.dp_shard, or parallel.cp: 1")
-        raise MeshError(f"parallel.cp = {parallel.cp}: context parallelism is not implemented in this version; "
-                        "set parallel.cp: 1 (parallel.tp with sequence_parallel also divides activations)")
+    if parallel.cp > 1 and parallel.tp > 1:
+        raise MeshError(f"parallel.cp = {parallel.cp} with parallel.tp = {parallel.tp}: context parallelism is "
+                        "not implemented together with tensor parallelism; set one of them to 1")
     return split_world(world_size, parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.cp)
 
 

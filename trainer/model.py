@@ -275,11 +275,15 @@ class CausalLM(nn.Module):
         prompt tokens of every segment, the prompt ending where the labels start (`trainer.reft.packed_mask`)."""
         b, t = input_ids.shape
         if position_ids is None:
+            cp = getattr(self, "context_parallel", None)  # a row slice: positions of the whole row, then sliced
+            full = t * cp.size if cp is not None else t
             position_ids = (
-                positions_from_cu_seqlens(cu_seqlens, b, t)
+                positions_from_cu_seqlens(cu_seqlens, b, full)
                 if cu_seqlens is not None
-                else torch.arange(t, device=input_ids.device).expand(b, t)
+                else torch.arange(full, device=input_ids.device).expand(b, full)
             )
+            if cp is not None:
+                position_ids = position_ids[:, cp.offset(t):cp.offset(t) + t]
         if intervene is None:
             intervene = self.intervention_mask(labels, cu_seqlens, (b, t), input_ids.device)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, intervene)
@@ -295,6 +299,9 @@ class Transformer(CausalLM):
         self.loss_config = LossConfig()  # how forward(labels=...) computes the loss (model.loss* config keys)
         self.reft_positions = None  # LoReFT's trainer.reft.ReftPositions once layers have interventions
         self.prefix_tokens = 0  # prefix tuning's virtual tokens per layer; real positions start after them
+        # trainer.context_parallel.ContextParallel when parallel.cp > 1 (set by the trainer): the inputs are this
+        # rank's slice of every row, cu_seqlens those of the whole rows.
+        self.context_parallel = None
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -332,17 +339,23 @@ class Transformer(CausalLM):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         inv_freq = rope_inv_freq(self.config, device=h.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype, rope_attention_factor(self.config))
-        ctx = attention.prepare(
-            self.config.attn_backend,
-            b,
-            t,
-            h.device,
-            h.dtype,
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            windows=self.config.sliding_windows,
-            prefix_len=self.prefix_tokens,
-        )
+        if self.context_parallel is not None:
+            from trainer.context_parallel import prepare_attention
+
+            ctx = prepare_attention(self.context_parallel, self.config.attn_backend, b, t, h.device, cu_seqlens,
+                                    windows=self.config.sliding_windows, prefix_len=self.prefix_tokens)
+        else:
+            ctx = attention.prepare(
+                self.config.attn_backend,
+                b,
+                t,
+                h.device,
+                h.dtype,
+                cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen,
+                windows=self.config.sliding_windows,
+                prefix_len=self.prefix_tokens,
+            )
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in backward (memory for ~1/3 more compute).
