@@ -40,24 +40,19 @@ sys.path.insert(0, str(REPO))
 WORK = REPO / "benchmarks" / "_work" / "lora"
 WORDS = ("red green blue cat dog bird one two three sun moon star tree river stone cloud fast slow big small "
          "open close north south east west").split()
+LORA = ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj"]
 MODES = {
     "full": [],
-    "lora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj"],
-    "dora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-             "peft.use_dora=true"],
-    "qlora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-              "peft.weight_quantize_algo=nf4"],
-    "moslora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-                "peft.lora_use_mixer=true"],
+    "lora": LORA,
+    "dora": [*LORA, "peft.use_dora=true"],
+    "qlora": [*LORA, "peft.weight_quantize_algo=nf4"],
+    "moslora": [*LORA, "peft.lora_use_mixer=true"],
     "mora": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.target_modules=.*proj", "peft.use_mora=true"],
     "vera": ["peft.pet_type=vera", "peft.vera_rank=256", "peft.target_modules=.*proj"],
     "lokr": ["peft.pet_type=lokr", "peft.lokr_rank=16", "peft.lokr_alpha=32", "peft.target_modules=.*proj"],
-    "qlora_fp4": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-                  "peft.weight_quantize_algo=fp4"],
-    "lora_int8": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-                  "peft.weight_quantize_algo=weight_only_int8"],
-    "lora_int4": ["peft.pet_type=lora", "peft.lora_rank=16", "peft.lora_alpha=32", "peft.target_modules=.*proj",
-                  "peft.weight_quantize_algo=weight_only_int4"],
+    "qlora_fp4": [*LORA, "peft.weight_quantize_algo=fp4"],
+    "lora_int8": [*LORA, "peft.weight_quantize_algo=weight_only_int8"],
+    "lora_int4": [*LORA, "peft.weight_quantize_algo=weight_only_int4"],
     "loreft": ["peft.pet_type=loreft", "peft.reft_rank=16"],
 }
 QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"],
