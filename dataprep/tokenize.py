@@ -257,8 +257,7 @@ class _Encoder:
                     start = 0
                     for prefix, flag in item[3]:
                         pids = prefix if isinstance(prefix, list) else encoded[item[1]][prefix]
-                        cut = len(pids) if full[: len(pids)] == pids else _common_prefix(pids, full)
-                        cut = max(cut, start)
+                        cut = max(_common_prefix(pids, full), start)
                         if flag:
                             _add_span(spans, base + start, base + cut)
                         start = cut
