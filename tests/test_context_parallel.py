@@ -86,26 +86,90 @@ def _cu(lengths: list[list[int]]) -> torch.Tensor:
     return torch.tensor(np.concatenate([[0], np.cumsum(flat)]), dtype=torch.int32)
 
 
-@pytest.mark.parametrize("cp_size", [2, 4])
-def test_slice_masks_are_rows_of_the_whole_row_mask(cp_size) -> None:
+@pytest.mark.parametrize(("cp_size", "balanced"), [(2, False), (4, False), (2, True), (3, True)])
+def test_slice_masks_are_rows_of_the_whole_row_mask(cp_size, balanced) -> None:
     """Documents straddling the split: a query sees the keys before its slice that share its document, nothing
-    of the next one, nothing ahead; sliding windows count row positions."""
+    of the next one, nothing ahead; sliding windows count row positions. Load balanced: rank r holds chunks r and
+    2cp-1-r, and the gathered keys come rank after rank."""
     t = 24
     docs = [[5, 9, 7, 3], [13, 11]]  # boundaries at 5, 14, 21 and 13: inside slices for cp 2 and 4
     cu = _cu(docs)
     whole = attention.prepare("sdpa", 2, t, torch.device("cpu"), torch.float32, cu_seqlens=cu, windows=(None, 4))
     local = t // cp_size
+    held = [ContextParallel(None, r, cp_size, load_balance=balanced).indices(local) for r in range(cp_size)]
+    assert sorted(torch.cat(held).tolist()) == list(range(t))  # every position on exactly one rank
+    if balanced:
+        c = t // (2 * cp_size)
+        assert held[0].tolist() == [*range(c), *range(t - c, t)]
     for rank in range(cp_size):
-        ctx = prepare_attention(ContextParallel(None, rank, cp_size), "auto", 2, local, torch.device("cpu"), cu,
-                                windows=(None, 4))
-        assert ctx.backend == "sdpa" and ctx.segments is None
+        cp = ContextParallel(None, rank, cp_size, load_balance=balanced)
+        ctx = prepare_attention(cp, "auto", 2, local, torch.device("cpu"), cu, windows=(None, 4))
+        assert ctx.backend == "sdpa" and ctx.segments is None and ctx.ring is None
         for w in (None, 4):
-            expected = whole.masks[w][:, :, rank * local:(rank + 1) * local, :]
+            expected = whole.masks[w][:, :, held[rank], :][..., torch.cat(held)]
             assert ctx.masks[w].shape == (2, 1, local, t)
             assert torch.equal(ctx.masks[w], expected), (rank, w)
     with pytest.raises(ContextParallelError, match=r"model\.attn_backend 'flex' is not implemented with "
                                                    r"parallel\.cp > 1"):
         prepare_attention(ContextParallel(None, 0, 2), "flex", 2, 12, torch.device("cpu"), cu)
+
+
+@pytest.mark.parametrize("cu", [None, _cu([[5, 9, 7, 3], [13, 11]])])
+def test_ring_blocks_cover_the_whole_row_mask_and_balance_the_work(cu) -> None:
+    """The ring's step s holds rank (r - s) mod cp's keys: its block masks, put at those keys' positions, are
+    the rows of the whole-row mask; a block the mask hides entirely is skipped (None). Causal work per rank
+    (visible query-key pairs) is equal under load balancing, and grows with the rank without it."""
+    t, cp_size = 32, 4
+    whole = attention.prepare("sdpa", 2, t, torch.device("cpu"), torch.float32, cu_seqlens=cu, windows=(None, 4))
+    for balanced in (False, True):
+        work = []
+        for rank in range(cp_size):
+            cp = ContextParallel(None, rank, cp_size, "ring", balanced)
+            ctx = prepare_attention(cp, "sdpa", 2, t // cp_size, torch.device("cpu"), cu, windows=(None, 4))
+            plan = ctx.ring
+            assert plan is not None and not ctx.masks
+            for w in (None, 4):
+                got = torch.zeros(2, t // cp_size, t, dtype=torch.bool)
+                for s, mask in enumerate(plan.masks(w)):
+                    cols = plan.k_idx[(rank - s) % cp_size]
+                    if mask is None:
+                        assert not bool(whole_rows(whole, w, plan.q_idx)[..., cols].any())
+                        continue
+                    got[:, :, cols] = mask.expand(2, -1, -1)
+                assert torch.equal(got, whole_rows(whole, w, plan.q_idx)), (balanced, rank, w)
+            work.append(sum(int(m.sum()) for m in plan.masks(None) if m is not None))
+        if cu is None:
+            assert (len(set(work)) == 1) == balanced, (balanced, work)
+            if not balanced:
+                assert work == sorted(work) and sum(
+                    m is None for m in prepare_attention(ContextParallel(None, 0, cp_size, "ring"), "sdpa", 2,
+                                                         t // cp_size, torch.device("cpu"), None).ring.masks(None)
+                ) == cp_size - 1  # rank 0 holds the first keys: it skips every other rank's block
+
+
+def whole_rows(whole: attention.AttentionContext, window: int | None, rows: torch.Tensor) -> torch.Tensor:
+    """[2, len(rows), T] of the one-process mask (None: plain causal)."""
+    mask = whole.masks[window]
+    if mask is None:
+        t = whole.seqlen
+        mask = torch.ones(t, t, dtype=torch.bool).tril().expand(2, 1, t, t)
+    return mask.expand(2, -1, -1, -1)[:, 0, rows, :]
+
+
+def test_load_balance_resolution_and_its_divisibility() -> None:
+    from trainer.context_parallel import cp_load_balance
+
+    assert cp_load_balance(load_config(None, ["parallel.cp=2", "parallel.cp_attention=ring"]).parallel)
+    assert not cp_load_balance(load_config(None, ["parallel.cp=2"]).parallel)
+    assert not cp_load_balance(load_config(None, ["parallel.cp_attention=ring",
+                                                  "parallel.cp_load_balance=false"]).parallel)
+    assert cp_load_balance(load_config(None, ["parallel.cp_load_balance=true"]).parallel)
+    check_sequence(96, 4, load_balance=True)
+    with pytest.raises(ContextParallelError, match=r"2 x 4 chunks .*divisible by 8: re-pack with --seq-length 104"
+                                                   r".*cp_load_balance: false"):
+        check_sequence(100, 4, load_balance=True)
+    with pytest.raises(ConfigError, match=r"parallel\.cp_attention: 'ulysses' is not one of allgather, ring"):
+        load_config(None, ["parallel.cp_attention=ulysses"])
 
 
 def test_local_slice_keeps_global_positions_and_whole_row_counts() -> None:
@@ -117,6 +181,8 @@ def test_local_slice_keeps_global_positions_and_whole_row_counts() -> None:
     assert torch.equal(out["position_ids"], (ids % 5)[:, 4:])
     assert out["cu_seqlens"] is batch["cu_seqlens"] and out["num_trainable"] == 11 and out["max_seqlen"] == 8
     assert local_slice(batch, None) is batch
+    balanced = local_slice(batch, ContextParallel(None, 1, 2, load_balance=True))  # chunks 1 and 2 of 4
+    assert torch.equal(balanced["input_ids"], ids[:, 2:6]) and torch.equal(balanced["labels"], ids[:, 2:6] + 100)
 
 
 # ------------------------------------------------------------------------------------- multi-rank runs
@@ -239,6 +305,22 @@ def test_dp_shard2_x_cp2_matches_one_rank(tiny_setup, reference_run, tmp_path, r
 @pytest.mark.dist
 @pytest.mark.slow
 @gloo
+def test_ring_cp2_with_checkpointing_matches_one_rank(
+        tiny_setup, reference_run, tmp_path, repo_root) -> None:
+    """Ring attention (load balanced by default) under FSDP2 with activation checkpointing, which recomputes the
+    ring in backward: the one-process run's curve, evaluation and weights."""
+    common = [*_common(*tiny_setup), "parallel.cp=2", "parallel.cp_attention=ring"]
+    ring = tmp_path / "ring"
+    run_trainer([*common, f"logging.output_dir={ring}", "model.activation_checkpointing=true"], repo_root, 2)
+    ref = logged_losses(reference_run)
+    assert logged_losses(ring) == pytest.approx(ref, rel=2e-5, abs=1e-6)
+    assert _eval_losses(ring) == pytest.approx(_eval_losses(reference_run), rel=2e-5)
+    _assert_same_export(reference_run, ring)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@gloo
 def test_lora_with_cp2_and_activation_checkpointing_matches_one_rank(tiny_setup, tmp_path, repo_root) -> None:
     """LoRA's adapters are per-token and FSDP2-sharded over the cp ranks like full weights; activation
     checkpointing recomputes the gathers in backward."""
@@ -257,16 +339,16 @@ def test_lora_with_cp2_and_activation_checkpointing_matches_one_rank(tiny_setup,
 # ------------------------------------------------------------------- gradients, without the optimizer
 
 
-def _grad_worker(rank: int, port: int) -> None:
-    """Both ranks compute the one-process loss and gradients on the whole rows (the reference), then their cp=2
-    slices' (summed over the ranks); Adam would magnify rounding, so the gradients themselves are compared."""
+def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool]]) -> None:
+    """Every rank computes the one-process loss and gradients on the whole rows (the reference), then its cp
+    slice's (summed over the ranks); Adam would magnify rounding, so the gradients themselves are compared."""
     import os
 
     from trainer.model import Transformer, positions_from_cu_seqlens
     from trainer.model_config import ModelConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -283,34 +365,38 @@ def _grad_worker(rank: int, port: int) -> None:
         ref_loss = model(ids, pos, cu, None, labels=labels)
         ref_loss.backward()
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-
-        cp = ContextParallel(dist.group.WORLD, rank, 2)
-        model.context_parallel = cp
-        batch = local_slice({"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}, cp)
-        loss = model(batch["input_ids"], batch["position_ids"], cu, None, labels=batch["labels"])
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-6, atol=1e-6)
-        # Without position_ids the model derives the slice's positions from the whole rows.
-        again = model(batch["input_ids"], None, cu, None, labels=batch["labels"])
-        torch.testing.assert_close(again.detach(), loss.detach(), rtol=0, atol=0)
-        for name, param in model.named_parameters():
-            grad = param.grad.clone()
-            dist.all_reduce(grad)  # what FSDP2's reduce-scatter over the cp ranks adds up in a run
-            # fp32 rounding of sums taken in another order (two partial sums added): relative to the tensor.
-            scale = float(ref[name].abs().max())
-            assert float((grad - ref[name]).norm()) <= 1e-5 * float(ref[name].norm()), name
-            torch.testing.assert_close(grad, ref[name], rtol=0, atol=1e-5 * scale,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+        for mode, balanced in cases:
+            model.zero_grad(set_to_none=True)
+            cp = ContextParallel(dist.group.WORLD, rank, world, mode, balanced)
+            model.context_parallel = cp
+            batch = local_slice({"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}, cp)
+            loss = model(batch["input_ids"], batch["position_ids"], cu, None, labels=batch["labels"])
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-6, atol=1e-6, msg=lambda m, n=mode: f"{n}: {m}")
+            # Without position_ids the model derives the slice's positions from the whole rows.
+            again = model(batch["input_ids"], None, cu, None, labels=batch["labels"])
+            torch.testing.assert_close(again.detach(), loss.detach(), rtol=0, atol=0)
+            for name, param in model.named_parameters():
+                label = f"{mode} balanced={balanced} {name}"
+                grad = param.grad.clone()
+                dist.all_reduce(grad)  # what FSDP2's reduce-scatter over the cp ranks adds up in a run
+                # fp32 rounding of sums taken in another order (two partial sums added): relative to the tensor.
+                scale = float(ref[name].abs().max())
+                assert float((grad - ref[name]).norm()) <= 1e-5 * float(ref[name].norm()), label
+                torch.testing.assert_close(grad, ref[name], rtol=0, atol=1e-5 * scale,
+                                           msg=lambda m, n=label: f"{n}: {m}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.dist
 @gloo
-def test_cp2_loss_and_gradients_equal_the_whole_rows() -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_loss_and_gradients_equal_the_whole_rows(world) -> None:
+    """allgather and ring, each with and without load balancing; the ring with 4 ranks too, whose balanced
+    chunks are 3 positions long, so most ring blocks are partly masked and some skipped."""
     import socket
 
     import torch.multiprocessing as mp
@@ -318,4 +404,6 @@ def test_cp2_loss_and_gradients_equal_the_whole_rows() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_grad_worker, args=(port,), nprocs=2, join=True)
+    modes = ("allgather", "ring") if world == 2 else ("ring",)
+    cases = [(mode, balanced) for mode in modes for balanced in (False, True)]
+    mp.spawn(_grad_worker, args=(port, world, cases), nprocs=world, join=True)

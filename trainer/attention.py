@@ -116,9 +116,11 @@ class AttentionContext:
     # Prefix tuning (trainer.prefix): this many learned key/value slots come before every row's keys, visible to
     # every query; the sdpa masks then have prefix_len + T columns.
     prefix_len: int = 0
-    # Context parallelism (trainer.context_parallel.prepare_attention): this rank holds T/cp queries of each row,
-    # gathers every layer's keys/values over the cp group, and `masks` are [B, 1, T/cp, T].
+    # Context parallelism (trainer.context_parallel.prepare_attention): this rank holds T/cp queries of each row.
+    # allgather: it gathers every layer's keys/values over the cp group, and `masks` are [B, 1, T/cp, T];
+    # ring: `ring` (a RingPlan) attends instead, passing the keys/values around the cp ranks.
     cp: object | None = None
+    ring: object | None = None
 
 
 def _row_local_segments(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[tuple[int, int]] | None:
@@ -255,6 +257,8 @@ def attend(
             raise ValueError(f"a {prefix[0].shape[0]}-slot prefix needs an sdpa context prepared with prefix_len="
                              f"{prefix[0].shape[0]} (got {ctx.backend}, prefix_len={ctx.prefix_len}, window={window})")
         return _attend_prefixed(q, k, v, prefix, ctx)
+    if ctx.ring is not None:  # trainer.context_parallel: the other ranks' keys/values come round the ring
+        return ctx.ring.attend(q, k, v, window)
     if ctx.cp is not None:  # keys/values of the whole row, this rank's queries (trainer.context_parallel)
         k, v = ctx.cp.gather(k), ctx.cp.gather(v)
     b, t, h, d = q.shape

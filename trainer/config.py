@@ -145,10 +145,19 @@ class ParallelSection:
         True)
     cp: int = doc(
         "Context-parallel degree (native models, sdpa attention): the cp ranks of one data-parallel group read "
-        "the same rows, each keeps a contiguous 1/cp slice of every row's positions and gathers the keys/values "
-        "of the whole row in attention (documents and causality exact across the split); FSDP2 shards over "
-        "dp_shard x cp; needs seq_length divisible by cp; not with tp, model.backend hf, loreft, prefix tuning "
-        "or NEFTune. MindFormers context_parallel, PaddleNLP sep_parallel_degree.", 1)
+        "the same rows, each keeps 1/cp of every row's positions and attention reaches the rest of the row "
+        "(cp_attention; documents and causality exact across the split); FSDP2 shards over dp_shard x cp; needs "
+        "seq_length divisible by cp (2 cp with cp_load_balance); not with tp, model.backend hf, loreft, prefix "
+        "tuning or NEFTune. MindFormers context_parallel, PaddleNLP sep_parallel_degree.", 1)
+    cp_attention: Literal["allgather", "ring"] = doc(
+        "How attention reaches the other cp ranks' positions: allgather (every layer gathers the row's keys/values: "
+        "simple, K/V memory of the whole row) | ring (keys/values pass round the cp ranks block by block and the "
+        "blocks are combined exactly: K/V memory of T/cp, blocks the causal/document mask hides are skipped).",
+        "allgather")
+    cp_load_balance: bool | None = doc(
+        "Hold chunks r and 2cp-1-r of the 2 cp chunks of every row on cp rank r instead of one contiguous slice, "
+        "so every rank has the same causal attention work (needs seq_length divisible by 2 cp); null: on with "
+        "cp_attention ring, off with allgather (whose masked attention costs the same on every rank).", None)
     pp: int = doc(
         "Pipeline-parallel stages: not supported (only 1); use tp and dp_shard. MindFormers pipeline_stage, "
         "PaddleNLP pipeline_parallel_degree.", 1)

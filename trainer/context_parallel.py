@@ -1,35 +1,46 @@
-"""Context parallelism for long packed rows: all-gather the keys/values, keep the queries local.
+"""Context parallelism for long packed rows: each cp rank keeps 1/cp of every row's positions; attention either
+all-gathers the keys/values (`allgather`) or passes them around the cp ranks in a ring (`ring`).
 
-The cp ranks of one data-parallel group read the same rows; each keeps a contiguous 1/cp slice of every row's
-T positions (rank r: positions [r T/cp, (r+1) T/cp)). Embeddings, norms, MLPs, the head and the loss are
-per-token and run on the slice unchanged. Attention is the one place a token needs the others: every layer
-all-gathers K and V (after RoPE) over the cp group and attends its T/cp local queries to the row's T keys with
-the per-document causal mask built from global indices (query i of the slice is row position offset + i). This
-is the all-gather variant Llama 3's training used: with grouped-query attention K/V are a fraction of the
-activations, and the per-document mask needs no load balancing of the ring schedule.
+Which positions a rank holds. The cp ranks of one data-parallel group read the same rows. Without load balancing
+rank r keeps the contiguous slice [r T/cp, (r+1) T/cp). With `parallel.cp_load_balance` the row is cut into 2 cp
+equal chunks and rank r keeps chunks r and 2cp-1-r (the "zigzag" layout): under causal masking the early chunks
+see few keys and the late ones many, so pairing an early with a late chunk gives every rank the same share of
+the attention work, which is what the ring schedule needs to skip the blocks causality masks out without one
+rank waiting for another. Embeddings, norms, MLPs, the head and the loss are per-token and run on the held
+positions unchanged: labels are pre-shifted and positions are the loader's `position_ids` of the whole row, taken
+at the held indices (`local_slice`), so each token keeps its RoPE position.
 
-Why sdpa with an explicit boolean mask [B, 1, T/cp, T]: it runs on every device and dtype, and the mask is
-what makes documents that straddle the split exact (a key before the slice, in the same document, is seen). The
-varlen / flex kernels would take a cross-rank document structure their calls here are not built for, so they
-are refused with cp > 1 (see `prepare_attention`). PyTorch's experimental `context_parallel` API (ring
-attention, CUDA) shards sdpa with plain causal masking, not the per-document masks packed rows need.
+allgather (default): every layer all-gathers K and V (after RoPE) over the cp group and attends the local
+queries to the row's T keys with the per-document causal mask built from global indices: a key before the slice,
+in the same document, is seen. This is the variant Llama 3's training used: with grouped-query attention K/V are a
+fraction of the activations. It runs as sdpa with an explicit boolean mask [B, 1, T/cp, T] on every device and
+dtype. The gather is torch's autograd-aware functional all-gather, whose backward reduce-scatters.
 
-The gather is torch's autograd-aware functional all-gather (`all_gather_single_autograd`), whose backward
-reduce-scatters: every rank's gradient for a slice is summed onto the rank that owns it (gloo and NCCL).
+ring: K/V never exist whole on one rank. For cp steps each rank attends its queries to the K/V block it holds,
+then sends that block to the next rank and receives the previous rank's (P2P, overlapped with the block's
+compute); the blocks' partial results are combined exactly with their log-sum-exp (online softmax). The backward
+pass walks the ring again: it recomputes each block's probabilities from the saved final log-sum-exp, and the
+key/value gradients travel with their block, arriving back at the owner after the last step. Blocks the
+per-document causal mask hides entirely are skipped. Memory per rank: K/V of T/cp positions (two blocks in
+flight) instead of T, and no [T/cp, T] mask; the block kernel is the explicit math (scores of one block in fp32,
+[B, heads, T/cp, T/cp]), written here because sdpa does not return the log-sum-exp the combination needs, and
+PyTorch's experimental `context_parallel` (ring attention, CUDA only) shards sdpa with plain causal masking, not
+the per-document masks packed rows need.
 
-Positions are the loader's `position_ids`, computed from the whole row before slicing, so each token keeps its
-RoPE position; labels are pre-shifted, so a slice's labels are already right. The loss denominator is the
-whole row's trainable-token count (the loader's, unsliced); the loss sums are added over the cp ranks.
-Gradients: FSDP2 shards over the flattened dp_shard x cp mesh (`trainer.distributed`), so its reduce-scatter
-already sums the cp ranks' partial gradients; the loop's scale undoes its average over dp x cp ranks.
+varlen / flex kernels would need the cross-rank document structure; they are refused with cp > 1
+(see `prepare_attention`). The loss denominator is the whole row's trainable-token count (the loader's,
+unsliced); the loss sums are added over the cp ranks. Gradients: FSDP2 shards over the flattened dp_shard x cp
+mesh (`trainer.distributed`), so its reduce-scatter already sums the cp ranks' partial gradients; the loop's
+scale undoes its average over dp x cp ranks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,35 +49,47 @@ from trainer import attention
 log = logging.getLogger(__name__)
 
 SLICED_KEYS = ("input_ids", "labels", "position_ids")
+CpAttention = Literal["allgather", "ring"]
 
 
 class ContextParallelError(ValueError):
     """The data or the model setup does not fit parallel.cp; the message names the keys and values."""
 
 
-def check_sequence(seq_length: int, cp: int) -> None:
-    """Every row is cut into cp equal contiguous slices."""
-    if seq_length % cp:
+def check_sequence(seq_length: int, cp: int, load_balance: bool = False) -> None:
+    """Every row is cut into cp (2 cp with load balancing) equal chunks."""
+    chunks = 2 * cp if load_balance else cp
+    if seq_length % chunks:
+        why = f"2 x {cp} chunks (parallel.cp_load_balance)" if load_balance else f"{cp} equal slices"
         raise ContextParallelError(
-            f"parallel.cp = {cp} splits each packed row's seq_length = {seq_length} positions into {cp} equal "
-            f"slices, which needs seq_length divisible by {cp}: re-pack with --seq-length "
-            f"{seq_length + cp - seq_length % cp}, or change parallel.cp")
+            f"parallel.cp = {cp} splits each packed row's seq_length = {seq_length} positions into {why}, which "
+            f"needs seq_length divisible by {chunks}: re-pack with --seq-length "
+            f"{seq_length + chunks - seq_length % chunks}, or change parallel.cp"
+            + (" (or set parallel.cp_load_balance: false)" if load_balance else ""))
 
 
 @dataclass(frozen=True)
 class ContextParallel:
-    """This rank's place in its cp group: what the model's attention needs to gather and mask."""
+    """This rank's place in its cp group: which positions it holds and how its attention reaches the others."""
 
     group: Any  # torch.distributed ProcessGroup of the cp ranks
     rank: int
     size: int
+    attention: CpAttention = "allgather"
+    load_balance: bool = False
 
-    def offset(self, local_len: int) -> int:
-        """Row position of this rank's first token."""
-        return self.rank * local_len
+    def indices(self, local_len: int, rank: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """Row positions held by `rank` (this rank by default), in the order they are held."""
+        r = self.rank if rank is None else rank
+        if not self.load_balance:
+            return torch.arange(r * local_len, (r + 1) * local_len, device=device)
+        c = local_len // 2
+        return torch.cat([torch.arange(r * c, (r + 1) * c, device=device),
+                          torch.arange((2 * self.size - 1 - r) * c, (2 * self.size - r) * c, device=device)])
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T/cp, ...] -> [B, T, ...] in rank order; autograd sends each slice's gradient back to its owner."""
+        """[B, T/cp, ...] -> [B, T, ...] in rank order (each rank's held positions in turn); autograd sends each
+        slice's gradient back to its owner."""
         from torch.distributed._functional_collectives import all_gather_single_autograd
 
         # It gathers along dim 0: put the sequence first, and back.
@@ -75,19 +98,36 @@ class ContextParallel:
 
 
 def local_slice(batch: dict[str, Any], cp: ContextParallel | None) -> dict[str, Any]:
-    """This rank's slice of a device batch's per-position tensors; cu_seqlens, max_seqlen and num_trainable
-    stay those of the whole rows (the attention mask and the loss denominator need them)."""
+    """This rank's positions of a device batch's per-position tensors; cu_seqlens, max_seqlen and
+    num_trainable stay those of the whole rows (the attention mask and the loss denominator need them)."""
     if cp is None:
         return batch
     t = batch["input_ids"].shape[1]
-    check_sequence(t, cp.size)
+    check_sequence(t, cp.size, cp.load_balance)
     n = t // cp.size
     out = dict(batch)
-    for key in SLICED_KEYS:
-        out[key] = batch[key][:, cp.rank * n:(cp.rank + 1) * n]
+    if cp.load_balance:
+        idx = cp.indices(n, device=batch["input_ids"].device)
+        for key in SLICED_KEYS:
+            out[key] = batch[key][:, idx]
+    else:
+        for key in SLICED_KEYS:
+            out[key] = batch[key][:, cp.rank * n:(cp.rank + 1) * n]
     if "doc_len_sq_sum" in batch:  # the FLOPs count: this rank's share of the rows' attention, on average
         out["doc_len_sq_sum"] = batch["doc_len_sq_sum"] // cp.size
     return out
+
+
+def _block_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, seg: torch.Tensor | None,
+                window: int | None) -> torch.Tensor:
+    """[B or 1, Tq, Tk] bool: query at row position q_idx[i] sees key k_idx[j] (causal, same document, window)."""
+    mask = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        mask = mask & (q_idx[:, None] - k_idx[None, :] < window)
+    mask = mask.unsqueeze(0)
+    if seg is not None:
+        mask = mask & (seg[:, q_idx, None] == seg[:, None, k_idx])
+    return mask
 
 
 def prepare_attention(
@@ -100,35 +140,166 @@ def prepare_attention(
     windows: Iterable[int | None] = (None,),
     prefix_len: int = 0,
 ) -> attention.AttentionContext:
-    """The attention context of this rank's slice: masks [B or 1, 1, T/cp, T] of local queries over the row's
-    keys, causal in row positions and confined to documents (and sliding windows), shared by every layer."""
+    """The attention context of this rank's positions, shared by every layer: for allgather the masks
+    [B or 1, 1, T/cp, T] of local queries over the gathered keys; for ring the plan of the ring's blocks."""
     if backend not in ("auto", "sdpa"):
         raise ContextParallelError(f"model.attn_backend {backend!r} is not implemented with parallel.cp > 1 (the "
-                                   "keys are gathered over ranks and masked for sdpa); set model.attn_backend: "
-                                   "sdpa (or auto)")
+                                   "keys of other ranks are masked for sdpa / the ring's blocks); set "
+                                   "model.attn_backend: sdpa (or auto)")
     if prefix_len:
         raise ContextParallelError("prefix tuning (peft.pet_type prefix_tuning) is not implemented with "
                                    "parallel.cp > 1")
     full = local_len * cp.size
     ctx = attention.AttentionContext(backend="sdpa", batch=batch, seqlen=local_len, device=device, cp=cp)
-    offset = cp.offset(local_len)
-    q_idx = torch.arange(offset, offset + local_len, device=device)
-    k_idx = torch.arange(full, device=device)
-    causal = (k_idx[None, :] <= q_idx[:, None]).unsqueeze(0)  # [1, T/cp, T]
-    same_doc = None
+    seg = None
     if cu_seqlens is not None:
         seg = attention.segment_ids_from_cu_seqlens(cu_seqlens.to(device=device, dtype=torch.int64), batch, full)
-        same_doc = seg[:, offset:offset + local_len, None] == seg[:, None, :]  # [B, T/cp, T]
+    q_idx = cp.indices(local_len, device=device)
+    k_blocks = [cp.indices(local_len, r, device) for r in range(cp.size)]
+    if cp.attention == "ring":
+        ctx.ring = RingPlan(cp, q_idx, k_blocks, seg)
+        return ctx
+    k_idx = torch.cat(k_blocks)  # the gathered keys, rank after rank
     for w in dict.fromkeys(windows):
-        mask = causal if w is None else causal & (q_idx[:, None] - k_idx[None, :] < w).unsqueeze(0)
-        if same_doc is not None:
-            mask = mask & same_doc
-        ctx.masks[w] = mask.unsqueeze(1)
+        ctx.masks[w] = _block_mask(q_idx, k_idx, seg, w).unsqueeze(1)
     return ctx
 
 
-def context_parallel_of(info: Any) -> ContextParallel | None:
+def cp_load_balance(parallel: Any) -> bool:
+    """`parallel.cp_load_balance` resolved: unset means on for the ring, off for allgather."""
+    if parallel.cp_load_balance is None:
+        return parallel.cp_attention == "ring"
+    return bool(parallel.cp_load_balance)
+
+
+def context_parallel_of(info: Any, attention: CpAttention = "allgather",
+                        load_balance: bool = False) -> ContextParallel | None:
     """The ContextParallel of a `trainer.distributed.DistInfo`, or None when parallel.cp is 1."""
     if info.cp_mesh is None:
         return None
-    return ContextParallel(info.cp_mesh.get_group(), info.cp_mesh.get_local_rank(), info.cp_mesh.size())
+    return ContextParallel(info.cp_mesh.get_group(), info.cp_mesh.get_local_rank(), info.cp_mesh.size(),
+                           attention, load_balance)
+
+
+# ------------------------------------------------------------------------------------------ ring attention
+
+
+@dataclass
+class RingPlan:
+    """One forward's ring: this rank's query positions, every rank's key positions and the documents."""
+
+    cp: ContextParallel
+    q_idx: torch.Tensor  # [T/cp] row positions of the local queries (and of the local keys)
+    k_idx: list[torch.Tensor]  # rank r's key positions
+    seg: torch.Tensor | None  # [B, T] document ids of the whole rows; None: one document per row
+
+    # Not traced by torch.compile (model.compile): the ring's P2P and its host-side skipping of empty blocks
+    # run eagerly between the compiled parts of the block.
+    @torch.compiler.disable
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """q [B, T/cp, H, D], k / v [B, T/cp, Hkv, D] (this rank's) -> [B, T/cp, H, D] over the whole rows."""
+        return _RingAttention.apply(q, k, v, self, window)
+
+    def masks(self, window: int | None) -> list[torch.Tensor | None]:
+        """Per ring step s (holding rank (r - s) mod cp's block): its mask, or None when it hides every key."""
+        out: list[torch.Tensor | None] = []
+        for s in range(self.cp.size):
+            m = _block_mask(self.q_idx, self.k_idx[(self.cp.rank - s) % self.cp.size], self.seg, window)
+            out.append(m if bool(m.any()) else None)
+        return out
+
+
+class _Ring:
+    """Send tensors to the next cp rank and receive the previous rank's, asynchronously."""
+
+    def __init__(self, cp: ContextParallel) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = cp.group
+        self.send_to = dist.get_global_rank(cp.group, (cp.rank + 1) % cp.size)
+        self.recv_from = dist.get_global_rank(cp.group, (cp.rank - 1) % cp.size)
+
+    def start(self, tensors: list[torch.Tensor]) -> tuple[list[Any], list[torch.Tensor]]:
+        dist = self.dist
+        bufs = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, b, self.recv_from, self.group) for b in bufs]
+        return dist.batch_isend_irecv(ops), bufs
+
+    @staticmethod
+    def finish(pending: tuple[list[Any], list[torch.Tensor]]) -> list[torch.Tensor]:
+        reqs, bufs = pending
+        for req in reqs:
+            req.wait()
+        return bufs
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, T, H, D] -> fp32 [B, Hkv, H/Hkv, T, D]: query head h uses kv head h // (H/Hkv), as sdpa's GQA does."""
+    b, t, h, d = q.shape
+    return q.float().view(b, t, kv_heads, h // kv_heads, d).permute(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b, g, r, t, d = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(b, t, g * r, d).to(dtype)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, G, R, Tq, D], k [B, G, Tk, D], mask [B or 1, Tq, Tk] -> masked scaled scores [B, G, R, Tq, Tk]."""
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k) * scale
+    return s.masked_fill(~mask[:, None, None], float("-inf"))
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan,
+                window: int | None) -> torch.Tensor:
+        n, g = plan.cp.size, k.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        qg = _grouped(q, g)
+        kv = [x.float().transpose(1, 2).contiguous() for x in (k, v)]  # [B, Hkv, T/cp, D]
+        ring, masks = _Ring(plan.cp), plan.masks(window)
+        out = torch.zeros_like(qg)
+        lse = torch.full(qg.shape[:-1], float("-inf"), device=q.device)
+        for s in range(n):
+            pending = ring.start(kv) if s < n - 1 else None
+            if masks[s] is not None:
+                sc = _scores(qg, kv[0], masks[s], scale)
+                new = torch.logaddexp(lse, torch.logsumexp(sc, -1))
+                safe = new.masked_fill(new.isneginf(), 0.0)  # rows that see nothing yet stay 0
+                out = out * torch.exp(lse - safe).unsqueeze(-1) + torch.exp(sc - safe.unsqueeze(-1)) @ kv[1].unsqueeze(2)
+                lse = new
+            if pending is not None:
+                kv = ring.finish(pending)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.window = plan, window
+        return _ungrouped(out, q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        n, g = plan.cp.size, k.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        qg, dog = _grouped(q, g), _grouped(grad_out, g)
+        delta = (dog * out).sum(-1, keepdim=True)  # rowsum(dO * O): softmax's backward through the final output
+        kv = [x.float().transpose(1, 2).contiguous() for x in (k, v)]
+        dkv = [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
+        ring, masks = _Ring(plan.cp), plan.masks(ctx.window)
+        dq = torch.zeros_like(qg)
+        for s in range(n):
+            pending = ring.start(kv) if s < n - 1 else None
+            if masks[s] is not None:
+                p = torch.exp(_scores(qg, kv[0], masks[s], scale) - lse.unsqueeze(-1))
+                dkv[1] = dkv[1] + torch.einsum("bgrqk,bgrqd->bgkd", p, dog)
+                ds = p * (dog @ kv[1].unsqueeze(2).transpose(-1, -2) - delta)
+                dq = dq + (ds @ kv[0].unsqueeze(2)) * scale
+                dkv[0] = dkv[0] + torch.einsum("bgrqk,bgrqd->bgkd", ds, qg) * scale
+            # The block's key/value gradients go on with it; after the last step each is back at its owner.
+            dkv = ring.finish(ring.start(dkv))
+            if pending is not None:
+                kv = ring.finish(pending)
+        dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv)
+        return _ungrouped(dq, q.dtype), dk, dv, None, None

@@ -37,7 +37,7 @@ from trainer import hf_backend
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_config
 from trainer.context_parallel import check_sequence as check_cp_sequence
-from trainer.context_parallel import context_parallel_of, local_slice
+from trainer.context_parallel import context_parallel_of, cp_load_balance, local_slice
 from trainer.dataset import PackedIterableDataset
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_model
 from trainer.generate import GenerationEval, run_generation_eval
@@ -135,7 +135,8 @@ def build_model(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Tran
         for block in blocks:
             block.compile()
     if info.context_parallel:  # the config refuses model.backend hf with parallel.cp > 1
-        model.context_parallel = context_parallel_of(info)
+        model.context_parallel = context_parallel_of(info, config.parallel.cp_attention,
+                                                     cp_load_balance(config.parallel))
     # Parameters stay fp32 (the optimizer's master copy). Several ranks: FSDP2 casts them to `dtype` for
     # compute. One process: the forward runs under autocast (see `_forward_loss`), to the same effect.
     param_dtype = dtype if (info.fsdp and dtype != torch.float32) else None
@@ -345,7 +346,7 @@ def _train_locked(config: TrainConfig, info: DistInfo, on_step: Callable[[dict[s
     if info.tensor_parallel:
         check_sequence(dataset.seq_length, info.shape.tp, info.sequence_parallel)
     if info.context_parallel:
-        check_cp_sequence(dataset.seq_length, info.shape.cp)
+        check_cp_sequence(dataset.seq_length, info.shape.cp, cp_load_balance(config.parallel))
     _verify_data(dataset, config, info, model.config.vocab_size)
     total_steps = _steps_for(dataset, config)
     optimizer = build_optimizer(model, config.train, config.peft.loraplus_lr_ratio)

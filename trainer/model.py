@@ -283,7 +283,7 @@ class CausalLM(nn.Module):
                 else torch.arange(full, device=input_ids.device).expand(b, full)
             )
             if cp is not None:
-                position_ids = position_ids[:, cp.offset(t):cp.offset(t) + t]
+                position_ids = position_ids[:, cp.indices(t, device=input_ids.device)]
         if intervene is None:
             intervene = self.intervention_mask(labels, cu_seqlens, (b, t), input_ids.device)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, intervene)
