@@ -339,10 +339,11 @@ def test_lora_with_cp2_and_activation_checkpointing_matches_one_rank(tiny_setup,
 # ------------------------------------------------------------------- gradients, without the optimizer
 
 
-def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool]]) -> None:
+def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool, str]]) -> None:
     """Every rank computes the one-process loss and gradients on the whole rows (the reference), then its cp
     slice's (summed over the ranks); Adam would magnify rounding, so the gradients themselves are compared."""
     import os
+    from unittest import mock
 
     from trainer.model import Transformer, positions_from_cu_seqlens
     from trainer.model_config import ModelConfig
@@ -365,13 +366,15 @@ def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool]]
         ref_loss = model(ids, pos, cu, None, labels=labels)
         ref_loss.backward()
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-        for mode, balanced in cases:
+        for mode, balanced, kernel in cases:
             model.zero_grad(set_to_none=True)
             cp = ContextParallel(dist.group.WORLD, rank, world, mode, balanced)
             model.context_parallel = cp
             batch = local_slice({"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}, cp)
-            loss = model(batch["input_ids"], batch["position_ids"], cu, None, labels=batch["labels"])
-            loss.backward()
+            # the ring's block kernel: CPU flash attention here, the explicit math on other devices
+            with mock.patch("trainer.context_parallel._ring_kernel", lambda device, k=kernel: k):
+                loss = model(batch["input_ids"], batch["position_ids"], cu, None, labels=batch["labels"])
+                loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total)
             torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-6, atol=1e-6, msg=lambda m, n=mode: f"{n}: {m}")
@@ -379,7 +382,7 @@ def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool]]
             again = model(batch["input_ids"], None, cu, None, labels=batch["labels"])
             torch.testing.assert_close(again.detach(), loss.detach(), rtol=0, atol=0)
             for name, param in model.named_parameters():
-                label = f"{mode} balanced={balanced} {name}"
+                label = f"{mode} balanced={balanced} {kernel} {name}"
                 grad = param.grad.clone()
                 dist.all_reduce(grad)  # what FSDP2's reduce-scatter over the cp ranks adds up in a run
                 # fp32 rounding of sums taken in another order (two partial sums added): relative to the tensor.
@@ -395,8 +398,9 @@ def _grad_worker(rank: int, port: int, world: int, cases: list[tuple[str, bool]]
 @gloo
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_loss_and_gradients_equal_the_whole_rows(world) -> None:
-    """allgather and ring, each with and without load balancing; the ring with 4 ranks too, whose balanced
-    chunks are 3 positions long, so most ring blocks are partly masked and some skipped."""
+    """allgather and ring, each with and without load balancing, and the ring's math block kernel; the ring with
+    4 ranks too, whose balanced chunks are 3 positions long, so most ring blocks are partly masked and some
+    skipped (and some rows of a block see none of its keys)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -405,5 +409,5 @@ def test_cp_loss_and_gradients_equal_the_whole_rows(world) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     modes = ("allgather", "ring") if world == 2 else ("ring",)
-    cases = [(mode, balanced) for mode in modes for balanced in (False, True)]
+    cases = [(mode, balanced, "flash_cpu") for mode in modes for balanced in (False, True)] + [("ring", True, "math")]
     mp.spawn(_grad_worker, args=(port, world, cases), nprocs=world, join=True)

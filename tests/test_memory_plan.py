@@ -153,6 +153,15 @@ def test_sharding_divides_what_it_should(tiny):
     # cp 2 halves the per-token activations; its sdpa mask [T/cp, T] and the gathered K/V are not halved
     assert cp.component("activations") < 0.7 * fsdp.component("activations")
     assert tp.component("activations") < 0.8 * fsdp.component("activations")
+    # The ring keeps neither the mask nor the gathered K/V: at 32k tokens over cp 4 it keeps less than allgather
+    # (whose mask alone is T/cp x T bytes), and its block working set is [heads x T/cp x T/cp] fp32 scores
+    long = {m: plan_memory(_config(model_dir, data_dir, "model.dtype=bf16", f"parallel.cp_attention={m}"),
+                           seq_length=32768, mesh=Mesh.resolve(4, cp=4)) for m in ("allgather", "ring")}
+    mask = 32768 / 4 * 32768
+    assert long["ring"].component("activations") < long["allgather"].component("activations") - mask
+    assert long["ring"].model["attn_backend"] == "ring"
+    heads = long["ring"].model["heads"]
+    assert long["ring"].component("working set") >= heads * (32768 / 4) ** 2 * 4 * 3
     ac = plan_memory(_config(model_dir, data_dir, "model.dtype=bf16", "model.activation_checkpointing=true"),
                      seq_length=4096, mesh=Mesh.resolve(4))
     assert ac.component("activations") < 0.75 * fsdp.component("activations")

@@ -208,6 +208,10 @@ class RingPlan:
             out.append(m if bool(m.any()) else None)
         return out
 
+    def steps(self, window: int | None) -> list[tuple[bool, torch.Tensor | None]]:
+        """Per ring step: (whether its block is computed, its mask or None when every key is visible)."""
+        return [(False, None) if m is None else (True, None if bool(m.all()) else m) for m in self.masks(window)]
+
 
 class _Ring:
     """Send tensors to the next cp rank and receive the previous rank's, asynchronously."""
@@ -235,71 +239,132 @@ class _Ring:
         return bufs
 
 
-def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, T, H, D] -> fp32 [B, Hkv, H/Hkv, T, D]: query head h uses kv head h // (H/Hkv), as sdpa's GQA does."""
-    b, t, h, d = q.shape
-    return q.float().view(b, t, kv_heads, h // kv_heads, d).permute(0, 2, 3, 1, 4)
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, heads, D] -> fp32 [B, heads, T, D], contiguous: the blocks' layout, and what they combine in."""
+    return x.float().transpose(1, 2).contiguous()
 
 
-def _ungrouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    b, g, r, t, d = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(b, t, g * r, d).to(dtype)
+def _ring_kernel(device: torch.device) -> Literal["flash_cpu", "math"]:
+    """The block kernel: PyTorch's CPU flash attention, which returns the log-sum-exp and has a backward that
+    takes the final output and log-sum-exp (what the ring needs), or the explicit math elsewhere."""
+    return "flash_cpu" if device.type == "cpu" else "math"
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, G, R, Tq, D], k [B, G, Tk, D], mask [B or 1, Tq, Tk] -> masked scaled scores [B, G, R, Tq, Tk]."""
-    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k) * scale
-    return s.masked_fill(~mask[:, None, None], float("-inf"))
+def _bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive form of a block mask, [B or 1, 1, Tq, Tk] (the CPU flash kernel takes no boolean mask)."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, H, T, D]: query head h reads kv head h // (H / Hkv), as sdpa's GQA does."""
+    b, g, t, d = x.shape
+    return x if g == heads else x.unsqueeze(2).expand(b, g, heads // g, t, d).reshape(b, heads, t, d)
+
+
+def _group_sum(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x if h == kv_heads else x.view(b, kv_heads, h // kv_heads, t, d).sum(2)
+
+
+def _block_forward(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block: q [B, H, Tq, D], k / v [B, Hkv, Tk, D] -> (its softmax-normalised output [B, H, Tq, D], its
+    log-sum-exp [B, H, Tq], -inf on rows that see no key of the block)."""
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    if kernel == "flash_cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, False, attn_mask=_bias(mask), scale=scale)
+        if mask is not None:  # it reports 0 for a row that sees nothing
+            lse = lse.masked_fill(~mask.any(-1).unsqueeze(1), float("-inf"))
+        return out, lse
+    sc = (q.view(b, g, h // g * t, d) @ k.transpose(-1, -2)).mul_(scale).view(b, g, h // g, t, -1)
+    if mask is not None:
+        sc.masked_fill_(~mask[:, None, None], float("-inf"))
+    m = sc.amax(-1, keepdim=True)
+    m = m.masked_fill(m.isneginf(), 0.0)
+    p = sc.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)
+    out = (p.view(b, g, -1, p.shape[-1]) @ v).view(b, g, h // g, t, d) / total.clamp_min(1e-30)
+    return out.view(b, h, t, d), (m + total.log()).view(b, h, t)
+
+
+def _block_backward(kernel: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's share of the gradients, from the final output and log-sum-exp of the query rows: P = exp(S -
+    lse) is the block's part of the whole softmax, so the parts add up to the whole backward."""
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    if kernel == "flash_cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, _expand_kv(k, h), _expand_kv(v, h), out, lse, 0.0, False, attn_mask=_bias(mask),
+            scale=scale)
+        return dq, _group_sum(dk, g), _group_sum(dv, g)
+    r = h // g
+    sc = (q.view(b, g, r * t, d) @ k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        sc.view(b, g, r, t, -1).masked_fill_(~mask[:, None, None], float("-inf"))
+    p = sc.sub_(lse.view(b, g, r * t, 1)).exp_()  # [B, G, R Tq, Tk]
+    do = grad_out.view(b, g, r * t, d)
+    dv = p.transpose(-1, -2) @ do
+    delta = (grad_out * out).sum(-1).view(b, g, r * t, 1)  # rowsum(dO * O): through the final output
+    ds = (do @ v.transpose(-1, -2)).sub_(delta).mul_(p)
+    dq = (ds @ k).mul_(scale).view(b, h, t, d)
+    dk = (ds.transpose(-1, -2) @ q.view(b, g, r * t, d)).mul_(scale)
+    return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan,
                 window: int | None) -> torch.Tensor:
-        n, g = plan.cp.size, k.shape[2]
+        n = plan.cp.size
         scale = 1.0 / math.sqrt(q.shape[-1])
-        qg = _grouped(q, g)
-        kv = [x.float().transpose(1, 2).contiguous() for x in (k, v)]  # [B, Hkv, T/cp, D]
-        ring, masks = _Ring(plan.cp), plan.masks(window)
-        out = torch.zeros_like(qg)
-        lse = torch.full(qg.shape[:-1], float("-inf"), device=q.device)
+        kernel = _ring_kernel(q.device)
+        qh, kv = _heads(q), [_heads(k), _heads(v)]  # fp32 [B, heads, T/cp, D]
+        ring, steps = _Ring(plan.cp), plan.steps(window)
+        out = torch.zeros_like(qh)
+        lse = torch.full(qh.shape[:-1], float("-inf"), device=q.device)
         for s in range(n):
             pending = ring.start(kv) if s < n - 1 else None
-            if masks[s] is not None:
-                sc = _scores(qg, kv[0], masks[s], scale)
-                new = torch.logaddexp(lse, torch.logsumexp(sc, -1))
+            runs, mask = steps[s]
+            if runs:
+                block_out, block_lse = _block_forward(kernel, qh, kv[0], kv[1], mask, scale)
+                new = torch.logaddexp(lse, block_lse)
                 safe = new.masked_fill(new.isneginf(), 0.0)  # rows that see nothing yet stay 0
-                out = out * torch.exp(lse - safe).unsqueeze(-1) + torch.exp(sc - safe.unsqueeze(-1)) @ kv[1].unsqueeze(2)
+                out = out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(
+                    block_out * torch.exp(block_lse - safe).unsqueeze(-1))
                 lse = new
             if pending is not None:
                 kv = ring.finish(pending)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.window = plan, window
-        return _ungrouped(out, q.dtype)
+        return out.transpose(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         plan = ctx.plan
-        n, g = plan.cp.size, k.shape[2]
+        n = plan.cp.size
         scale = 1.0 / math.sqrt(q.shape[-1])
-        qg, dog = _grouped(q, g), _grouped(grad_out, g)
-        delta = (dog * out).sum(-1, keepdim=True)  # rowsum(dO * O): softmax's backward through the final output
-        kv = [x.float().transpose(1, 2).contiguous() for x in (k, v)]
+        kernel = _ring_kernel(q.device)
+        qh, do, kv = _heads(q), _heads(grad_out), [_heads(k), _heads(v)]
         dkv = [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
-        ring, masks = _Ring(plan.cp), plan.masks(ctx.window)
-        dq = torch.zeros_like(qg)
+        ring, steps = _Ring(plan.cp), plan.steps(ctx.window)
+        dq = torch.zeros_like(qh)
         for s in range(n):
             pending = ring.start(kv) if s < n - 1 else None
-            if masks[s] is not None:
-                p = torch.exp(_scores(qg, kv[0], masks[s], scale) - lse.unsqueeze(-1))
-                dkv[1] = dkv[1] + torch.einsum("bgrqk,bgrqd->bgkd", p, dog)
-                ds = p * (dog @ kv[1].unsqueeze(2).transpose(-1, -2) - delta)
-                dq = dq + (ds @ kv[0].unsqueeze(2)) * scale
-                dkv[0] = dkv[0] + torch.einsum("bgrqk,bgrqd->bgkd", ds, qg) * scale
+            runs, mask = steps[s]
+            if runs:
+                bq, bk, bv = _block_backward(kernel, do, qh, kv[0], kv[1], out, lse, mask, scale)
+                dq.add_(bq)
+                dkv = [dkv[0] + bk, dkv[1] + bv]
             # The block's key/value gradients go on with it; after the last step each is back at its owner.
             dkv = ring.finish(ring.start(dkv))
             if pending is not None:
                 kv = ring.finish(pending)
         dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv)
-        return _ungrouped(dq, q.dtype), dk, dv, None, None
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, None, None

@@ -21,7 +21,10 @@ The model is written from what the trainer does, not from rules of thumb, so tha
   chunk and each chunk's head-gradient product. `model.loss: full` holds [tokens x vocab] fp32 log-probabilities.
   The loss's work and the first block's backward never overlap, so the larger of the two is one working set.
 - Attention: flash-style kernels (varlen, flex, CPU flash) keep q, k, v, the output and logsumexp; CPU SDPA with
-  grouped kv heads takes its math path and keeps each document's [heads x L x L] probabilities.
+  grouped kv heads takes its math path and keeps each document's [heads x L x L] probabilities. Context
+  parallelism (`trainer.context_parallel`), allgather: the [T/cp, T] mask and every layer's gathered K/V of the
+  whole row; ring: q, k, v, the fp32 output and logsumexp, and, while a block runs, its fp32 scores
+  [heads x T/cp x T/cp] (three such at once in backward) and four K/V blocks in flight.
 - Compute copies: with bf16 compute one process runs under autocast, which keeps a bf16 copy of every fp32
   weight a matmul reads until its backward (one block's with activation checkpointing, for frozen weights);
   under FSDP2 the all-gathered compute-dtype blocks (two at a time with reshard_after_forward, all of them
@@ -559,12 +562,16 @@ def plan_memory(
     nh = s.num_attention_heads
     backend = mc.attn_backend if mc.attn_backend != "auto" else ("varlen" if device == "cuda" and a == 2 else
                                                                  "flex" if device == "cuda" else "sdpa")
-    if cp > 1:  # trainer.context_parallel: masked sdpa of the local queries over the row's T gathered keys
-        backend = "sdpa"
+    ring = cp > 1 and pc.cp_attention == "ring"
+    if cp > 1:  # trainer.context_parallel: masked sdpa over the gathered keys, or the ring's own blocks
+        backend = "ring" if ring else "sdpa"
     doc = min(float(doc_length or seq_length), seq_length) if cp == 1 else float(seq_length)
     # fp32 q/k norm weights under autocast promote q, k and RoPE's output to fp32; attention casts them back
     qk_bytes = 4 + 2 if (s.qk_norm and autocast) else a
-    if device == "cpu" and backend == "sdpa" and nh != s.num_key_value_heads:
+    if ring:  # the ring's autograd function keeps its inputs, its fp32 output and the logsumexp
+        attn_kept = qk_bytes * (q_ + kv_) + a * kv_ + 4 * q_ + 4 * nh
+        attn_note = "; ring attention: q, k, v, fp32 output and logsumexp"
+    elif device == "cpu" and backend == "sdpa" and nh != s.num_key_value_heads:
         # CPU SDPA with grouped kv heads takes the math path, per document: scaled q, the repeated scaled k and
         # v, the [heads x L x L] probabilities (per token: heads x the document length) and the causal mask.
         attn_kept = a * 3 * q_ + a * nh * doc + doc
@@ -630,7 +637,7 @@ def plan_memory(
     if backend == "sdpa":
         act += rows * (seq_length / cp) * seq_length  # [B, T/cp, T] bool, kept by the checkpointed blocks too
         act_note += "; sdpa mask B x T x T" + attn_note
-    if cp > 1:  # every layer's gathered K and V of the whole row, kept by attention for backward
+    if cp > 1 and not ring:  # every layer's gathered K and V of the whole row, kept by attention for backward
         act += (1 if mc.activation_checkpointing else layers) * rows * (seq_length - seq_length / cp) * 2 * kv_ * a
         act_note += f"; cp {cp}: K/V gathered to the whole row"
     comps.append(Component("activations", int(act), "forward", act_note))
@@ -694,6 +701,8 @@ def plan_memory(
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 2 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
+    if ring:  # one block pair's fp32 scores, probabilities and their gradient; K/V and their gradients in flight
+        bwd += rows * nh * (seq_length / cp) ** 2 * 4 * 3 + 4 * tokens * 2 * kv_ * 4
     if inv.quantized:  # QLoRA: one weight dequantized at a time for its matmul
         bwd += max(t.numel for t in inv.tensors if t.name in inv.quantized) / tp * a
     # The loss's forward and the first block's backward do not overlap: the larger of the two.
