@@ -156,6 +156,49 @@ def whole_rows(whole: attention.AttentionContext, window: int | None, rows: torc
     return mask.expand(2, -1, -1, -1)[:, 0, rows, :]
 
 
+@pytest.mark.parametrize(("kernel", "device"), [
+    ("flash_cpu", "cpu"), ("math", "cpu"),
+    pytest.param("math", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_ring_blocks_combine_to_whole_attention_and_its_gradients(kernel, device) -> None:
+    """The ring's two block kernels on their own: the keys cut into blocks, each block's output and log-sum-exp
+    combined, equal sdpa over all keys (grouped-query heads, a per-document causal mask leaving some rows of a
+    block empty); each block's backward from the final output and log-sum-exp sums to autograd's gradients."""
+    from trainer.context_parallel import _block_backward, _block_forward, _combine
+
+    torch.manual_seed(0)
+    b, h, g, tq, d = 2, 4, 2, 6, 8
+    q = torch.randn(b, h, tq, d, device=device, requires_grad=True)
+    k, v = (torch.randn(b, g, 3 * tq, d, device=device, requires_grad=True) for _ in range(2))
+    seg = torch.tensor([[0] * 9 + [1] * 9, [0] * 13 + [1] * 5], device=device)
+    q_idx = torch.arange(2 * tq, 3 * tq, device=device)  # the queries are the last 6 positions
+    k_idx = torch.arange(3 * tq, device=device)
+    mask = (k_idx[None, None, :] <= q_idx[None, :, None]) & (seg[:, q_idx, None] == seg[:, None, k_idx])
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+
+    scale = d ** -0.5
+    blocks = [slice(0, tq), slice(tq, 2 * tq), slice(2 * tq, 3 * tq)]
+    with torch.no_grad():
+        out = torch.zeros(b, h, tq, d, device=device)
+        lse = torch.full((b, h, tq), float("-inf"), device=device)
+        for blk in blocks:
+            m = mask[:, :, blk]
+            assert (~m.any(-1)).any() or blk.start == 2 * tq  # rows that see none of the block's keys
+            out, lse = _combine(out, lse, *_block_forward(kernel, q, k[:, :, blk].contiguous(),
+                                                          v[:, :, blk].contiguous(), m, scale))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        dq = torch.zeros_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for blk in blocks:
+            bq, bk, bv = _block_backward(kernel, grad, q, k[:, :, blk].contiguous(), v[:, :, blk].contiguous(),
+                                         out, lse, mask[:, :, blk], scale)
+            dq += bq
+            dk[:, :, blk], dv[:, :, blk] = bk, bv
+    for got, want in zip((dq, dk, dv), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_load_balance_resolution_and_its_divisibility() -> None:
     from trainer.context_parallel import cp_load_balance
 
@@ -316,6 +359,22 @@ def test_ring_cp2_with_checkpointing_matches_one_rank(
     assert logged_losses(ring) == pytest.approx(ref, rel=2e-5, abs=1e-6)
     assert _eval_losses(ring) == pytest.approx(_eval_losses(reference_run), rel=2e-5)
     _assert_same_export(reference_run, ring)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL context parallelism needs 2 CUDA devices")
+@pytest.mark.parametrize("mode", ["allgather", "ring"])
+def test_cp2_on_nccl_matches_one_gpu(tiny_setup, tmp_path, repo_root, mode) -> None:
+    """On GPUs the ring's blocks take the explicit-math kernel; fp32, so the difference is rounding."""
+    common = [*_common(*tiny_setup), "model.dtype=fp32", "checkpoint.every_steps=0"]
+    one, two = tmp_path / "one", tmp_path / "cp2"
+    run_trainer([*common, f"logging.output_dir={one}"], repo_root, 1)
+    run_trainer([*common, f"logging.output_dir={two}", "parallel.cp=2", f"parallel.cp_attention={mode}",
+                 "parallel.backend=nccl"], repo_root, 2)
+    assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-4, abs=1e-5)
+    assert _eval_losses(two) == pytest.approx(_eval_losses(one), rel=1e-4)
 
 
 @pytest.mark.dist

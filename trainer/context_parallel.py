@@ -317,6 +317,16 @@ def _block_backward(kernel: str, grad_out: torch.Tensor, q: torch.Tensor, k: tor
     return dq, dk, dv
 
 
+def _combine(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+             block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the keys seen so far and a new block's, from each part's normalised output and log-sum-exp
+    (`out` is updated in place)."""
+    new = torch.logaddexp(lse, block_lse)
+    safe = new.masked_fill(new.isneginf(), 0.0)  # rows that have seen no key yet stay 0
+    out = out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(block_out * torch.exp(block_lse - safe).unsqueeze(-1))
+    return out, new
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan,
@@ -332,12 +342,7 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(kv) if s < n - 1 else None
             runs, mask = steps[s]
             if runs:
-                block_out, block_lse = _block_forward(kernel, qh, kv[0], kv[1], mask, scale)
-                new = torch.logaddexp(lse, block_lse)
-                safe = new.masked_fill(new.isneginf(), 0.0)  # rows that see nothing yet stay 0
-                out = out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(
-                    block_out * torch.exp(block_lse - safe).unsqueeze(-1))
-                lse = new
+                out, lse = _combine(out, lse, *_block_forward(kernel, qh, kv[0], kv[1], mask, scale))
             if pending is not None:
                 kv = ring.finish(pending)
         ctx.save_for_backward(q, k, v, out, lse)
