@@ -175,10 +175,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tensors, to_save = reft_state(model), []
         targets = [f"model.layers.{i}" for i, _ in interventions(model)]
     elif cfg.pet_type == "prefix_tuning":  # peft's PREFIX_TUNING format, see trainer.prefix
-        from trainer.prefix import prefix_config, prefix_state, prefixes
+        from trainer.prefix import prefix_config, prefix_state
 
         tensors, to_save = prefix_state(model), []
-        targets = [f"model.layers.{i}" for i, _ in prefixes(model)]
+        targets = [f"model.layers.{i}" for i in range(len(model.model.layers))]  # every layer, whichever holds them
     else:
         tensors, targets, to_save = adapter_state(model, cfg)
     if _rank() == 0:
