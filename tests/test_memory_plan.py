@@ -84,8 +84,11 @@ def test_mesh_reads_parallel_keys_when_the_config_has_them_and_options_override_
     ("peft.pet_type=lora", "peft.weight_quantize_algo=fp4"),
     ("peft.pet_type=lora", "peft.weight_quantize_algo=weight_only_int8"),
     ("peft.pet_type=lora", "peft.weight_quantize_algo=weight_only_int4", "peft.weight_only_int4_group_size=32"),
+    ("peft.pet_type=prefix_tuning", "peft.num_virtual_tokens=7"),
+    ("peft.pet_type=prefix_tuning", "peft.num_virtual_tokens=7", "peft.prefix_projection=true",
+     "peft.encoder_hidden_size=24"),
 ], ids=["full", "full-bf16-frozen-embed", "lora", "dora-norms", "lora-embed", "moslora", "mora", "vera", "lokr", "qlora",
-        "loreft", "fp4", "int8", "int4"])
+        "loreft", "fp4", "int8", "int4", "prefix", "prefix-projection"])
 def test_parameters_adapters_and_optimizer_state_equal_the_built_model(tiny, sets):
     from trainer.loop import build_model, resolve_dtype
     from trainer.optim import build_optimizer

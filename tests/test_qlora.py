@@ -124,10 +124,68 @@ def test_qlora_run_learns_resumes_exactly_exports_peft_and_merges(tiny):
     a = load_file(root / "straight" / "export" / "adapter_model.safetensors")
     b = load_file(root / "resumed" / "export" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # The adapter is an ordinary PEFT LoRA for the full-precision base; merge-lora folds it into that base.
+    # The adapter is an ordinary PEFT LoRA for the full-precision base; merge-lora folds it into that base when
+    # asked to merge as is (by default it merges into the quantized base the run saw, its quantized_base.json).
     export = root / "straight" / "export"
     assert json.loads((export / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert_merge_equals_peft(model_dir, export, root / "merged")
+    assert_merge_equals_peft(model_dir, export, root / "merged", base_as_trained=False)
+
+
+def test_merge_adapter_cli_merges_into_the_base_the_run_trained_on(tiny, tmp_path):
+    """A run on an nf4 base records it beside its adapter; `trainer merge-adapter` then merges into that base by
+    default (and with --base-as-trained), bitwise the trainer's own export_merged, and with --base-as-is (or
+    without the record) into the full-precision checkpoint. A bad record is refused naming the file."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cli.trainer import main
+    from trainer.loop import train
+    from trainer.quantize import BASE_RECORD
+
+    _, model_dir, data_dir = tiny
+    train(_config(tmp_path, model_dir, data_dir, "run", "train.max_steps=2", "peft.export_merged=true"))
+    export = tmp_path / "run" / "export"
+    record = json.loads((export / BASE_RECORD).read_text())
+    assert (record["weight_quantize_algo"], record["qlora_weight_blocksize"],
+            record["qlora_weight_double_quant_block_size"], record["dtype"]) == ("nf4", 64, SCALER_BLOCK, "float32")
+    assert len(record["quantized"]) == 14  # q k v o gate up down x 2 layers
+    runner = CliRunner()
+
+    def merge(adapter, name, *flags):
+        done = runner.invoke(main, ["merge-adapter", "--base", str(model_dir), "--adapter", str(adapter),
+                                    "-o", str(tmp_path / name), "--json", *flags])
+        return done, (load_file(tmp_path / name / "model.safetensors") if done.exit_code == 0 else None)
+
+    trainers = load_file(tmp_path / "run" / "export-merged" / "model.safetensors")
+    ckpt = load_file(model_dir / "model.safetensors")
+    for flags in ((), ("--base-as-trained",)):
+        done, merged = merge(export, f"trained{len(flags)}", *flags)
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["base"].startswith("as trained (nf4, 14 tensors")
+        assert merged.keys() == trainers.keys() and all(torch.equal(merged[k], trainers[k]) for k in merged)
+    plain = tmp_path / "plain-adapter"  # the same adapter without its record: the full-precision merge
+    shutil.copytree(export, plain)
+    (plain / BASE_RECORD).unlink()
+    done, want = merge(plain, "plain")
+    assert done.exit_code == 0 and json.loads(done.stdout)["base"] == "as is"
+    done, as_is = merge(export, "as-is", "--base-as-is")
+    assert done.exit_code == 0 and json.loads(done.stdout)["base"].startswith("as is")
+    assert all(torch.equal(as_is[k], want[k]) for k in want)
+    adapted = [k for k in ckpt if ".layers." in k and k.endswith("proj.weight")]
+    assert all(not torch.equal(as_is[k], trainers[k]) for k in adapted)  # they differ by the quantization error
+
+    done, _ = merge(plain, "none", "--base-as-trained")
+    assert done.exit_code == 1 and f"{plain / BASE_RECORD}: not found" in done.stderr
+    for field, value, message in [("weight_quantize_algo", "nf3", "weight_quantize_algo 'nf3' is not one of"),
+                                  ("dtype", "int8", "dtype 'int8' is not one of"),
+                                  ("qlora_weight_blocksize", 0, "qlora_weight_blocksize = 0")]:
+        bad = tmp_path / f"bad-{field}"
+        shutil.copytree(export, bad)
+        (bad / BASE_RECORD).write_text(json.dumps({**record, field: value}))
+        done, _ = merge(bad, f"bad-{field}-merged")
+        assert done.exit_code == 1 and f"{bad / BASE_RECORD}: {message}" in done.stderr, done.stderr
+        assert not (tmp_path / f"bad-{field}-merged").exists()
 
 
 def test_nf4_storage_is_about_a_quarter_byte_per_weight_plus_scales(tiny):

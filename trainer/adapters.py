@@ -17,6 +17,10 @@ keeps a `modules_to_save` copy of the embedding only, leaving the head on the ol
 says `ensure_weight_tying: true`; then it ties the head to the same copy and reads it under both keys. So such an
 adapter is written as PEFT writes one: the flag set and the trained matrix under `model.embed_tokens.weight` and
 `lm_head.weight`. An embedding LoRA (target_modules) stays untied, as trained: it changes the input lookup only.
+
+An adapter trained on a quantized base (`peft.weight_quantize_algo`) is an ordinary PEFT adapter for the
+full-precision base, plus `quantized_base.json` (trainer.quantize.BASE_RECORD) saying which base it actually saw,
+so `trainer merge-adapter` can merge into that one.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 from trainer.config import PeftSection
 from trainer.lora import LoraEmbedding, base_name, is_adapter_param, lora_modules
 from trainer.peft_methods import MoraLinear, VeraLinear, adapter_param_names
+from trainer.quantize import BASE_RECORD, base_record
 from trainer.weights import copy_tokenizer_files, replace_dir, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -175,12 +180,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
         tensors, to_save = reft_state(model), []
         targets = [f"model.layers.{i}" for i, _ in interventions(model)]
     elif cfg.pet_type == "prefix_tuning":  # peft's PREFIX_TUNING format, see trainer.prefix
-        from trainer.prefix import prefix_config, prefix_state, prefixes
+        from trainer.prefix import prefix_config, prefix_state
 
         tensors, to_save = prefix_state(model), []
-        targets = [f"model.layers.{i}" for i, _ in prefixes(model)]
+        targets = [f"model.layers.{i}" for i in range(len(model.model.layers))]  # every layer, whichever holds them
     else:
         tensors, targets, to_save = adapter_state(model, cfg)
+    record = base_record(model, cfg)  # trained on a quantized base: which one, for merge-adapter
     if _rank() == 0:
         if out_dir.exists() and not overwrite:
             raise FileExistsError(f"{out_dir} already exists")
@@ -200,6 +206,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftSection, *, bas
                 config = adapter_config(cfg, _target_list(model, targets), to_save, base_model, cfg.pissa,
                                         ties_trained_embedding(model, to_save))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            if record is not None:  # peft knows no quantized base: our file beside its config
+                (tmp / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             if tokenizer_dir is not None:
                 copy_tokenizer_files(tokenizer_dir, tmp)
             for name, text in (extra_files or {}).items():

@@ -290,11 +290,17 @@ class PeftSection:
         "num_prefix_tokens).", 20)
     prefix_tuning: bool = doc("PaddleNLP's switch: true is pet_type prefix_tuning.", False)
     prefix_projection: bool = doc(
-        "Prefix tuning's reparametrisation MLP (peft's / PaddleNLP's key): not implemented; only false is accepted.",
+        "Prefix tuning's reparametrisation (peft's / PaddleNLP's key): train an embedding [num_virtual_tokens, "
+        "kv heads x head_dim] and a two-layer tanh MLP whose output is every layer's prefix, instead of the "
+        "prefixes themselves. Only the MLP's output is exported (as peft does), so the adapter file is the same.",
         False)
+    encoder_hidden_size: int | None = doc(
+        "Prefix tuning with prefix_projection: the MLP's hidden width (peft's name; PaddleNLP's "
+        "prefix_projection_hidden_size); null = kv heads x head_dim, peft's default.", None)
     # PaddleNLP's ReFT and prefix-tuning argument names, read as this section's own (see `_apply_key_aliases`).
     KEY_ALIASES: ClassVar[dict[str, str]] = {"rank": "reft_rank", "layers": "reft_layers", "position": "reft_positions",
-                                             "num_prefix_tokens": "num_virtual_tokens"}
+                                             "num_prefix_tokens": "num_virtual_tokens",
+                                             "prefix_projection_hidden_size": "encoder_hidden_size"}
     vera_rank: int = doc("VeRA: rank r of the shared random projections A [r, in] and B [out, r].", 256)
     vera_d_initial: float = doc("VeRA: initial value of every lambda_d entry (lambda_b starts at 0).", 0.1)
     vera_projection_prng_key: int = doc("VeRA: seed of the shared projections (PEFT's projection_prng_key).", 0)
@@ -753,14 +759,21 @@ def _validate_prefix(p: PeftSection) -> None:
             raise ConfigError(f"peft.prefix_tuning: true conflicts with peft.pet_type {p.pet_type}; give one method")
         p.pet_type = "prefix_tuning"
     if p.pet_type != "prefix_tuning":
-        if p.num_virtual_tokens != PeftSection().num_virtual_tokens or p.prefix_projection:
-            raise ConfigError("peft.num_virtual_tokens / peft.prefix_projection need peft.pet_type: prefix_tuning")
+        defaults = PeftSection()
+        set_keys = [k for k in ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size")
+                    if getattr(p, k) != getattr(defaults, k)]
+        if set_keys:
+            raise ConfigError(f"peft.{set_keys[0]} needs peft.pet_type: prefix_tuning")
         return
     if p.num_virtual_tokens < 1:
         raise ConfigError("peft.num_virtual_tokens must be >= 1")
-    if p.prefix_projection:
-        raise ConfigError("peft.prefix_projection: the reparametrisation MLP is not implemented; set it false (the "
-                          "prefix keys / values are then trained directly, peft's default)")
+    if p.encoder_hidden_size is not None:
+        if not p.prefix_projection:
+            raise ConfigError(f"peft.encoder_hidden_size = {p.encoder_hidden_size} sizes the prefix_projection MLP; "
+                              "it needs peft.prefix_projection: true (or leave it unset)")
+        if p.encoder_hidden_size < 1:
+            raise ConfigError(f"peft.encoder_hidden_size = {p.encoder_hidden_size} must be >= 1 (or null for kv "
+                              "heads x head_dim)")
     _refuse_beside_unmergeable(p, "a prefix-tuning adapter adds keys / values to attention, not weights",
                                "the adapter file holds the prefixes only")
 

@@ -289,6 +289,15 @@ def inventory(shape: ModelShape, config: TrainConfig) -> Inventory:
 
         for i in parse_layers(p.reft_layers, shape.num_hidden_layers):
             adapters.append(Adapter(f"model.layers.{i}.reft", p.reft_rank * (2 * shape.hidden_size + 1), 0))
+    elif p.pet_type == "prefix_tuning":  # trainer.prefix: keys / values per layer, or the MLP that makes them all
+        token_dim, n = shape.num_key_value_heads * shape.head_dim, p.num_virtual_tokens
+        out = shape.num_hidden_layers * 2 * token_dim
+        if p.prefix_projection:
+            hidden = p.encoder_hidden_size or token_dim
+            adapters.append(Adapter("model.prefix", n * token_dim + (token_dim + 1) * hidden + (hidden + 1) * out, 0))
+        else:
+            adapters += [Adapter(f"model.layers.{i}.prefix", 2 * n * token_dim, 0)
+                         for i in range(shape.num_hidden_layers)]
     elif p.pet_type is not None:
         matches, reading = target_matcher(p.target_modules)
         seen: set[str] = set()

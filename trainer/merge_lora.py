@@ -7,6 +7,11 @@ are replaced by W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)), and the s
 file name, so the index and shard layout of the base are kept. The math runs in fp32 and is cast back to each
 tensor's stored dtype. Modules PEFT trained in full (`modules_to_save`) replace the base tensors.
 
+An adapter trained on a quantized base records it (`quantized_base.json`, trainer.quantize.BASE_RECORD); by default
+the merge then folds it into that base as the run saw it (the checkpoint quantized and dequantized again, tensor by
+tensor), so the merged model computes what the trained one did. `base_as_trained=False` merges into the
+checkpoint's full-precision values instead, as peft's `merge_and_unload` on the unquantized base would.
+
 Tied embeddings follow what `PeftModel.from_pretrained` computes, so the merge and the adapter agree:
 - an embedding LoRA changes the input lookup only, so the merged checkpoint unties the pair (writes
   `lm_head.weight` = the old embedding and `tie_word_embeddings: false`);
@@ -54,6 +59,7 @@ class MergeReport:
     files: list[str] = field(default_factory=list)
     untied_embeddings: bool = False
     dtype: str = ""
+    base: str = "as is"  # which base values the adapter was folded into (see `merge_lora`)
 
 
 @dataclass
@@ -222,20 +228,49 @@ def merged_weight(weight: torch.Tensor, adapter: _Adapter) -> torch.Tensor:
     return merged.to(weight.dtype)
 
 
+def _recorded_base(adapter_dir: Path, as_trained: bool | None
+                   ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor] | None, str]:
+    """(base values, how the report names them) for `merge_lora`'s `base_as_trained`."""
+    from trainer.quantize import BASE_RECORD, read_base_record, recorded_base
+
+    path = adapter_dir / BASE_RECORD
+    if as_trained is False:
+        return None, "as is (asked for)" if path.is_file() else "as is"
+    if not path.is_file():
+        if as_trained:
+            raise WeightsError(f"{path}: not found; merging into the base as trained needs the quantized base this "
+                               "file records (an adapter trained on a full-precision base has none: merge as is)")
+        return None, "as is"
+    try:
+        record = read_base_record(path)
+        values = recorded_base(record, str(path))
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+    note = (f"as trained ({record['weight_quantize_algo']}, {len(record['quantized'])} tensors quantized as "
+            f"{record['dtype']} and dequantized)")
+    return values, note
+
+
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                show_progress: bool = True,
-               base_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> MergeReport:
+               base_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+               base_as_trained: bool | None = None) -> MergeReport:
     """Write base + adapter as an HF checkpoint directory (atomically: a temp sibling renamed at the end).
 
     `base_values` (checkpoint key, tensor -> tensor) gives the values the adapter was trained on where they are
     not the checkpoint's: a run on a quantized base merges into the dequantized base it saw (see
-    `trainer.quantize.dequantized_base`), so the merged model computes what the trained one did."""
+    `trainer.quantize.dequantized_base`), so the merged model computes what the trained one did. Without it,
+    `base_as_trained` decides from the adapter's own record of a quantized base: None = use it when there is
+    one, True = use it and fail without one, False = ignore it (the checkpoint's values as they are)."""
     from tqdm import tqdm
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
     config, adapters, replacements = read_adapter(adapter_dir)
+    base_note = "as trained (given by the caller)"
+    if base_values is None:
+        base_values, base_note = _recorded_base(Path(adapter_dir), base_as_trained)
     files = checkpoint_index(base_dir)
     hf_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = bool(hf_config.get("tie_word_embeddings", False))
@@ -259,7 +294,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         same = embed_new is not None and head_source is not None and torch.equal(head_source, embed_new)
         untie = ("model.embed_tokens" in adapters or "lm_head" in adapters
                  or (embed_new is not None and not same) or (embed_new is None and head_source is not None))
-    report = MergeReport(output_dir=str(out_dir), untied_embeddings=untie)
+    report = MergeReport(output_dir=str(out_dir), untied_embeddings=untie, base=base_note)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -316,7 +351,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("merged %d LoRA modules into %s", report.merged_modules, out_dir)
+    log.info("merged %d LoRA modules into %s (base %s)", report.merged_modules, out_dir, report.base)
     return report
 
 

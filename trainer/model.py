@@ -162,7 +162,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         ctx: attention.AttentionContext | None,
         cache: KVCache | None = None,
-        prefix: nn.Module | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         # Heads from the projections' width, not the config: under tensor parallelism each rank computes
@@ -174,8 +174,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            kv = (prefix.key, prefix.value) if prefix is not None else None
-            out = attention.attend(q, k, v, ctx, self.window, kv)
+            out = attention.attend(q, k, v, ctx, self.window, prefix)
         else:  # a prefix is already in the cache's first slots (trainer.prefix.fill_cache)
             out = cache.attend(self.layer_idx, q, k, v, self.window)
         return self.o_proj(out.reshape(b, t, -1))
@@ -215,8 +214,13 @@ class DecoderLayer(nn.Module):
         ctx: attention.AttentionContext | None,
         cache: KVCache | None = None,
         intervene: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache, self.prefix)
+        """`prefix`: this layer's prefix keys / values when they are computed for all layers at once
+        (`peft.prefix_projection`, trainer.prefix); otherwise the layer's own `prefix` child's, if any."""
+        if prefix is None and self.prefix is not None:
+            prefix = (self.prefix.key, self.prefix.value)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache, prefix)
         x = x + self.mlp(self.post_attention_layernorm(x))
         if self.reft is not None and intervene is not None:
             x = self.reft(x, intervene)
@@ -231,6 +235,8 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # prefix tuning's reparametrisation MLP, whose output is every layer's prefix (trainer.prefix.PrefixEncoder)
+        self.prefix: nn.Module | None = None
 
 
 class CausalLM(nn.Module):
@@ -356,12 +362,15 @@ class Transformer(CausalLM):
                 windows=self.config.sliding_windows,
                 prefix_len=self.prefix_tokens,
             )
-        for layer in self.model.layers:
+        # prefix_projection: the MLP runs once per forward, outside the checkpointed blocks; [L, 2, P, kv, hd]
+        prefix = self.model.prefix() if self.model.prefix is not None else None
+        for i, layer in enumerate(self.model.layers):
+            kv = (prefix[i, 0], prefix[i, 1]) if prefix is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in backward (memory for ~1/3 more compute).
-                h = checkpoint(layer, h, cos, sin, ctx, None, intervene, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, ctx, None, intervene, kv, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, ctx, None, intervene)
+                h = layer(h, cos, sin, ctx, None, intervene, kv)
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,12 @@ run quantizes it again, to the same bits.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -58,6 +61,11 @@ log = logging.getLogger(__name__)
 
 LIBRARY: dict[str, str] = {"nf4": "torchao", "fp4": "bitsandbytes", "weight_only_int8": "torchao",
                            "weight_only_int4": "torchao"}
+# Beside an adapter trained on a quantized base (trainer.adapters.save_adapter): what `roundtrip` needs to rebuild
+# that base from the checkpoint, so `trainer merge-adapter` can merge into it without the run's config.
+BASE_RECORD = "quantized_base.json"
+_RECORD_SIZES = ("qlora_weight_blocksize", "qlora_weight_double_quant_block_size", "weight_only_int4_group_size")
+_RECORD_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -356,18 +364,56 @@ def roundtrip(cfg: PeftSection, full: torch.Tensor, dtype: torch.dtype) -> torch
     return _dequantize_parts(spec, *_quantize_parts(spec, full)).to(full.dtype)
 
 
-def dequantized_base(model: nn.Module, cfg: PeftSection) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
-    """For `merge_lora(base_values=...)`: checkpoint key, tensor -> the values the quantized run trained on
-    (the tensor itself for those it left unquantized); None when the run quantized nothing."""
+def base_record(model: nn.Module, cfg: PeftSection) -> dict[str, Any] | None:
+    """The quantized base this model trains on, as `BASE_RECORD` holds it (the algorithm, its block / group
+    sizes, the dtype of the values quantized, the checkpoint keys quantized); None when it quantized nothing."""
     report = getattr(model, "quant_report", None)
     if report is None or not report.quantized:
         return None
-    keys = {f"{k.removeprefix('hf_model.')}.weight" for k in report.quantized}
+    return {"weight_quantize_algo": cfg.weight_quantize_algo, "library": LIBRARY[cfg.weight_quantize_algo],
+            **{k: getattr(cfg, k) for k in _RECORD_SIZES}, "dtype": str(report.dtype).removeprefix("torch."),
+            "quantized": sorted(f"{k.removeprefix('hf_model.')}.weight" for k in report.quantized)}
+
+
+def recorded_base(record: dict[str, Any], where: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """For `merge_lora(base_values=...)`: checkpoint key, tensor -> the values the recorded quantized base holds
+    (the tensor itself for those it left unquantized). `where` names the record in errors."""
+    algo = record.get("weight_quantize_algo")
+    if algo not in get_args(QuantAlgo):
+        raise ValueError(f"{where}: weight_quantize_algo {algo!r} is not one of {', '.join(get_args(QuantAlgo))}")
+    sizes = {k: record.get(k) for k in _RECORD_SIZES}
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1)]
+    if bad:
+        raise ValueError(f"{where}: {bad[0]} = {sizes[bad[0]]!r} is not a block / group size")
+    if record.get("dtype") not in _RECORD_DTYPES:
+        raise ValueError(f"{where}: dtype {record.get('dtype')!r} is not one of {', '.join(_RECORD_DTYPES)}")
+    keys = record.get("quantized")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{where}: quantized must be the list of checkpoint keys the run quantized")
+    cfg = PeftSection(pet_type="lora", weight_quantize_algo=algo, **sizes)
+    dtype, keys = getattr(torch, record["dtype"]), set(keys)
 
     def values(key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return roundtrip(cfg, tensor, report.dtype) if key in keys else tensor
+        return roundtrip(cfg, tensor, dtype) if key in keys else tensor
 
     return values
+
+
+def read_base_record(path: str | Path) -> dict[str, Any]:
+    """A `BASE_RECORD` file's object (`recorded_base` checks its fields); ValueError naming the file."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return record
+
+
+def dequantized_base(model: nn.Module, cfg: PeftSection) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+    """`recorded_base` of this model's own quantized base; None when the run quantized nothing."""
+    record = base_record(model, cfg)
+    return None if record is None else recorded_base(record, "the run's quantized base")
 
 
 @torch.no_grad()

@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 
 
-def assert_merge_equals_peft(model_dir: Path, export: Path, merged_dir: Path) -> None:
+def assert_merge_equals_peft(model_dir: Path, export: Path, merged_dir: Path, **merge_options) -> None:
+    """`merge_options`: merge_lora's keyword options (e.g. base_as_trained=False: peft loads the adapter on the
+    checkpoint's full-precision base, so an adapter trained on a quantized one is compared merged as is)."""
     import peft
     import transformers
 
     from trainer.merge_lora import merge_lora
 
-    merge_lora(model_dir, export, merged_dir, show_progress=False)
+    merge_lora(model_dir, export, merged_dir, show_progress=False, **merge_options)
     load = transformers.AutoModelForCausalLM.from_pretrained
     tuned = peft.PeftModel.from_pretrained(load(model_dir, dtype=torch.float32), export).eval()
     merged = load(merged_dir, dtype=torch.float32).eval()
