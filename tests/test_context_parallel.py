@@ -156,17 +156,31 @@ def whole_rows(whole: attention.AttentionContext, window: int | None, rows: torc
     return mask.expand(2, -1, -1, -1)[:, 0, rows, :]
 
 
-@pytest.mark.parametrize(("kernel", "device"), [
-    ("flash_cpu", "cpu"), ("math", "cpu"),
-    pytest.param("math", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_ring_blocks_combine_to_whole_attention_and_its_gradients(kernel, device) -> None:
+@pytest.mark.parametrize(("kernel", "device", "chunk"), [
+    ("flash_cpu", "cpu", None), ("math", "cpu", None), ("math", "cpu", 4),
+    pytest.param("math", "cuda", 4, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_ring_blocks_combine_to_whole_attention_and_its_gradients(kernel, device, chunk) -> None:
     """The ring's two block kernels on their own: the keys cut into blocks, each block's output and log-sum-exp
     combined, equal sdpa over all keys (grouped-query heads, a per-document causal mask leaving some rows of a
-    block empty); each block's backward from the final output and log-sum-exp sums to autograd's gradients."""
+    block empty); each block's backward from the final output and log-sum-exp sums to autograd's gradients.
+    `chunk`: the math kernel takes that many queries at a time (6 queries: chunks of 4 and 2)."""
+    from unittest import mock
+
+    from trainer.context_parallel import math_query_chunk
+
+    b, h, g, tq, d = 2, 4, 2, 6, 8
+    if chunk is not None:
+        with mock.patch("trainer.context_parallel.MATH_CHUNK_BYTES", chunk * b * h * tq * 4):
+            assert math_query_chunk(b, h, tq) == chunk
+            _check_ring_blocks(kernel, device, b, h, g, tq, d)
+    else:
+        _check_ring_blocks(kernel, device, b, h, g, tq, d)
+
+
+def _check_ring_blocks(kernel: str, device: str, b: int, h: int, g: int, tq: int, d: int) -> None:
     from trainer.context_parallel import _block_backward, _block_forward, _combine
 
     torch.manual_seed(0)
-    b, h, g, tq, d = 2, 4, 2, 6, 8
     q = torch.randn(b, h, tq, d, device=device, requires_grad=True)
     k, v = (torch.randn(b, g, 3 * tq, d, device=device, requires_grad=True) for _ in range(2))
     seg = torch.tensor([[0] * 9 + [1] * 9, [0] * 13 + [1] * 5], device=device)

@@ -163,8 +163,11 @@ def test_sharding_divides_what_it_should(tiny):
     mask = 32768 / 4 * 32768
     assert long["ring"].component("activations") < long["allgather"].component("activations") - mask
     assert long["ring"].model["attn_backend"] == "ring"
-    heads = long["ring"].model["heads"]
-    assert long["ring"].component("working set") >= heads * (32768 / 4) ** 2 * 4 * 3
+    # on CUDA the ring's math kernel takes the queries in chunks: scores of at most MATH_CHUNK_BYTES, three at once
+    from trainer.context_parallel import MATH_CHUNK_BYTES
+
+    whole = long["allgather"].component("working set")
+    assert whole + 3 * MATH_CHUNK_BYTES <= long["ring"].component("working set") <= whole + 4 * MATH_CHUNK_BYTES
     ac = plan_memory(_config(model_dir, data_dir, "model.dtype=bf16", "model.activation_checkpointing=true"),
                      seq_length=4096, mesh=Mesh.resolve(4))
     assert ac.component("activations") < 0.75 * fsdp.component("activations")

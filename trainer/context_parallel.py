@@ -22,10 +22,11 @@ compute); the blocks' partial results are combined exactly with their log-sum-ex
 pass walks the ring again: it recomputes each block's probabilities from the saved final log-sum-exp, and the
 key/value gradients travel with their block, arriving back at the owner after the last step. Blocks the
 per-document causal mask hides entirely are skipped. Memory per rank: K/V of T/cp positions (two blocks in
-flight) instead of T, and no [T/cp, T] mask; the block kernel is the explicit math (scores of one block in fp32,
-[B, heads, T/cp, T/cp]), written here because sdpa does not return the log-sum-exp the combination needs, and
-PyTorch's experimental `context_parallel` (ring attention, CUDA only) shards sdpa with plain causal masking, not
-the per-document masks packed rows need.
+flight) instead of T, and no [T/cp, T] mask. sdpa does not return the log-sum-exp the combination needs, so the
+block kernel is PyTorch's CPU flash attention op on CPU (it returns the log-sum-exp, and its backward takes the
+final output and log-sum-exp), and elsewhere the explicit math in fp32, queries taken in chunks whose scores stay
+under MATH_CHUNK_BYTES. PyTorch's experimental `context_parallel` (ring attention, CUDA only) shards sdpa with
+plain causal masking, not the per-document masks packed rows need.
 
 varlen / flex kernels would need the cross-rank document structure; they are refused with cp > 1
 (see `prepare_attention`). The loss denominator is the whole row's trainable-token count (the loader's,
@@ -268,19 +269,39 @@ def _group_sum(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x if h == kv_heads else x.view(b, kv_heads, h // kv_heads, t, d).sum(2)
 
 
+# The math kernel's scores of one block are [B, heads, T/cp, T/cp] fp32 (16k-token blocks, 32 heads: 32 GiB): it
+# takes the queries in chunks whose scores stay under this many bytes (each query's softmax is its own).
+MATH_CHUNK_BYTES = 256 * 2**20
+
+
+def math_query_chunk(batch: int, heads: int, keys: int) -> int:
+    """Queries per chunk of the math kernel, for a block of `keys` keys."""
+    return max(1, MATH_CHUNK_BYTES // (batch * heads * keys * 4))
+
+
 def _block_forward(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One block: q [B, H, Tq, D], k / v [B, Hkv, Tk, D] -> (its softmax-normalised output [B, H, Tq, D], its
     log-sum-exp [B, H, Tq], -inf on rows that see no key of the block)."""
-    b, h, t, d = q.shape
-    g = k.shape[1]
+    h = q.shape[1]
     if kernel == "flash_cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, _expand_kv(k, h), _expand_kv(v, h), 0.0, False, attn_mask=_bias(mask), scale=scale)
         if mask is not None:  # it reports 0 for a row that sees nothing
             lse = lse.masked_fill(~mask.any(-1).unsqueeze(1), float("-inf"))
         return out, lse
-    sc = (q.view(b, g, h // g * t, d) @ k.transpose(-1, -2)).mul_(scale).view(b, g, h // g, t, -1)
+    c = math_query_chunk(q.shape[0], h, k.shape[2])
+    parts = [_math_forward(q[:, :, i:i + c], k, v, None if mask is None else mask[:, i:i + c], scale)
+             for i in range(0, q.shape[2], c)]
+    return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
+
+
+def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    q = q.reshape(b, g, h // g * t, d)  # the R query heads of a group share one matmul against their kv head
+    sc = (q @ k.transpose(-1, -2)).mul_(scale).view(b, g, h // g, t, -1)
     if mask is not None:
         sc.masked_fill_(~mask[:, None, None], float("-inf"))
     m = sc.amax(-1, keepdim=True)
@@ -296,24 +317,40 @@ def _block_backward(kernel: str, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block's share of the gradients, from the final output and log-sum-exp of the query rows: P = exp(S -
     lse) is the block's part of the whole softmax, so the parts add up to the whole backward."""
-    b, h, t, d = q.shape
-    g = k.shape[1]
+    h, g = q.shape[1], k.shape[1]
     if kernel == "flash_cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, _expand_kv(k, h), _expand_kv(v, h), out, lse, 0.0, False, attn_mask=_bias(mask),
             scale=scale)
         return dq, _group_sum(dk, g), _group_sum(dv, g)
+    c = math_query_chunk(q.shape[0], h, k.shape[2])
+    dqs, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(0, q.shape[2], c):
+        rows = slice(i, i + c)
+        dq_, dk_, dv_ = _math_backward(grad_out[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows],
+                                       None if mask is None else mask[:, rows], scale)
+        dqs.append(dq_)
+        dk.add_(dk_)
+        dv.add_(dv_)
+    return torch.cat(dqs, 2), dk, dv
+
+
+def _math_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, t, d = q.shape
+    g = k.shape[1]
     r = h // g
-    sc = (q.view(b, g, r * t, d) @ k.transpose(-1, -2)).mul_(scale)
+    q, do = q.reshape(b, g, r * t, d), grad_out.reshape(b, g, r * t, d)
+    sc = (q @ k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
         sc.view(b, g, r, t, -1).masked_fill_(~mask[:, None, None], float("-inf"))
-    p = sc.sub_(lse.view(b, g, r * t, 1)).exp_()  # [B, G, R Tq, Tk]
-    do = grad_out.view(b, g, r * t, d)
+    p = sc.sub_(lse.reshape(b, g, r * t, 1)).exp_()  # [B, G, R Tq, Tk]
     dv = p.transpose(-1, -2) @ do
-    delta = (grad_out * out).sum(-1).view(b, g, r * t, 1)  # rowsum(dO * O): through the final output
+    delta = (grad_out * out).sum(-1).reshape(b, g, r * t, 1)  # rowsum(dO * O): through the final output
     ds = (do @ v.transpose(-1, -2)).sub_(delta).mul_(p)
     dq = (ds @ k).mul_(scale).view(b, h, t, d)
-    dk = (ds.transpose(-1, -2) @ q.view(b, g, r * t, d)).mul_(scale)
+    dk = (ds.transpose(-1, -2) @ q).mul_(scale)
     return dq, dk, dv
 
 

@@ -23,8 +23,9 @@ The model is written from what the trainer does, not from rules of thumb, so tha
 - Attention: flash-style kernels (varlen, flex, CPU flash) keep q, k, v, the output and logsumexp; CPU SDPA with
   grouped kv heads takes its math path and keeps each document's [heads x L x L] probabilities. Context
   parallelism (`trainer.context_parallel`), allgather: the [T/cp, T] mask and every layer's gathered K/V of the
-  whole row; ring: q, k, v, the fp32 output and logsumexp, and, while a block runs, its fp32 scores
-  [heads x T/cp x T/cp] (three such at once in backward) and four K/V blocks in flight.
+  whole row; ring: q, k, v, the fp32 output and logsumexp, four K/V blocks in flight and, while a block runs, on
+  CPU its [T/cp x T/cp] fp32 mask and K/V expanded to every head, elsewhere its fp32 scores (three such at once
+  in backward) of a chunk of queries (at most `context_parallel.MATH_CHUNK_BYTES`).
 - Compute copies: with bf16 compute one process runs under autocast, which keeps a bf16 copy of every fp32
   weight a matmul reads until its backward (one block's with activation checkpointing, for frozen weights);
   under FSDP2 the all-gathered compute-dtype blocks (two at a time with reshard_after_forward, all of them
@@ -710,8 +711,15 @@ def plan_memory(
     comps.append(Component("step working set", int(step_work), "backward",
                            "optimizer temporaries (largest tensor), gradient accumulation"))
     bwd = tokens * (2 * h_ + 2 * max(inter, q_ + 2 * kv_)) * a / tp  # one block's gradient temporaries
-    if ring:  # one block pair's fp32 scores, probabilities and their gradient; K/V and their gradients in flight
-        bwd += rows * nh * (seq_length / cp) ** 2 * 4 * 3 + 4 * tokens * 2 * kv_ * 4
+    if ring:  # one block's kernel work, and K/V blocks and their gradients in flight (fp32)
+        block = seq_length / cp
+        if device == "cpu":  # CPU flash: the block's additive mask and K/V expanded to every query head
+            bwd += rows * block * block * 4 + 2 * tokens * nh * s.head_dim * 4
+        else:  # math: scores, probabilities and their gradient of one chunk of queries
+            from trainer.context_parallel import MATH_CHUNK_BYTES
+
+            bwd += 3 * min(rows * nh * block * block * 4, MATH_CHUNK_BYTES)
+        bwd += 4 * tokens * 2 * kv_ * 4
     if inv.quantized:  # QLoRA: one weight dequantized at a time for its matmul
         bwd += max(t.numel for t in inv.tensors if t.name in inv.quantized) / tp * a
     # The loss's forward and the first block's backward do not overlap: the larger of the two.
