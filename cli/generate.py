@@ -41,6 +41,10 @@ def model_options(func: Callable) -> Callable:
                           "adapter_config.json), a run dir or one of its checkpoints/step-N dirs."),
         click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False), default=None,
                      help="A PEFT LoRA adapter dir to apply to --model without merging."),
+        click.option("--base-as-trained/--base-as-is", "base_as_trained", default=None,
+                     help="For an adapter trained on a quantized base (its quantized_base.json): apply it to that "
+                          "base, the weights quantized and dequantized as in training (default when recorded), or "
+                          "to --model's weights as they are."),
         click.option("--template", type=click.Choice(_TEMPLATES), default=None,
                      help="Chat template, as for `dataprep pack` (default: the one the run's data was packed "
                           "with, for a run/checkpoint dir; else auto)."),
@@ -79,7 +83,8 @@ class Session:
             dtype_name = "bf16" if str(device).startswith("cuda") else "fp32"
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         t0 = time.perf_counter()
-        self.loaded = load_model(opts["model_dir"], opts["adapter_dir"], device=device, dtype=dtype)
+        self.loaded = load_model(opts["model_dir"], opts["adapter_dir"], device=device, dtype=dtype,
+                                 base_as_trained=opts["base_as_trained"])
         self.load_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(self.loaded.tokenizer_dir)
         self.template_name = opts["template"] or _run_template(self.loaded) or "auto"
@@ -107,6 +112,7 @@ class Session:
         return {
             "model": str(lm.base_dir), "kind": lm.kind, "adapter": str(lm.adapter_dir) if lm.adapter_dir else None,
             "checkpoint": str(lm.checkpoint_dir) if lm.checkpoint_dir else None,
+            **({"base": lm.base_note} if lm.base_note else {}),
             "template": self.renderer.template.name, "stop_ids": list(self.sampling.stop_ids),
             "device": self.device, "dtype": self.dtype,
         }

@@ -175,6 +175,28 @@ def test_merge_adapter_cli_merges_into_the_base_the_run_trained_on(tiny, tmp_pat
     adapted = [k for k in ckpt if ".layers." in k and k.endswith("proj.weight")]
     assert all(not torch.equal(as_is[k], trainers[k]) for k in adapted)  # they differ by the quantization error
 
+    # Generation applies the adapter to the same base: its logits are the as-trained merge's, or with
+    # base_as_trained=False the full-precision merge's (fp32, unmerged vs merged: rounding only).
+    from trainer.generate import load_model
+
+    ids = torch.arange(3, 19).view(1, 16)
+
+    def logits(loaded):
+        assert loaded.model.config.vocab_size > 0
+        return loaded.model(ids).detach()
+
+    on_trained = load_model(model_dir, export)
+    assert on_trained.base_note.startswith("as trained (nf4, 14 tensors")
+    torch.testing.assert_close(logits(on_trained), logits(load_model(tmp_path / "trained0")), rtol=1e-5, atol=1e-5)
+    on_fp = load_model(model_dir, export, base_as_trained=False)
+    assert on_fp.base_note.startswith("as is")
+    torch.testing.assert_close(logits(on_fp), logits(load_model(tmp_path / "as-is")), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(on_fp), logits(on_trained), rtol=1e-5, atol=1e-5)
+    done = runner.invoke(main, ["generate", "--model", str(model_dir), "--adapter", str(export), "--prompt", "hi",
+                                "--max-new-tokens", "2", "--template", "chatml", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["base"].startswith("as trained (nf4")
+
     done, _ = merge(plain, "none", "--base-as-trained")
     assert done.exit_code == 1 and f"{plain / BASE_RECORD}: not found" in done.stderr
     for field, value, message in [("weight_quantize_algo", "nf3", "weight_quantize_algo 'nf3' is not one of"),

@@ -395,6 +395,7 @@ class LoadedModel:
     checkpoint_dir: Path | None = None
     eos_ids: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
+    base_note: str | None = None  # with an adapter: which base it is applied to (trainer.merge_lora's wording)
 
 
 def _eos_ids(model_dir: Path) -> tuple[int, ...]:
@@ -538,8 +539,13 @@ def load_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    base_as_trained: bool | None = None,
 ) -> LoadedModel:
-    """Load anything `trainer run` produces for generation (see the module docstring for the kinds)."""
+    """Load anything `trainer run` produces for generation (see the module docstring for the kinds).
+
+    An adapter trained on a quantized base records it (`trainer.quantize.BASE_RECORD`); `base_as_trained`
+    None or True applies the adapter to that base (the checkpoint's weights quantized and dequantized again),
+    so generation computes what the trained model did; False applies it to the checkpoint's weights as they are."""
     from trainer.adapters import CONFIG_FILE
     from trainer.hf_backend import resolve_backend
     from trainer.weights import load_pretrained
@@ -575,12 +581,27 @@ def load_model(
     else:
         model = load_pretrained(path, device=device, dtype=dtype)
     tokenizer_dir = path
+    base_note = None
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)
+        base_note = _use_recorded_base(model, adapter_dir, base_as_trained)
         apply_adapter(model, adapter_dir)
         model.to(dtype)
         if any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             tokenizer_dir = adapter_dir
     kind: ModelKind = "hf+adapter" if adapter_dir is not None else "hf"
     return LoadedModel(model.eval(), tokenizer_dir, kind, path, Path(adapter_dir) if adapter_dir else None,
-                       None, _eos_ids(path))
+                       None, _eos_ids(path), base_note=base_note)
+
+
+@torch.no_grad()
+def _use_recorded_base(model: nn.Module, adapter_dir: Path, as_trained: bool | None) -> str:
+    """Put the quantized base the adapter records (if any, and unless `as_trained` is False) in place of the
+    loaded weights; how a summary names the base used."""
+    from trainer.merge_lora import recorded_base_values
+
+    values, note = recorded_base_values(adapter_dir, as_trained)
+    if values is not None:
+        for name, param in model.named_parameters():
+            param.copy_(values(name.removeprefix("hf_model."), param))
+    return note

@@ -228,9 +228,10 @@ def merged_weight(weight: torch.Tensor, adapter: _Adapter) -> torch.Tensor:
     return merged.to(weight.dtype)
 
 
-def _recorded_base(adapter_dir: Path, as_trained: bool | None
-                   ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor] | None, str]:
-    """(base values, how the report names them) for `merge_lora`'s `base_as_trained`."""
+def recorded_base_values(adapter_dir: Path, as_trained: bool | None
+                         ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor] | None, str]:
+    """(base values, how a summary names them) for `base_as_trained` (merge_lora, generate.load_model): the
+    quantized base the adapter's record names, or None for the checkpoint's own values."""
     from trainer.quantize import BASE_RECORD, read_base_record, recorded_base
 
     path = adapter_dir / BASE_RECORD
@@ -270,7 +271,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     config, adapters, replacements = read_adapter(adapter_dir)
     base_note = "as trained (given by the caller)"
     if base_values is None:
-        base_values, base_note = _recorded_base(Path(adapter_dir), base_as_trained)
+        base_values, base_note = recorded_base_values(Path(adapter_dir), base_as_trained)
     files = checkpoint_index(base_dir)
     hf_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = bool(hf_config.get("tie_word_embeddings", False))
