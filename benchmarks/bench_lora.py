@@ -17,7 +17,9 @@ same optimizer steps, micro-batch, lr schedule, seed and thread count. Only the 
 - vera:  VeRA with rank 256 shared projections; lokr: LoKr rank 16 (same targets);
 - qlora_fp4, lora_int8, lora_int4: the lora column on an FP4 (bitsandbytes) / int8 / int4 weight-only (torchao,
          group 128) base;
-- loreft: LoReFT rank 16 at every layer, positions f7+l7 (the base frozen, no per-module adapters).
+- loreft: LoReFT rank 16 at every layer, positions f7+l7 (the base frozen, no per-module adapters);
+- prefix, prefix_proj: prefix tuning with 20 virtual tokens per layer, learned directly / through peft's
+         reparametrisation MLP (prefix_projection, encoder_hidden_size = kv heads x head_dim).
 
 Each column runs in its own child process, so peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`,
 on CPU the process's peak RSS (VmHWM), which includes the Python/torch baseline every column pays alike. Throughput
@@ -54,6 +56,8 @@ MODES = {
     "lora_int8": [*LORA, "peft.weight_quantize_algo=weight_only_int8"],
     "lora_int4": [*LORA, "peft.weight_quantize_algo=weight_only_int4"],
     "loreft": ["peft.pet_type=loreft", "peft.reft_rank=16"],
+    "prefix": ["peft.pet_type=prefix_tuning", "peft.num_virtual_tokens=20"],
+    "prefix_proj": ["peft.pet_type=prefix_tuning", "peft.num_virtual_tokens=20", "peft.prefix_projection=true"],
 }
 QUICK_EXTRA = {"qlora": ["peft.qlora_weight_double_quant_block_size=4"],
                "lora_int4": ["peft.weight_only_int4_group_size=32"]}

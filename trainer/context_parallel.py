@@ -240,9 +240,10 @@ class _Ring:
         return bufs
 
 
-def _heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, heads, D] -> fp32 [B, heads, T, D], contiguous: the blocks' layout, and what they combine in."""
-    return x.float().transpose(1, 2).contiguous()
+def _heads(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """[B, T, heads, D] -> [B, heads, T, D], contiguous: the blocks' layout; fp32 is what they compute and
+    combine in (dtype None keeps x's: the K/V blocks travel round the ring in the compute dtype)."""
+    return x.to(dtype or x.dtype).transpose(1, 2).contiguous()
 
 
 def _ring_kernel(device: torch.device) -> Literal["flash_cpu", "math"]:
@@ -371,7 +372,7 @@ class _RingAttention(torch.autograd.Function):
         n = plan.cp.size
         scale = 1.0 / math.sqrt(q.shape[-1])
         kernel = _ring_kernel(q.device)
-        qh, kv = _heads(q), [_heads(k), _heads(v)]  # fp32 [B, heads, T/cp, D]
+        qh, kv = _heads(q), [_heads(k, None), _heads(v, None)]  # [B, heads, T/cp, D]
         ring, steps = _Ring(plan.cp), plan.steps(window)
         out = torch.zeros_like(qh)
         lse = torch.full(qh.shape[:-1], float("-inf"), device=q.device)
@@ -379,7 +380,7 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(kv) if s < n - 1 else None
             runs, mask = steps[s]
             if runs:
-                out, lse = _combine(out, lse, *_block_forward(kernel, qh, kv[0], kv[1], mask, scale))
+                out, lse = _combine(out, lse, *_block_forward(kernel, qh, kv[0].float(), kv[1].float(), mask, scale))
             if pending is not None:
                 kv = ring.finish(pending)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -393,15 +394,15 @@ class _RingAttention(torch.autograd.Function):
         n = plan.cp.size
         scale = 1.0 / math.sqrt(q.shape[-1])
         kernel = _ring_kernel(q.device)
-        qh, do, kv = _heads(q), _heads(grad_out), [_heads(k), _heads(v)]
-        dkv = [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
+        qh, do, kv = _heads(q), _heads(grad_out), [_heads(k, None), _heads(v, None)]
+        dkv = [torch.zeros_like(kv[0], dtype=torch.float32), torch.zeros_like(kv[1], dtype=torch.float32)]
         ring, steps = _Ring(plan.cp), plan.steps(ctx.window)
         dq = torch.zeros_like(qh)
         for s in range(n):
             pending = ring.start(kv) if s < n - 1 else None
             runs, mask = steps[s]
             if runs:
-                bq, bk, bv = _block_backward(kernel, do, qh, kv[0], kv[1], out, lse, mask, scale)
+                bq, bk, bv = _block_backward(kernel, do, qh, kv[0].float(), kv[1].float(), out, lse, mask, scale)
                 dq.add_(bq)
                 dkv = [dkv[0] + bk, dkv[1] + bv]
             # The block's key/value gradients go on with it; after the last step each is back at its owner.

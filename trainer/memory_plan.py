@@ -23,9 +23,10 @@ The model is written from what the trainer does, not from rules of thumb, so tha
 - Attention: flash-style kernels (varlen, flex, CPU flash) keep q, k, v, the output and logsumexp; CPU SDPA with
   grouped kv heads takes its math path and keeps each document's [heads x L x L] probabilities. Context
   parallelism (`trainer.context_parallel`), allgather: the [T/cp, T] mask and every layer's gathered K/V of the
-  whole row; ring: q, k, v, the fp32 output and logsumexp, four K/V blocks in flight and, while a block runs, on
-  CPU its [T/cp x T/cp] fp32 mask and K/V expanded to every head, elsewhere its fp32 scores (three such at once
-  in backward) of a chunk of queries (at most `context_parallel.MATH_CHUNK_BYTES`).
+  whole row; ring: q, k, v, the fp32 output and logsumexp, K/V blocks and their fp32 gradients in flight (two of
+  each) and, while a block runs, on CPU its [T/cp x T/cp] fp32 mask and K/V expanded to every head, elsewhere
+  its fp32 scores (three such at once in backward) of a chunk of queries (at most
+  `context_parallel.MATH_CHUNK_BYTES`).
 - Compute copies: with bf16 compute one process runs under autocast, which keeps a bf16 copy of every fp32
   weight a matmul reads until its backward (one block's with activation checkpointing, for frozen weights);
   under FSDP2 the all-gathered compute-dtype blocks (two at a time with reshard_after_forward, all of them
@@ -719,7 +720,7 @@ def plan_memory(
             from trainer.context_parallel import MATH_CHUNK_BYTES
 
             bwd += 3 * min(rows * nh * block * block * 4, MATH_CHUNK_BYTES)
-        bwd += 4 * tokens * 2 * kv_ * 4
+        bwd += 2 * tokens * 2 * kv_ * (a + 4)  # K/V (compute dtype) and their fp32 gradients, two blocks each
     if inv.quantized:  # QLoRA: one weight dequantized at a time for its matmul
         bwd += max(t.numel for t in inv.tensors if t.name in inv.quantized) / tp * a
     # The loss's forward and the first block's backward do not overlap: the larger of the two.
