@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -193,6 +193,7 @@ class RingPlan:
     q_idx: torch.Tensor  # [T/cp] row positions of the local queries (and of the local keys)
     k_idx: list[torch.Tensor]  # rank r's key positions
     seg: torch.Tensor | None  # [B, T] document ids of the whole rows; None: one document per row
+    _kinds: dict[int | None, list[str]] = field(default_factory=dict, repr=False)  # steps(): per window
 
     # Not traced by torch.compile (model.compile): the ring's P2P and its host-side skipping of empty blocks
     # run eagerly between the compiled parts of the block.
@@ -205,13 +206,26 @@ class RingPlan:
         """Per ring step s (holding rank (r - s) mod cp's block): its mask, or None when it hides every key."""
         out: list[torch.Tensor | None] = []
         for s in range(self.cp.size):
-            m = _block_mask(self.q_idx, self.k_idx[(self.cp.rank - s) % self.cp.size], self.seg, window)
+            m = self._mask(s, window)
             out.append(m if bool(m.any()) else None)
         return out
 
     def steps(self, window: int | None) -> list[tuple[bool, torch.Tensor | None]]:
-        """Per ring step: (whether its block is computed, its mask or None when every key is visible)."""
-        return [(False, None) if m is None else (True, None if bool(m.all()) else m) for m in self.masks(window)]
+        """Per ring step: (whether its block is computed, its mask or None when every key is visible).
+
+        Every layer's forward and backward asks for the same steps: which blocks are empty or whole is decided
+        once per window (host-side reductions), while the partial blocks' masks are rebuilt each time rather
+        than kept, so the ring holds no [T/cp, T] mask."""
+        kinds = self._kinds.get(window)
+        if kinds is None:
+            masks = self.masks(window)
+            kinds = self._kinds[window] = ["skip" if m is None else "whole" if bool(m.all()) else "part"
+                                           for m in masks]
+            return [(k != "skip", m if k == "part" else None) for k, m in zip(kinds, masks, strict=True)]
+        return [(k != "skip", self._mask(s, window) if k == "part" else None) for s, k in enumerate(kinds)]
+
+    def _mask(self, step: int, window: int | None) -> torch.Tensor:
+        return _block_mask(self.q_idx, self.k_idx[(self.cp.rank - step) % self.cp.size], self.seg, window)
 
 
 class _Ring:
